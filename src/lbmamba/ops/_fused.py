@@ -1,0 +1,139 @@
+"""The fused backends ("cpu", "triton") as one PyTorch custom op with a hand-written backward.
+
+A fused backend is a module with this interface (B and C arrive canonical: constant (dim, N) or
+grouped (batch, G, N, L); other tensors in the caller's dtypes, not necessarily contiguous):
+
+    is_available() -> str | None        None when usable, else the reason it is not
+    supports(device, dtype) -> bool     whether it runs tensors of this device and dtype of u
+    num_checkpoints(seqlen, window) -> int
+    forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window)
+        -> out (u's dtype), last_state (batch, dim, N), checkpoints (batch, dim, num_checkpoints, N)
+    backward(dout, dlast_state | None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints)
+        -> du, ddelta, dA, dB, dC, dD (dim,), dz (empty when z is None), ddelta_bias (dim,)
+
+last_state and checkpoints are float64 for float64 inputs and float32 otherwise; each gradient has its
+input's dtype (dD / ddelta_bias: float32 when D / delta_bias is None).
+
+Registering through `torch.library` lets `torch.compile`, `torch.export` and `torch.func` treat the
+scan as one opaque op instead of tracing into numba or Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+_MODULES = {"cpu": "lbmamba.ops.cpu", "triton": "lbmamba.ops.triton_scan"}
+
+
+def backend_module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def fused_backend_names():
+    return tuple(_MODULES)
+
+
+def _state_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lbmamba::lb_scan_fwd", mutates_args=())
+def lb_scan_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    window: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backend_module(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window)
+
+
+@lb_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    chunks = backend_module(backend).num_checkpoints(seqlen, window)
+    state_dtype = _state_dtype(u)
+    return (
+        torch.empty_like(u),
+        u.new_empty((batch, dim, dstate), dtype=state_dtype),
+        u.new_empty((batch, dim, chunks, dstate), dtype=state_dtype),
+    )
+
+
+@torch.library.custom_op("lbmamba::lb_scan_bwd", mutates_args=())
+def lb_scan_bwd(
+    dout: torch.Tensor,
+    dlast_state: Optional[torch.Tensor],
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    window: int,
+    backend: str,
+    checkpoints: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(
+        backend_module(backend).backward(
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints
+        )
+    )
+
+
+@lb_scan_bwd.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend, checkpoints):
+    dim = u.shape[1]
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D) if D is not None else u.new_empty((dim,), dtype=torch.float32),
+        torch.empty_like(z) if z is not None else u.new_empty((0,)),
+        torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty((dim,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.scan_options = (delta_softplus, window, backend)
+
+
+def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+    delta_softplus, window, backend = ctx.scan_options
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = lb_scan_bwd(
+        dout.contiguous(), dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend, checkpoints
+    )
+    return (
+        du,
+        ddelta,
+        dA,
+        dB,
+        dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        ddelta_bias if delta_bias is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("lbmamba::lb_scan_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,92 @@
+"""`selective_scan_fn`: the one public scan, and the dispatcher that picks its backend."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _fused
+from ._checks import as_grouped, check_scan_args
+from .reference import selective_scan_ref
+from .torch_scan import selective_scan_torch
+
+BACKENDS = ("auto", "reference", "torch") + _fused.fused_backend_names()
+
+
+def _fused_unavailable(name: str, u: torch.Tensor):
+    """None when fused backend `name` can run `u`, else the reason it cannot."""
+    try:
+        module = _fused.backend_module(name)
+    except ImportError as exc:  # a missing optional dependency (numba, triton)
+        return f"it needs a package that failed to import ({exc})"
+    reason = module.is_available()
+    if reason is None and not module.supports(u.device, u.dtype):
+        reason = f"it does not run {u.dtype} tensors on {u.device.type}"
+    return reason
+
+
+def choose_backend(backend: str, u: torch.Tensor) -> str:
+    """Resolve `backend` ("auto" or a name in BACKENDS) for tensors like `u`; raise if unusable."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        preferred = {"cpu": "cpu", "cuda": "triton"}.get(u.device.type)
+        if preferred is not None and _fused_unavailable(preferred, u) is None:
+            return preferred
+        return "torch"
+    if backend in _fused.fused_backend_names():
+        reason = _fused_unavailable(backend, u)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} is not available for these inputs: {reason}")
+    return backend
+
+
+def selective_scan_fn(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    window="auto",
+    backend="auto",
+):
+    """The LB selective scan, with `mamba_ssm.ops.selective_scan_interface.selective_scan_fn`'s signature.
+
+    Args:
+        u, delta: (batch, dim, L), float32 / float16 / bfloat16 (float64 for exact checks).
+        A: (dim, N), real.
+        B, C: constant (dim, N), variable (batch, N, L) or grouped (batch, G, N, L).
+        D, delta_bias: (dim,) or None.  z: (batch, dim, L) or None (output gate silu(z)).
+        delta_softplus: apply softplus to delta + delta_bias.
+        return_last_state: also return the forward state at the last position, (batch, dim, N).
+        window: size W of the local backward windows, a positive int or "auto" (4 / 8 / 16 for
+            L <= 128 / <= 256 / longer, as the reference CUDA kernel). window=1 is vanilla Mamba.
+        backend: "auto", "reference", "torch", "cpu" or "triton".
+
+    Returns:
+        out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
+    """
+    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window)
+    name = choose_backend(backend, u)
+    if name == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
+    if name == "torch":
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
+    out, last_state, _ = _fused.lb_scan_fwd(
+        u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name
+    )
+    return (out, last_state) if return_last_state else out
+
+
+def available_backends(device="cpu", dtype=torch.float32):
+    """Names of the backends that can run tensors of `device` and `dtype` here."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return ("reference", "torch") + tuple(
+        name for name in _fused.fused_backend_names() if _fused_unavailable(name, probe) is None
+    )
+
