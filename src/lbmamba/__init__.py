@@ -5,3 +5,8 @@ __version__ = "0.1.0"
 from .ops import selective_scan_fn, selective_scan_ref
 
 __all__ = ["selective_scan_fn", "selective_scan_ref", "__version__"]
+
+from . import models  # noqa: E402  (registers the model families with timm)
+from .models import load_checkpoint  # noqa: E402
+
+__all__ += ["load_checkpoint"]

@@ -1,0 +1,16 @@
+"""timm-registered model families (importing this registers them with timm)."""
+
+from .checkpoint import CheckpointMismatchError, LoadResult, load_checkpoint, read_checkpoint, unwrap_state_dict
+from .lbvim import AttentionPoolHead, VisionMamba, checkpoint_filter_fn, resample_pos_embed
+
+__all__ = [
+    "VisionMamba",
+    "AttentionPoolHead",
+    "checkpoint_filter_fn",
+    "resample_pos_embed",
+    "load_checkpoint",
+    "read_checkpoint",
+    "unwrap_state_dict",
+    "CheckpointMismatchError",
+    "LoadResult",
+]

@@ -1,0 +1,592 @@
+"""The "triton" backend: the LB selective scan as fused Triton kernels, forward and backward.
+
+It implements the fused-backend interface documented in `_fused.py` and runs on CUDA GPUs, or on
+the CPU through Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imported.
+
+Design (one program per (block of BLOCK_D channels, batch element)):
+
+* The sequence is cut into chunks of `chunk_len` positions, held as (T, BLOCK_D, BLOCK_N) register
+  tiles (T = CHUNK_LEN, a power of two; BLOCK_N = N padded to a power of two, masked). Inputs are
+  loaded once per chunk as (T, BLOCK_D) / (T, BLOCK_N) tiles, contiguous along the sequence.
+* Inside a chunk both recurrences are `tl.associative_scan`s of the pairs (a, x) with the linear
+  recurrence operator; the global state h^L is carried from chunk to chunk. The window-local
+  backward state h^R is the reverse scan of (a', x) where a' = 0 at the last position of every
+  window: that zero is exactly the restart, so no segmented scan is needed.
+* chunk_len is a multiple of the window whenever window <= CHUNK_LEN, so windows never straddle
+  chunks and h^R needs nothing from the next chunk. Larger windows ("straddling") are handled
+  exactly by a cheap extra pass that computes the h^R entering each chunk from the right (forward)
+  and the dh^R entering each chunk from the left (backward).
+* The forward saves h^L at the start of every chunk (the checkpoints); the backward walks the chunks
+  right to left, recomputes a, x, h^L, h^R of a chunk from its checkpoint, and runs the two adjoint
+  scans (dh^L right to left, carried across chunks; dh^R left to right, restarted at each window
+  start). Nothing of size (batch, dim, L, N) is ever stored.
+* Gradients of the per-channel parameters (A, D, delta_bias, constant B/C) are reduced over the
+  chunks in registers and written per batch element, then summed with torch (deterministic).
+  Gradients of grouped B/C are summed over the program's channels in registers and then added with
+  `tl.atomic_add` into an fp32 (batch, G, N, L) buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Positions per register tile (a power of two). Tests lower it to cross chunks on short sequences.
+CHUNK_LEN = 16
+#: Warps per program, and (channel, state) pairs per thread: BLOCK_D * BLOCK_N = 32 * NUM_WARPS *
+#: STATES_PER_THREAD, so that the (state, channel) axes fill the threads and every thread holds the
+#: whole sequence axis of its pairs.
+NUM_WARPS = 4
+STATES_PER_THREAD = 2
+#: When True, outputs are allocated filled with NaN instead of uninitialised, so a check can prove
+#: that the kernels write every element they return (benchmarks/gpu_check.py sets it).
+POISON_OUTPUTS = False
+
+# Kernels are decorated at import, and triton.jit picks the interpreter from the environment then.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _recurrence(decay, inp, carry, idx, T: tl.constexpr, REVERSE: tl.constexpr, DECAY_AFTER: tl.constexpr):
+    """Runs s = decay_i * s + inp_i over the rows (positions) of (T, BLOCK_D, BLOCK_N) tiles,
+    top-down (or bottom-up with REVERSE), starting from `carry`; returns every s_i and the final s.
+
+    With DECAY_AFTER a row's decay is applied after its value is taken (s_i = inp_i + s, then
+    s = decay_i * s_i): the adjoint recurrences, whose decay is the neighbouring position's.
+    The loop is unrolled, and each thread holds the whole sequence axis of its (channel, state)
+    pairs, so the row selections below compile to register picks: no shuffles, no shifted loads.
+    (Row picks are written inline: nested jit calls are costly under the interpreter.)
+    """
+    out = tl.zeros_like(inp)
+    for step in tl.static_range(T):
+        i = T - 1 - step if REVERSE else step
+        row = (idx == i)[:, None, None]
+        inp_i = tl.sum(tl.where(row, inp, 0.0), axis=0)
+        decay_i = tl.sum(tl.where(row, decay, 0.0), axis=0)
+        if DECAY_AFTER:
+            s_i = inp_i + carry
+            carry = decay_i * s_i
+        else:
+            s_i = decay_i * carry + inp_i
+            carry = s_i
+        out = tl.where(row, s_i[None, :, :], out)
+    return out, carry
+
+
+@triton.jit
+def _sigmoid(v):
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _program(dim, L, N, n_chunks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Indices of this program's channels d (BLOCK_D) and states n (BLOCK_N), and its offsets."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: batch * dim * L may exceed 2**31
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dmask = d < dim
+    nd_mask = (n < N)[:, None] & dmask[None, :]
+    nd_offs = d[None, :] * N + n[:, None]  # into (dim, N) parameters; (BLOCK_N, BLOCK_D)
+    ck_offs = (b * dim + d[None, :]) * n_chunks * N + n[:, None]  # checkpoint k: + k * N
+    row = (b * dim + d) * L  # each channel's sequence in u, delta, z, out
+    return pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row
+
+
+@triton.jit
+def _chunk(k, j, row, dmask, L, CHUNK: tl.constexpr):
+    """Positions t of chunk k (T rows, the first CHUNK of them in the chunk) and their offsets.
+
+    Padding rows (past the chunk or the sequence) load Δ = 0 and u = 0, hence a = 1 and x = 0:
+    they pass every recurrence's state through unchanged.
+    """
+    t = k * CHUNK + j
+    valid = (j < CHUNK) & (t < L)
+    m2 = valid[:, None] & dmask[None, :]
+    offs = t[:, None] + row[None, :]  # (T, BLOCK_D)
+    return t, valid, m2, offs
+
+
+@triton.jit
+def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
+    """Δ = [softplus](delta + delta_bias) in fp32 (0 where masked) and dΔ/d(delta)."""
+    v = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+    if SOFTPLUS:
+        e = tl.exp(-tl.abs(v))
+        # log1p(e) without a log1p primitive: log(1 + e) rounds to 0 for tiny e.
+        log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+        # torch.nn.functional.softplus: identity above the threshold 20.
+        dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
+        ddt = tl.where(v > 20.0, 1.0, tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e)))
+    else:
+        dt = v
+        ddt = tl.full(v.shape, 1.0, tl.float32)
+    return tl.where(mask, dt, 0.0), ddt
+
+
+@triton.jit
+def _load_bc(ptr, base, const_tile, n, N, t, valid, L, CONST: tl.constexpr):
+    """B or C of a chunk in fp32, broadcastable to (T, BLOCK_N, BLOCK_D)."""
+    if CONST:
+        return const_tile[None, :, :]
+    bc = tl.load(ptr + base + n[None, :] * L + t[:, None], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+    return bc.to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _load_const(ptr, nd_offs, nd_mask, CONST: tl.constexpr):
+    """The program's (BLOCK_N, BLOCK_D) tile of a constant (dim, N) B or C (zeros when not constant)."""
+    if CONST:
+        return tl.load(ptr + nd_offs, mask=nd_mask, other=0.0)
+    return tl.zeros(nd_offs.shape, tl.float32)
+
+
+@triton.jit
+def _group_base(pid_d, b, dim, N, L, groups, BLOCK_D: tl.constexpr):
+    """Offset of the (N, L) slab of grouped B/C that the program's channels (one group) use."""
+    g = (pid_d * BLOCK_D) // (dim // groups)
+    return (b * groups + g) * N * L
+
+
+@triton.jit
+def _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS: tl.constexpr):
+    """u, Δ, dΔ/d(delta) (T, BLOCK_D) and a = exp(ΔA), x = ΔBu (T, BLOCK_N, BLOCK_D) of a chunk."""
+    u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    dt, ddt = _load_dt(delta_ptr, offs, m2, bias, SOFTPLUS)
+    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+    x = (dt * u)[:, None, :] * Bt
+    return u, dt, ddt, a, x
+
+
+@triton.jit
+def _right_decay(a, j, t, valid, L, WINDOW: tl.constexpr, STRADDLE: tl.constexpr):
+    """a' = a, but 0 at the last position of every window (and at L - 1), where h^R restarts."""
+    # Unless windows straddle chunks, chunks start at multiples of WINDOW, so the in-chunk index j
+    # (a compile-time range) decides, and the test folds away.
+    pos = t if STRADDLE else j
+    end = valid & (((pos + 1) % WINDOW == 0) | (t == L - 1))
+    return tl.where(end[:, None, None], 0.0, a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, last_ptr, ckpt_ptr, rcarry_ptr,
+    dim, L, N, n_chunks, b_groups, c_groups,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    j = tl.arange(0, T)
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634  # exp(ΔA) = exp2(ΔA log2 e)
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
+    Cc = _load_const(C_ptr, nd_offs, nd_mask, C_CONST)
+    b_base = _group_base(pid_d, b, dim, N, L, b_groups, BLOCK_D)
+    c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
+
+    h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # h^L before the current chunk
+    for k in range(n_chunks):
+        tl.store(ckpt_ptr + ck_offs + k * N, h, mask=nd_mask)
+        t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
+        u, dt, _, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
+        hs, h = _recurrence(a, x, h, j, T, False, False)  # h^L, carried across chunks
+        if WINDOW > 1:
+            hr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            if STRADDLE:  # the part of the window beyond this chunk, from the right-carry pass
+                hr_in = tl.load(rcarry_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
+            a_right = _right_decay(a, j, t, valid, L, WINDOW, STRADDLE)
+            hr, _ = _recurrence(a_right, x, hr_in, j, T, True, False)
+            hs += hr - x  # h = h^L + h^R - x
+
+        Ct = _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
+        y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            y *= zv * _sigmoid(zv)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + b * dim * N + nd_offs, h, mask=nd_mask)
+
+
+@triton.jit
+def _fwd_right_carry_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, rcarry_ptr,
+    dim, L, N, n_chunks, b_groups,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_CONST: tl.constexpr, WINDOW: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Windows longer than a chunk: h^R entering each chunk from the right, a right-to-left pass."""
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    j = tl.arange(0, T)
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+    Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
+    b_base = _group_base(pid_d, b, dim, N, L, b_groups, BLOCK_D)
+
+    carry = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for kk in range(n_chunks):
+        k = n_chunks - 1 - kk
+        tl.store(rcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
+        t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
+        _, _, _, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
+        a_right = _right_decay(a, j, t, valid, L, WINDOW, True)
+        _, carry = _recurrence(a_right, x, carry, j, T, True, False)  # h^R at the chunk's first position
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_kernel(
+    dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, lcarry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    dim, L, N, n_chunks, b_groups, c_groups,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Chunks right to left. dA, dD, ddelta_bias and constant dB/dC are written per batch element
+    ((batch, dim, N) / (batch, dim)); grouped dB/dC are atomically added to (batch, G, N, L)."""
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    j = tl.arange(0, T)
+    A = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0)
+    A2 = A * 1.4426950408889634
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
+    Cc = _load_const(C_ptr, nd_offs, nd_mask, C_CONST)
+    b_base = _group_base(pid_d, b, dim, N, L, b_groups, BLOCK_D)
+    c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
+
+    dhl = tl.load(dlast_ptr + b * dim * N + nd_offs, mask=nd_mask, other=0.0)  # dh^L entering from the right
+    hr_next = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # h^R entering from the right
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dB_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dC_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], tl.float32)
+    for kk in range(n_chunks):
+        k = n_chunks - 1 - kk
+        t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+
+        # Recompute the chunk's forward: a, x, h^L from the checkpoint, h^R, and y.
+        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
+        Ct = _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
+        u, dt, ddt_ddelta, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
+        h0 = tl.load(ckpt_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
+        hl, _ = _recurrence(a, x, h0, j, T, False, False)
+        if WINDOW > 1:
+            a_right = _right_decay(a, j, t, valid, L, WINDOW, STRADDLE)
+            # Without straddling, a' = 0 at the chunk's end stops hr_next from entering.
+            hr, hr_next = _recurrence(a_right, x, hr_next, j, T, True, False)
+            hs = hl + hr - x
+        else:
+            hs = hl
+
+        g = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            sz = _sigmoid(zv)
+            y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
+            dz = g * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = g * zv * sz
+        else:
+            dy = g
+        dh = dy[:, None, :] * Ct
+
+        # dh^L_t = dh_t + a_{t+1} dh^L_{t+1}, right to left; `dhl` enters already multiplied by the
+        # next chunk's first decay (dlast_state enters the last chunk as it is).
+        dhl_t, dhl = _recurrence(a, dh, dhl, j, T, True, True)
+        # da_t a_t = dh^L_t a_t h^L_{t-1} + dh^R_t a_t h^R_{t+1}, where a h^L_{t-1} = h^L_t - x_t.
+        da_a = dhl_t * (hl - x)
+        if WINDOW > 1:
+            # dh^R_t = dh_t + a'_{t-1} dh^R_{t-1}, left to right; a' = 0 at window ends restarts it.
+            dhr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            if STRADDLE:  # what enters from the previous chunk, from the left-carry pass
+                dhr_in = tl.load(lcarry_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
+            dhr_t, _ = _recurrence(a_right, dh, dhr_in, j, T, False, True)
+            dx = dhl_t + dhr_t - dh
+            da_a += dhr_t * (hr - x)  # zero at window ends, where h^R = x
+        else:
+            dx = dhl_t
+
+        # Chain rule through a = exp(ΔA), x = Δ B u, y = C·h + D u, Δ = softplus(delta + bias).
+        dx_b = tl.sum(dx * Bt, axis=1)
+        ddelta = (tl.sum(da_a * A[None, :, :], axis=1) + dx_b * u) * ddt_ddelta
+        ddelta = tl.where(m2, ddelta, 0.0)  # padding rows carry state, not gradient
+        du = dx_b * dt + dy * Dv[None, :]
+        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddelta, axis=0)
+        dA_acc += tl.sum(da_a * dt[:, None, :], axis=0)
+        dB_t = dx * (dt * u)[:, None, :]
+        dC_t = dy[:, None, :] * hs
+        bc_offs = n[None, :] * L + t[:, None]
+        bc_mask = valid[:, None] & (n < N)[None, :]
+        if B_CONST:
+            dB_acc += tl.sum(dB_t, axis=0)
+        else:
+            tl.atomic_add(dB_ptr + b_base + bc_offs, tl.sum(dB_t, axis=2), mask=bc_mask)
+        if C_CONST:
+            dC_acc += tl.sum(dC_t, axis=0)
+        else:
+            tl.atomic_add(dC_ptr + c_base + bc_offs, tl.sum(dC_t, axis=2), mask=bc_mask)
+
+    state_offs = b * dim * N + nd_offs
+    tl.store(dA_ptr + state_offs, dA_acc, mask=nd_mask)
+    if B_CONST:
+        tl.store(dB_ptr + state_offs, dB_acc, mask=nd_mask)
+    if C_CONST:
+        tl.store(dC_ptr + state_offs, dC_acc, mask=nd_mask)
+    if HAS_D:
+        tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
+
+
+@triton.jit
+def _bwd_left_carry_kernel(
+    dout_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, lcarry_ptr,
+    dim, L, N, n_chunks, c_groups,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, C_CONST: tl.constexpr,
+    WINDOW: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Windows longer than a chunk: a' dh^R entering each chunk from the left, a left-to-right pass."""
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    j = tl.arange(0, T)
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+    Cc = _load_const(C_ptr, nd_offs, nd_mask, C_CONST)
+    c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
+
+    carry = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for k in range(n_chunks):
+        tl.store(lcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
+        t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+        dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            dy *= zv * _sigmoid(zv)
+        dh = dy[:, None, :] * _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
+        dt, _ = _load_dt(delta_ptr, offs, m2, bias, SOFTPLUS)
+        a_right = _right_decay(tl.exp2(dt[:, None, :] * A2[None, :, :]), j, t, valid, L, WINDOW, True)
+        _, carry = _recurrence(a_right, dh, carry, j, T, False, True)  # a' dh^R at the chunk's end
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused-backend interface
+# ----------------------------------------------------------------------------------------------
+
+
+def is_available():
+    """None when the kernels can run here (a CUDA device, or TRITON_INTERPRET=1), else why not."""
+    if _INTERPRET or torch.cuda.is_available():
+        return None
+    return "no CUDA device is available (set TRITON_INTERPRET=1 before importing to run the kernels on the CPU)"
+
+
+def supports(device, dtype) -> bool:
+    """fp32 / fp16 / bf16 tensors on CUDA, and on the CPU under the Triton interpreter."""
+    device = torch.device(device)
+    on_device = device.type == "cuda" or (_INTERPRET and device.type == "cpu")
+    return on_device and dtype in _DTYPES
+
+
+def _chunking(seqlen: int, window: int):
+    """(chunk_len, straddle): chunks hold whole windows when a window fits in CHUNK_LEN positions.
+
+    window = 1 (no local backward state) never straddles.
+    """
+    window = min(window, seqlen)  # a window past the end is the same as one ending at the end
+    if window <= CHUNK_LEN:
+        return window * (CHUNK_LEN // window), False
+    return CHUNK_LEN, True
+
+
+def num_checkpoints(seqlen: int, window: int) -> int:
+    chunk_len, _ = _chunking(seqlen, window)
+    return triton.cdiv(seqlen, chunk_len)
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _device_guard(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _Launch:
+    """Shapes, block sizes and flags shared by the kernels of one call."""
+
+    def __init__(self, u, A, B, C, window):
+        self.batch, self.dim, self.seqlen = u.shape
+        self.dstate = A.shape[1]
+        self.window = min(window, self.seqlen)
+        self.chunk_len, self.straddle = _chunking(self.seqlen, window)
+        self.n_chunks = triton.cdiv(self.seqlen, self.chunk_len)
+        self.b_const, self.c_const = B.dim() == 2, C.dim() == 2
+        self.b_groups = 1 if self.b_const else B.shape[1]
+        self.c_groups = 1 if self.c_const else C.shape[1]
+        self.block_n = triton.next_power_of_2(self.dstate)
+        block_d = max(1, (32 * NUM_WARPS * STATES_PER_THREAD) // self.block_n)
+        block_d = min(block_d, triton.next_power_of_2(self.dim))
+        for groups in (self.b_groups, self.c_groups):  # a program's channels share one B/C group
+            per_group = self.dim // groups
+            if groups > 1:
+                block_d = min(block_d, per_group & -per_group)  # largest power of two dividing it
+        self.block_d = block_d
+        # Fewer warps for small blocks, so that threads do not spread over the sequence axis.
+        self.num_warps = max(1, min(NUM_WARPS, block_d * self.block_n // (32 * STATES_PER_THREAD)))
+        self.grid = (triton.cdiv(self.dim, block_d), self.batch)
+
+    def sizes(self):
+        return (self.dim, self.seqlen, self.dstate, self.n_chunks)
+
+    def blocks(self):
+        return dict(
+            WINDOW=self.window, CHUNK=self.chunk_len, BLOCK_D=self.block_d, BLOCK_N=self.block_n, T=CHUNK_LEN,
+            num_warps=self.num_warps,
+        )
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias):
+    """Contiguous inputs; parameters (and constant B/C) in fp32; placeholders for missing tensors."""
+    u, delta = u.contiguous(), delta.contiguous()
+    A = A.float().contiguous()
+    B = B.float().contiguous() if B.dim() == 2 else B.contiguous()
+    C = C.float().contiguous() if C.dim() == 2 else C.contiguous()
+    z = z.contiguous() if z is not None else None
+    D = D.float().contiguous() if D is not None else None
+    delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def _check_inputs(u):
+    if not supports(u.device, u.dtype):
+        raise ValueError(
+            f"u: the triton backend runs float32 / float16 / bfloat16 tensors on CUDA "
+            f"(or on the CPU with TRITON_INTERPRET=1), got {u.dtype} on {u.device.type}"
+        )
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
+    _check_inputs(u)
+    u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    cfg = _Launch(u, A, B, C, window)
+    dev = u.device
+    out = _new(u.shape, u.dtype, dev)
+    last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
+    checkpoints = _new((cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate), torch.float32, dev)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), B_CONST=cfg.b_const)
+    with _device_guard(dev):
+        rcarry = None
+        if cfg.straddle:
+            rcarry = _new(checkpoints.shape, torch.float32, dev)
+            _fwd_right_carry_kernel[cfg.grid](
+                u, delta, A, B, _or(delta_bias, A), rcarry, *cfg.sizes(), cfg.b_groups, **flags, **cfg.blocks()
+            )
+        _fwd_kernel[cfg.grid](
+            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
+            out, last_state, checkpoints, _or(rcarry, checkpoints),
+            *cfg.sizes(), cfg.b_groups, cfg.c_groups,
+            HAS_D=D is not None, HAS_Z=z is not None, C_CONST=cfg.c_const,
+            STRADDLE=cfg.straddle, **flags, **cfg.blocks(),
+        )  # fmt: skip
+    return out, last_state, checkpoints
+
+
+def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
+    _check_inputs(u)
+    param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
+    u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    cfg = _Launch(u, A, B, C, window)
+    if tuple(checkpoints.shape) != (cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate):
+        raise ValueError(
+            f"checkpoints must have shape {(cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate)} "
+            f"(from this backend's forward with the same window), got {tuple(checkpoints.shape)}"
+        )
+    dev = u.device
+    dout = dout.contiguous()
+    if dlast_state is None:
+        dlast_state = torch.zeros((cfg.batch, cfg.dim, cfg.dstate), dtype=torch.float32, device=dev)
+    dlast_state = dlast_state.float().contiguous()
+    checkpoints = checkpoints.float().contiguous()
+
+    du = _new(u.shape, u.dtype, dev)
+    ddelta = _new(delta.shape, delta.dtype, dev)
+    dz = _new(z.shape, z.dtype, dev) if z is not None else u.new_empty((0,))  # never written then
+    per_batch = (cfg.batch, cfg.dim, cfg.dstate)
+    dA = _new(per_batch, torch.float32, dev)
+    # Constant B/C: per-batch partial sums; grouped: an fp32 buffer the programs add into.
+    dB = _new(per_batch, torch.float32, dev) if cfg.b_const else torch.zeros(B.shape, dtype=torch.float32, device=dev)
+    dC = _new(per_batch, torch.float32, dev) if cfg.c_const else torch.zeros(C.shape, dtype=torch.float32, device=dev)
+    dD = _new((cfg.batch, cfg.dim), torch.float32, dev) if D is not None else None
+    dbias = _new((cfg.batch, cfg.dim), torch.float32, dev) if delta_bias is not None else None
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), C_CONST=cfg.c_const)
+    with _device_guard(dev):
+        lcarry = None
+        if cfg.straddle:
+            lcarry = _new(checkpoints.shape, torch.float32, dev)
+            _bwd_left_carry_kernel[cfg.grid](
+                dout, delta, A, C, _or(z, u), _or(delta_bias, A), lcarry, *cfg.sizes(), cfg.c_groups,
+                **flags, **cfg.blocks(),
+            )  # fmt: skip
+        _bwd_kernel[cfg.grid](
+            dout, dlast_state, u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
+            checkpoints, _or(lcarry, checkpoints),
+            du, ddelta, dz, dB, dC, dA, _or(dD, dA), _or(dbias, dA),
+            *cfg.sizes(), cfg.b_groups, cfg.c_groups,
+            HAS_D=D is not None, B_CONST=cfg.b_const, STRADDLE=cfg.straddle,
+            **flags, **cfg.blocks(),
+        )  # fmt: skip
+
+    A_dtype, B_dtype, C_dtype, D_dtype, bias_dtype = param_dtypes
+
+    def absent():  # the gradient slot of a missing D / delta_bias (outputs must not alias each other)
+        return torch.zeros(cfg.dim, dtype=torch.float32, device=dev)
+
+    return (
+        du,
+        ddelta,
+        dA.sum(0).to(A_dtype),  # per-batch partial sums -> the parameter's gradient
+        dB.sum(0).to(B_dtype) if cfg.b_const else dB.to(B_dtype),
+        dC.sum(0).to(C_dtype) if cfg.c_const else dC.to(C_dtype),
+        dD.sum(0).to(D_dtype) if D is not None else absent(),
+        dz,
+        dbias.sum(0).to(bias_dtype) if delta_bias is not None else absent(),
+    )
+
+
+def _or(t, placeholder):
+    """A tensor argument, or a placeholder pointer for an absent one that the kernel never reads."""
+    return placeholder if t is None else t
