@@ -5,9 +5,10 @@ grouped (batch, G, N, L); other tensors in the caller's dtypes, not necessarily 
 
     is_available() -> str | None        None when usable, else the reason it is not
     supports(device, dtype) -> bool     whether it runs tensors of this device and dtype of u
-    num_checkpoints(seqlen, window) -> int
+    checkpoint_shape(batch, dim, seqlen, dstate, window) -> tuple of ints
     forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window)
-        -> out (u's dtype), last_state (batch, dim, N), checkpoints (batch, dim, num_checkpoints, N)
+        -> out (u's dtype), last_state (batch, dim, N), checkpoints (checkpoint_shape(...): whatever
+           the backend's backward needs to recompute the states, e.g. h^L at every chunk start)
     backward(dout, dlast_state | None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints)
         -> du, ddelta, dA, dB, dC, dD (dim,), dz (empty when z is None), ddelta_bias (dim,)
 
@@ -61,12 +62,12 @@ def lb_scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    chunks = backend_module(backend).num_checkpoints(seqlen, window)
+    checkpoints = backend_module(backend).checkpoint_shape(batch, dim, seqlen, dstate, window)
     state_dtype = _state_dtype(u)
     return (
         torch.empty_like(u),
         u.new_empty((batch, dim, dstate), dtype=state_dtype),
-        u.new_empty((batch, dim, chunks, dstate), dtype=state_dtype),
+        u.new_empty(checkpoints, dtype=state_dtype),
     )
 
 

@@ -9,14 +9,20 @@ gate, the D skip) run in PyTorch's vectorised kernels around the numba kernels, 
 (L x N)-sized work: a_t = exp(Δ_t A) with a vectorised exponential, the two scans and every sum over
 states.
 
-Layout of the numba work (per batch b and channel d, all N states at once in small buffers):
-- forward: chunks of `chunk_length(W)` positions (whole windows) are processed in order. One pass
-  left to right evaluates a_t = exp(Δ_t A), x_t = Δ_t B_t u_t and the global state h^L, accumulating
-  C_t·h^L_t; a second, right to left inside each window (still in L1), adds C_t·(h^R_t - x_t). h^L is
-  saved at the start of every chunk: these checkpoints are all the backward needs.
+Layout of the numba work: each task is one batch element and one block of `LANES` channels (a block
+never straddles a group of B or C). Per chunk of positions, the task copies its (positions x
+channels) tiles into contiguous thread-local buffers, channels last, so that the innermost loops run
+over channels: LLVM turns them into SIMD code with no sums across SIMD lanes and no short loops over
+the N states. Tensors stay in the caller's (batch, dim, L) layout.
+- forward: chunks of `chunk_length(W)` positions (whole windows) are processed in order. A pass
+  right to left inside each window forms x_t = Δ_t B_t u_t and q_t = a_t h^R_{t+1} (what the local
+  backward state adds: h_t = h^L_t + q_t); a pass left to right runs h^L and accumulates
+  y_t = C_t·(h^L_t + q_t). Window 1 skips the first pass. h^L is saved at the start of every
+  chunk: these checkpoints are all the backward needs.
 - backward: chunks are visited last to first; each is recomputed from its checkpoint into
-  thread-local buffers (chunk x N), then dh^R runs left to right (reset at each window start) and dh^L
-  right to left (carried across chunks), and every gradient is accumulated in the same sweep.
+  thread-local buffers (chunk x N x lanes), then dh^R runs left to right (reset at each window
+  start) and dh^L right to left (carried across chunks), and every gradient is accumulated in the
+  same sweep.
 Nothing of size (batch, dim, L, N) is ever allocated. Reductions over batch (A, constant B / C) or
 over the channels of a group (variable B / C) go to small per-task partial buffers summed
 afterwards, so the parallel loops never race.
@@ -37,6 +43,8 @@ from numba.extending import overload
 # handling of overflow in the exponential below.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 _JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True)
+# The exponential's range reduction must not be reassociated (k ln2_hi + k ln2_lo would fold).
+_JIT_EXACT = dict(fastmath={"contract", "nsz"}, cache=True, nogil=True)
 
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.428606765330187e-06
@@ -51,151 +59,189 @@ def supports(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+#: Channels per task, the width of the innermost (SIMD) loops.
+LANES = 32
+
+
 def chunk_length(window: int) -> int:
-    """Positions per backward chunk: whole windows, about 128 positions, at least one window."""
-    return window * max(1, 128 // window)
+    """Positions per chunk: whole windows, about 32 positions (buffers stay in L2), at least one window."""
+    return window * max(1, 32 // window)
 
 
 def num_checkpoints(seqlen: int, window: int) -> int:
     return -(-seqlen // chunk_length(window))
 
 
+def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int) -> tuple:
+    """h^L at the start of every chunk, channels last as the kernels use them."""
+    return (batch, num_checkpoints(seqlen, window), dstate, dim)
+
+
 # ----------------------------------------------------------------------------------------------
-# a = exp(Δ A) for a block of positions, vectorised.
+# a = exp(Δ A) for a block of positions and channels, vectorised.
 # ----------------------------------------------------------------------------------------------
 
 
-def decay_rows(dt, A_row, rows, out, scratch):
-    """out[i, n] = exp(dt[i] * A_row[n]) for i < rows; `scratch` is a float array shaped like out."""
+def decay_block(dt, A, rows, lanes, out, scratch):
+    """out[i, n, c] = exp(dt[i, c] * A[n, c]) for i < rows, c < lanes; `scratch` is shaped like out."""
 
 
-@overload(decay_rows, jit_options=_JIT)
-def _decay_rows_impl(dt, A_row, rows, out, scratch):
+@overload(decay_block, jit_options=_JIT_EXACT)
+def _decay_block_impl(dt, A, rows, lanes, out, scratch):
     if out.dtype == types.float32:
         # Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, degree-6 Taylor for e^r (as accurate
         # as libm's expf on these arguments), 2^k assembled in the exponent bits. numba's np.exp is a
-        # scalar libm call that LLVM cannot vectorise; this loop runs 8 lanes at a time.
-        def impl(dt, A_row, rows, out, scratch):
-            n_state = out.shape[1]
-            # |dt A| <= 87.3 keeps 2^k a normal number; NaN / inf fail the test and go to libm
+        # scalar libm call that LLVM cannot vectorise; this loop runs 8 or 16 lanes at a time.
+        def impl(dt, A, rows, lanes, out, scratch):
+            n_state = A.shape[0]
+            # |Δ A| <= 87.3 keeps 2^k a normal number; NaN / inf fail the test and go to libm
             dt_max = np.float32(0)
             dt_sum = np.float32(0)
             for i in range(rows):
-                dt_max = max(dt_max, abs(dt[i]))
-                dt_sum += dt[i]
+                for c in range(lanes):
+                    dt_max = max(dt_max, abs(dt[i, c]))
+                    dt_sum += dt[i, c]
             a_max = np.float32(0)
             a_sum = np.float32(0)
             for n in range(n_state):
-                a_max = max(a_max, abs(A_row[n]))
-                a_sum += A_row[n]
+                for c in range(lanes):
+                    a_max = max(a_max, abs(A[n, c]))
+                    a_sum += A[n, c]
             if not (dt_max * a_max <= np.float32(87.3) and np.isfinite(dt_sum) and np.isfinite(a_sum)):
                 for i in range(rows):
                     for n in range(n_state):
-                        out[i, n] = np.exp(dt[i] * A_row[n])
+                        for c in range(lanes):
+                            out[i, n, c] = np.exp(dt[i, c] * A[n, c])
                 return None
             bits = scratch.view(np.int32)
             for i in range(rows):
                 for n in range(n_state):
-                    x = dt[i] * A_row[n]
-                    k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
-                    r = x - k * np.float32(_LN2_HI) - k * np.float32(_LN2_LO)
-                    p = np.float32(1.0 / 720.0)
-                    p = p * r + np.float32(1.0 / 120.0)
-                    p = p * r + np.float32(1.0 / 24.0)
-                    p = p * r + np.float32(1.0 / 6.0)
-                    p = p * r + np.float32(0.5)
-                    p = p * r + np.float32(1.0)
-                    p = p * r + np.float32(1.0)
-                    bits[i, n] = (np.int32(k) + np.int32(127)) << np.int32(23)
-                    out[i, n] = p * scratch[i, n]
+                    for c in range(lanes):
+                        x = dt[i, c] * A[n, c]
+                        k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
+                        r = x - k * np.float32(_LN2_HI) - k * np.float32(_LN2_LO)
+                        p = np.float32(1.0 / 720.0)
+                        p = p * r + np.float32(1.0 / 120.0)
+                        p = p * r + np.float32(1.0 / 24.0)
+                        p = p * r + np.float32(1.0 / 6.0)
+                        p = p * r + np.float32(0.5)
+                        p = p * r + np.float32(1.0)
+                        p = p * r + np.float32(1.0)
+                        bits[i, n, c] = (np.int32(k) + np.int32(127)) << np.int32(23)
+                        out[i, n, c] = p * scratch[i, n, c]
             return None
 
         return impl
 
-    def impl(dt, A_row, rows, out, scratch):
+    def impl(dt, A, rows, lanes, out, scratch):
         for i in range(rows):
-            for n in range(out.shape[1]):
-                out[i, n] = np.exp(dt[i] * A_row[n])
+            for n in range(A.shape[0]):
+                for c in range(lanes):
+                    out[i, n, c] = np.exp(dt[i, c] * A[n, c])
         return None
 
     return impl
 
 
 @njit(**_JIT)
-def _local_backward(dt, u, Bk, bb, bg, b_var, start, rows, window, a_buf, x_buf, q_buf, r):
-    """Inside each window, right to left: x_t = Δ_t u_t B_t and q_t = a_t h^R_{t+1} (0 at the end).
+def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r):
+    """x_t = Δ_t u_t B_t, and, right to left inside each window, q_t = a_t h^R_{t+1} (0 at the end).
 
-    q is what the local backward state adds to the forward one: h_t = h^L_t + q_t.
+    With window 1, q = 0. B is the block's constant B (Bl[n, lane]) or its group's (Bg[bb, bg, t, n]).
     """
-    n_state = a_buf.shape[1]
+    n_state = a.shape[1]
     for ws in range(0, rows, window):
-        r[:] = 0
+        r[:, :lanes] = 0
         for i in range(min(ws + window, rows) - 1, ws - 1, -1):
-            bt = start + i if b_var else 0
-            dtu = dt[i] * u[i]
             for n in range(n_state):
-                xn = dtu * Bk[bb, bg, bt, n]
-                qn = a_buf[i, n] * r[n]
-                x_buf[i, n] = xn
-                q_buf[i, n] = qn
-                r[n] = qn + xn
+                bs = Bl[0, 0] if b_const else Bg[bb, bg, start + i, n]
+                for c in range(lanes):
+                    xv = dtu[i, c] * (Bl[n, c] if b_const else bs)
+                    qv = a[i, n, c] * r[n, c]
+                    x[i, n, c] = xv
+                    q[i, n, c] = qv
+                    r[n, c] = qv + xv
+
+
+def _blocks(dim: int, *group_counts: int) -> np.ndarray:
+    """(start, length) of channel blocks of at most LANES channels that never straddle a group."""
+    edges = {0, dim}
+    for groups in group_counts:
+        edges.update(range(0, dim, dim // groups))
+    edges = sorted(edges)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out.extend((s, min(LANES, hi - s)) for s in range(lo, hi, LANES))
+    return np.asarray(out, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward: y_t = C_t . h_t (before the D skip and the gate).
+# Forward: y_t = C_t . h_t (before the D skip and the gate), in the (batch, L, dim) layout.
 # ----------------------------------------------------------------------------------------------
 
 
 @njit(parallel=True, **_JIT)
-def _forward_kernel(u, dt, A, Bk, Ck, window, chunk, n_blocks, zero, y, last, ckpt):
+def _forward_kernel(u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, blocks, zero, y, last, ckpt):
     batch, dim, seqlen = u.shape
-    n_state = A.shape[1]
+    n_state = At.shape[0]
+    n_blocks = blocks.shape[0]
     rows_max = min(chunk, seqlen)
-    block = -(-dim // n_blocks)
-    b_var = Bk.shape[2] > 1
-    c_var = Ck.shape[2] > 1
     for task in prange(batch * n_blocks):
         b = task // n_blocks
-        blk = task % n_blocks
-        a_buf = np.empty((rows_max, n_state), u.dtype)
-        x_buf = np.empty((rows_max, n_state), u.dtype)
-        q_buf = np.empty((rows_max, n_state), u.dtype)
-        scratch = np.empty((rows_max, n_state), u.dtype)
-        h = np.empty(n_state, u.dtype)
-        r = np.empty(n_state, u.dtype)
-        bb = b if Bk.shape[0] > 1 else 0
-        cb = b if Ck.shape[0] > 1 else 0
-        for d in range(blk * block, min(dim, (blk + 1) * block)):
-            bg = d // (dim // Bk.shape[1])
-            cg = d // (dim // Ck.shape[1])
-            h[:] = zero
-            for start in range(0, seqlen, chunk):
-                ckpt[b, d, start // chunk, :] = h
-                rows = min(chunk, seqlen - start)
-                dt_rows = dt[b, d, start:start + rows]
-                u_rows = u[b, d, start:start + rows]
-                y_rows = y[b, d, start:start + rows]
-                decay_rows(dt_rows, A[d], rows, a_buf, scratch)
-                if window > 1:
-                    _local_backward(dt_rows, u_rows, Bk, bb, bg, b_var, start, rows, window, a_buf, x_buf, q_buf, r)
-                    for i in range(rows):
-                        ct = start + i if c_var else 0
-                        acc = zero
-                        for n in range(n_state):
-                            h[n] = a_buf[i, n] * h[n] + x_buf[i, n]
-                            acc += Ck[cb, cg, ct, n] * (h[n] + q_buf[i, n])
-                        y_rows[i] = acc
-                else:  # vanilla scan: x is formed on the fly
-                    for i in range(rows):
-                        bt = start + i if b_var else 0
-                        ct = start + i if c_var else 0
-                        dtu = dt_rows[i] * u_rows[i]
-                        acc = zero
-                        for n in range(n_state):
-                            h[n] = a_buf[i, n] * h[n] + dtu * Bk[bb, bg, bt, n]
-                            acc += Ck[cb, cg, ct, n] * h[n]
-                        y_rows[i] = acc
-            last[b, d, :] = h
+        d0 = blocks[task % n_blocks, 0]
+        lanes = blocks[task % n_blocks, 1]
+        d1 = d0 + lanes
+        bb = b if Bg.shape[0] > 1 else 0
+        cb = b if Cg.shape[0] > 1 else 0
+        bg = d0 // (dim // Bg.shape[1])
+        cg = d0 // (dim // Cg.shape[1])
+        # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise).
+        a = np.empty((rows_max, n_state, LANES), u.dtype)
+        x = np.empty((rows_max, n_state, LANES), u.dtype)
+        q = np.empty((rows_max, n_state, LANES), u.dtype)
+        scratch = np.empty((rows_max, n_state, LANES), u.dtype)
+        dtl = np.empty((rows_max, LANES), u.dtype)
+        dtu = np.empty((rows_max, LANES), u.dtype)
+        yl = np.empty((rows_max, LANES), u.dtype)
+        Al = np.empty((n_state, LANES), u.dtype)
+        Bl = np.zeros((n_state, LANES), u.dtype)
+        Cl = np.zeros((n_state, LANES), u.dtype)
+        h = np.zeros((n_state, LANES), u.dtype)
+        r = np.empty((n_state, LANES), u.dtype)
+        Al[:, :lanes] = At[:, d0:d1]
+        if b_const:
+            Bl[:, :lanes] = Bc[:, d0:d1]
+        if c_const:
+            Cl[:, :lanes] = Cc[:, d0:d1]
+        for start in range(0, seqlen, chunk):
+            rows = min(chunk, seqlen - start)
+            ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
+            dtl[:rows, :lanes] = dt[b, d0:d1, start:start + rows].T
+            dtu[:rows, :lanes] = u[b, d0:d1, start:start + rows].T
+            for i in range(rows):
+                for c in range(lanes):
+                    dtu[i, c] *= dtl[i, c]
+            decay_block(dtl, Al, rows, lanes, a, scratch)
+            if window > 1:
+                _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
+            for i in range(rows):
+                t = start + i
+                yl[i, :lanes] = zero
+                for n in range(n_state):
+                    cs = zero if c_const else Cg[cb, cg, t, n]
+                    if window > 1:
+                        for c in range(lanes):
+                            hv = a[i, n, c] * h[n, c] + x[i, n, c]
+                            h[n, c] = hv
+                            yl[i, c] += (Cl[n, c] if c_const else cs) * (hv + q[i, n, c])
+                    else:  # vanilla scan: x formed on the fly, no local backward state
+                        bs = zero if b_const else Bg[bb, bg, t, n]
+                        for c in range(lanes):
+                            hv = a[i, n, c] * h[n, c] + dtu[i, c] * (Bl[n, c] if b_const else bs)
+                            h[n, c] = hv
+                            yl[i, c] += (Cl[n, c] if c_const else cs) * hv
+            y[b, d0:d1, start:start + rows] = yl[:rows, :lanes].T
+        last[b, d0:d1, :] = h[:, :lanes].T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,128 +251,139 @@ def _forward_kernel(u, dt, A, Bk, Ck, window, chunk, n_blocks, zero, y, last, ck
 
 @njit(parallel=True, **_JIT)
 def _backward_kernel(
-    dy, dlast, has_dlast, u, dt, A, Bk, Ck, window, chunk, ckpt, n_blocks, zero, want_y,
+    dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
     y, du, ddt, dA_part, dB_part, dC_part,
 ):
     batch, dim, seqlen = u.shape
-    n_state = A.shape[1]
+    n_state = At.shape[0]
+    n_blocks = blocks.shape[0]
+    n_chunks = ckpt.shape[1]
     rows_max = min(chunk, seqlen)
-    n_chunks = ckpt.shape[2]
-    block = -(-dim // n_blocks)
-    b_var = Bk.shape[2] > 1
-    c_var = Ck.shape[2] > 1
-    # constant B / C: one partial slot per (batch, channel); grouped: per (channel block, batch, group)
-    b_const = Bk.shape[0] == 1 and Bk.shape[2] == 1 and Bk.shape[1] == dim
-    c_const = Ck.shape[0] == 1 and Ck.shape[2] == 1 and Ck.shape[1] == dim
     for task in prange(batch * n_blocks):
         b = task // n_blocks
         blk = task % n_blocks
-        a_buf = np.empty((rows_max, n_state), u.dtype)
-        x_buf = np.empty((rows_max, n_state), u.dtype)
-        q_buf = np.empty((rows_max, n_state), u.dtype)
-        hl_buf = np.empty((rows_max + 1, n_state), u.dtype)  # row i holds h^L_{i-1}
-        gr_buf = np.empty((rows_max, n_state), u.dtype)
-        scratch = np.empty((rows_max, n_state), u.dtype)
-        r = np.empty(n_state, u.dtype)
-        carry = np.empty(n_state, u.dtype)  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
-        dA_acc = np.empty(n_state, u.dtype)
-        dB_acc = np.empty(n_state, u.dtype)
-        dC_acc = np.empty(n_state, u.dtype)
-        bb = b if Bk.shape[0] > 1 else 0
-        cb = b if Ck.shape[0] > 1 else 0
-        bs0, bs1 = (0, b) if b_const else (blk, bb)
-        cs0, cs1 = (0, b) if c_const else (blk, cb)
-        for d in range(blk * block, min(dim, (blk + 1) * block)):
-            bg = d // (dim // Bk.shape[1])
-            cg = d // (dim // Ck.shape[1])
-            if has_dlast:
-                carry[:] = dlast[b, d, :]
-            else:
-                carry[:] = zero
-            dA_acc[:] = zero
-            dB_acc[:] = zero
-            dC_acc[:] = zero
-            for c in range(n_chunks - 1, -1, -1):
-                start = c * chunk
-                rows = min(chunk, seqlen - start)
-                dt_rows = dt[b, d, start:start + rows]
-                u_rows = u[b, d, start:start + rows]
-                dy_rows = dy[b, d, start:start + rows]
-                decay_rows(dt_rows, A[d], rows, a_buf, scratch)
-                # Recompute the chunk from its checkpoint (windows never straddle chunks).
-                if window > 1:
-                    _local_backward(dt_rows, u_rows, Bk, bb, bg, b_var, start, rows, window, a_buf, x_buf, q_buf, r)
-                else:
-                    for i in range(rows):
-                        bt = start + i if b_var else 0
-                        dtu = dt_rows[i] * u_rows[i]
-                        for n in range(n_state):
-                            x_buf[i, n] = dtu * Bk[bb, bg, bt, n]
-                            q_buf[i, n] = zero
-                hl_buf[0, :] = ckpt[b, d, c, :]
+        d0 = blocks[blk, 0]
+        lanes = blocks[blk, 1]
+        d1 = d0 + lanes
+        bb = b if Bg.shape[0] > 1 else 0
+        cb = b if Cg.shape[0] > 1 else 0
+        bg = d0 // (dim // Bg.shape[1])
+        cg = d0 // (dim // Cg.shape[1])
+        a = np.empty((rows_max, n_state, LANES), u.dtype)
+        x = np.empty((rows_max, n_state, LANES), u.dtype)
+        q = np.zeros((rows_max, n_state, LANES), u.dtype)
+        hl = np.empty((rows_max + 1, n_state, LANES), u.dtype)  # row i holds h^L_{i-1}
+        gr = np.empty((rows_max, n_state, LANES), u.dtype)
+        scratch = np.empty((rows_max, n_state, LANES), u.dtype)
+        dtl = np.empty((rows_max, LANES), u.dtype)
+        ul = np.empty((rows_max, LANES), u.dtype)
+        dtu = np.empty((rows_max, LANES), u.dtype)
+        dyl = np.empty((rows_max, LANES), u.dtype)
+        dul = np.empty((rows_max, LANES), u.dtype)  # dx·B summed over states, then times Δ
+        ddtl = np.empty((rows_max, LANES), u.dtype)
+        yl = np.empty((rows_max, LANES), u.dtype)
+        r = np.empty((n_state, LANES), u.dtype)
+        Al = np.empty((n_state, LANES), u.dtype)
+        bv = np.zeros((n_state, LANES), u.dtype)  # B and C of the current position, per lane
+        cv = np.zeros((n_state, LANES), u.dtype)
+        carry = np.zeros((n_state, LANES), u.dtype)  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
+        dA_acc = np.zeros((n_state, LANES), u.dtype)
+        dB_acc = np.zeros((n_state, LANES), u.dtype)
+        dC_acc = np.zeros((n_state, LANES), u.dtype)
+        Al[:, :lanes] = At[:, d0:d1]
+        if has_dlast:
+            carry[:, :lanes] = dlast[b, d0:d1, :].T
+        if b_const:
+            bv[:, :lanes] = Bc[:, d0:d1]
+        if c_const:
+            cv[:, :lanes] = Cc[:, d0:d1]
+        for ck in range(n_chunks - 1, -1, -1):
+            start = ck * chunk
+            rows = min(chunk, seqlen - start)
+            dtl[:rows, :lanes] = dt[b, d0:d1, start:start + rows].T
+            ul[:rows, :lanes] = u[b, d0:d1, start:start + rows].T
+            dyl[:rows, :lanes] = dy[b, d0:d1, start:start + rows].T
+            for i in range(rows):
+                for c in range(lanes):
+                    dtu[i, c] = dtl[i, c] * ul[i, c]
+            # Recompute the chunk from its checkpoint (windows never straddle chunks).
+            decay_block(dtl, Al, rows, lanes, a, scratch)
+            _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
+            hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
+            for i in range(rows):
+                for n in range(n_state):
+                    for c in range(lanes):
+                        hl[i + 1, n, c] = a[i, n, c] * hl[i, n, c] + x[i, n, c]
+            # dh^R, left to right, reset at each window start: gr_t = dy_t C_t + a_{t-1} gr_{t-1}
+            if window > 1:
                 for i in range(rows):
                     for n in range(n_state):
-                        hl_buf[i + 1, n] = a_buf[i, n] * hl_buf[i, n] + x_buf[i, n]
-                # dh^R, left to right, reset at each window start: gr_t = dy_t C_t + a_{t-1} gr_{t-1}.
-                # (window 1: gr_t = dy_t C_t, which cancels in dx below; q = 0 removes it from da.)
-                for i in range(rows):
-                    ct = start + i if c_var else 0
-                    dyi = dy_rows[i]
-                    if i % window == 0:
-                        for n in range(n_state):
-                            gr_buf[i, n] = dyi * Ck[cb, cg, ct, n]
-                    else:
-                        for n in range(n_state):
-                            gr_buf[i, n] = dyi * Ck[cb, cg, ct, n] + a_buf[i - 1, n] * gr_buf[i - 1, n]
-                # dh^L right to left, and every gradient of position t:
-                # dx = dh^L + dh^R - dy C;  a da = a dh^L h^L_{t-1} + dh^R q_t.
-                for i in range(rows - 1, -1, -1):
-                    t = start + i
-                    ct = t if c_var else 0
-                    bt = t if b_var else 0
-                    dyi = dy_rows[i]
-                    dti = dt_rows[i]
-                    ut = u_rows[i]
-                    dtu = dti * ut
-                    ddt_t = zero
-                    dx_b = zero
-                    y_t = zero
+                        cs = zero if c_const else Cg[cb, cg, start + i, n]
+                        if i % window == 0:
+                            for c in range(lanes):
+                                gr[i, n, c] = dyl[i, c] * (cv[n, c] if c_const else cs)
+                        else:
+                            for c in range(lanes):
+                                gr[i, n, c] = dyl[i, c] * (cv[n, c] if c_const else cs) + a[i - 1, n, c] * gr[i - 1, n, c]
+            # dh^L right to left, and every gradient of position t:
+            # dx = dh^L + dh^R - dy C;  a da = a dh^L h^L_{t-1} + dh^R q_t  (window 1: dh^R = dy C, q = 0)
+            for i in range(rows - 1, -1, -1):
+                t = start + i
+                if not b_const:
                     for n in range(n_state):
-                        cn = Ck[cb, cg, ct, n]
-                        bn = Bk[bb, bg, bt, n]
-                        an = a_buf[i, n]
-                        dh = dyi * cn
-                        gl = dh + carry[n]
+                        bv[n, :lanes] = Bg[bb, bg, t, n]
+                if not c_const:
+                    for n in range(n_state):
+                        cv[n, :lanes] = Cg[cb, cg, t, n]
+                dul[i, :lanes] = zero
+                ddtl[i, :lanes] = zero
+                yl[i, :lanes] = zero
+                for n in range(n_state):
+                    dB_sum = zero
+                    dC_sum = zero
+                    for c in range(lanes):
+                        dyc = dyl[i, c]
+                        an = a[i, n, c]
+                        dh = dyc * cv[n, c]
+                        gl = dh + carry[n, c]
                         agl = an * gl
-                        carry[n] = agl
-                        gr = gr_buf[i, n]
-                        qn = q_buf[i, n]
-                        dx = gl + gr - dh
-                        dan = agl * hl_buf[i, n] + gr * qn
-                        state = hl_buf[i + 1, n] + qn
-                        ddt_t += dx * bn * ut + dan * A[d, n]
-                        dx_b += dx * bn
-                        y_t += cn * state
-                        dA_acc[n] += dan * dti
-                        if b_var:
-                            dB_part[bs0, bs1, bg, bt, n] += dx * dtu
+                        carry[n, c] = agl
+                        if window > 1:
+                            grn = gr[i, n, c]
+                            qn = q[i, n, c]
+                            dx = gl + grn - dh
+                            dan = agl * hl[i, n, c] + grn * qn
+                            state = hl[i + 1, n, c] + qn
                         else:
-                            dB_acc[n] += dx * dtu
-                        if c_var:
-                            dC_part[cs0, cs1, cg, ct, n] += dyi * state
-                        else:
-                            dC_acc[n] += dyi * state
-                    du[b, d, t] = dx_b * dti
-                    ddt[b, d, t] = ddt_t
-                    if want_y:
-                        y[b, d, t] = y_t
-            dA_part[b, d, :] = dA_acc
-            if not b_var:
-                for n in range(n_state):
-                    dB_part[bs0, bs1, bg, 0, n] += dB_acc[n]
-            if not c_var:
-                for n in range(n_state):
-                    dC_part[cs0, cs1, cg, 0, n] += dC_acc[n]
+                            dx = gl
+                            dan = agl * hl[i, n, c]
+                            state = hl[i + 1, n, c]
+                        dxbn = dx * bv[n, c]
+                        ddtl[i, c] += dxbn * ul[i, c] + dan * Al[n, c]
+                        dul[i, c] += dxbn
+                        yl[i, c] += cv[n, c] * state
+                        dA_acc[n, c] += dan * dtl[i, c]
+                        dxdtu = dx * dtu[i, c]
+                        dystate = dyc * state
+                        dB_acc[n, c] += dxdtu
+                        dC_acc[n, c] += dystate
+                        dB_sum += dxdtu
+                        dC_sum += dystate
+                    if not b_const:  # the group's B_t is shared by the block: sum over its lanes
+                        dB_part[blk, bb, bg, t, n] += dB_sum
+                    if not c_const:
+                        dC_part[blk, cb, cg, t, n] += dC_sum
+                for c in range(lanes):
+                    dul[i, c] *= dtl[i, c]
+            du[b, d0:d1, start:start + rows] = dul[:rows, :lanes].T
+            ddt[b, d0:d1, start:start + rows] = ddtl[:rows, :lanes].T
+            if want_y:
+                y[b, d0:d1, start:start + rows] = yl[:rows, :lanes].T
+        dA_part[b, :, d0:d1] = dA_acc[:, :lanes]
+        if b_const:
+            dB_part[0, b, 0, :, d0:d1] = dB_acc[:, :lanes]
+        if c_const:
+            dC_part[0, b, 0, :, d0:d1] = dC_acc[:, :lanes]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,14 +401,24 @@ def _zero(dtype: torch.dtype):
 
 
 def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    return t.detach().to(dtype).contiguous().numpy()
+    return _contiguous(t, dtype).numpy()
 
 
-def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """Constant (dim, N) -> (1, dim, 1, N); grouped (batch, G, N, L) -> (batch, G, L, N), contiguous."""
+def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
+    """(constant, grouped, is_constant): constant (dim, N) as (N, dim); grouped (batch, G, N, L) as
+    (batch, G, L, N). The unused one is a small placeholder with the right rank."""
     if t.dim() == 2:
-        return _np(t[None, :, None, :], dtype)
-    return _np(t.transpose(2, 3), dtype)
+        return _np(t.t(), dtype), np.zeros((1, 1, 1, 1), dtype=_np_dtype(dtype)), True
+    return np.zeros((1, 1), dtype=_np_dtype(dtype)), _np(t.transpose(2, 3), dtype), False
+
+
+def _np_dtype(dtype: torch.dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Detached, contiguous, in the compute dtype (no copy when it already is)."""
+    return t.detach().to(dtype).contiguous()
 
 
 def _set_threads() -> None:
@@ -373,77 +440,76 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    chunk = chunk_length(window)
     y = torch.empty((batch, dim, seqlen), dtype=ct)
     last = torch.empty((batch, dim, dstate), dtype=ct)
-    ckpt = torch.empty((batch, dim, num_checkpoints(seqlen, window), dstate), dtype=ct)
-    u_c = u.detach().to(ct).contiguous()
+    ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
+    u_c = _contiguous(u, ct)
+    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
+    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
     _set_threads()
     _forward_kernel(
-        u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(), _np(A, ct),
-        _bc_kernel_layout(B, ct), _bc_kernel_layout(C, ct), int(window), chunk, _num_blocks(batch, dim), _zero(ct),
-        y.numpy(), last.numpy(), ckpt.numpy(),
+        u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(), _np(A.t(), ct),
+        Bc, Bg, b_const, Cc, Cg, c_const, int(window), chunk_length(window), _blocks(dim, Bg.shape[1], Cg.shape[1]),
+        _zero(ct), y.numpy(), last.numpy(), ckpt.numpy(),
     )
     if D is not None:
-        y.addcmul_(D.detach().to(ct)[:, None], u_c)
+        y.addcmul_(_contiguous(D, ct)[:, None], u_c)
     if z is not None:
-        y.mul_(F.silu(z.detach().to(ct)))
+        y.mul_(F.silu(_contiguous(z, ct)))
     return y.to(u.dtype), last, ckpt
-
-
-def _num_blocks(batch: int, dim: int) -> int:
-    """Channel blocks per batch element: enough tasks to keep every thread busy."""
-    target = 4 * numba.get_num_threads()
-    return max(1, min(dim, -(-target // batch)))
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    _set_threads()
-    n_blocks = _num_blocks(batch, dim)
-    u_c = u.detach().to(ct).contiguous()
-    g = dout.detach().to(ct)
-    dy = g * F.silu(z.detach().to(ct)) if z is not None else g
-    Bk, Ck = _bc_kernel_layout(B, ct), _bc_kernel_layout(C, ct)
+    u_c = _contiguous(u, ct)
+    g = _contiguous(dout, ct)
+    dy = F.silu(_contiguous(z, ct)).mul_(g) if z is not None else g
+    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
+    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
+    blocks = _blocks(dim, Bg.shape[1], Cg.shape[1])
 
-    def partial(kernel_bc):
-        if kernel_bc.shape[0] == 1 and kernel_bc.shape[1] == dim and kernel_bc.shape[2] == 1:
-            return torch.zeros((1, batch, dim, 1, dstate), dtype=ct)
-        return torch.zeros((n_blocks,) + kernel_bc.shape, dtype=ct)
+    def partial(is_const, grouped):
+        # constant: one slot per batch element (lanes are channels); grouped: one per channel block
+        if is_const:
+            return torch.empty((1, batch, 1, dstate, dim), dtype=ct)
+        return torch.zeros((len(blocks),) + grouped.shape, dtype=ct)
 
     y = torch.empty((batch, dim, seqlen), dtype=ct) if z is not None else torch.empty((1, 1, 1), dtype=ct)
     du = torch.empty((batch, dim, seqlen), dtype=ct)
     ddt = torch.empty_like(du)
-    dA_part = torch.empty((batch, dim, dstate), dtype=ct)
-    dB_part, dC_part = partial(Bk), partial(Ck)
+    dA_part = torch.empty((batch, dstate, dim), dtype=ct)
+    dB_part, dC_part = partial(b_const, Bg), partial(c_const, Cg)
     has_dlast = dlast_state is not None
-    dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=Bk.dtype)
+    dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
+    _set_threads()
     _backward_kernel(
-        dy.contiguous().numpy(), dlast, has_dlast, u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(),
-        _np(A, ct), Bk, Ck, int(window), chunk_length(window), _np(checkpoints, ct), n_blocks, _zero(ct),
-        z is not None, y.numpy(), du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+        dy.numpy(), dlast, has_dlast, u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(),
+        _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window), chunk_length(window), _np(checkpoints, ct),
+        blocks, _zero(ct), z is not None, y.numpy(), du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(),
+        dC_part.numpy(),
     )
     dz = u.new_empty((0,))
     dD = (dy * u_c).sum((0, 2))
     if D is not None:
-        D_c = D.detach().to(ct)[:, None]
+        D_c = _contiguous(D, ct)[:, None]
         du.addcmul_(dy, D_c)
         if z is not None:
             y.addcmul_(D_c, u_c)
-    if z is not None:
-        zc = z.detach().to(ct)
-        sz = torch.sigmoid(zc)
-        dz = (g * y * sz * (1 + zc * (1 - sz))).to(z.dtype)
+    if z is not None:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
+        zc = _contiguous(z, ct)
+        s = torch.sigmoid(zc)
+        dz = torch.rsub(s, 1).mul_(zc).add_(1).mul_(s).mul_(y).mul_(g).to(z.dtype)
+    del y
     if delta_softplus:  # softplus' = sigmoid, and the identity above torch's threshold of 20
         pre = _pre_softplus(delta, delta_bias, ct)
-        ddt = ddt * torch.where(pre <= 20.0, torch.sigmoid(pre), torch.ones_like(pre))
+        ddt.mul_(torch.sigmoid(pre).masked_fill_(pre > 20.0, 1.0))
     dbias = ddt.sum((0, 2))
     return (
         du.to(u.dtype),
         ddt.to(delta.dtype),
-        dA_part.sum(0).to(A.dtype),
+        dA_part.sum(0).t().to(A.dtype),
         _bc_grad(dB_part, B),
         _bc_grad(dC_part, C),
         dD.to(D.dtype) if D is not None else dD.float(),
@@ -454,6 +520,6 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
 
 def _bc_grad(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum the partial buffers of B or C back into the caller's layout and dtype."""
-    if like.dim() == 2:  # constant: (1, batch, dim, 1, N)
-        return part.sum((0, 1))[:, 0].to(like.dtype)
+    if like.dim() == 2:  # constant: (1, batch, 1, N, dim) -> (dim, N)
+        return part.sum((0, 1))[0].t().to(like.dtype)
     return part.sum(0).transpose(2, 3).to(like.dtype)  # (batch, G, L, N) -> (batch, G, N, L)

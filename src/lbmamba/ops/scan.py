@@ -12,15 +12,19 @@ from .torch_scan import selective_scan_torch
 BACKENDS = ("auto", "reference", "torch") + _fused.fused_backend_names()
 
 
-def _fused_unavailable(name: str, u: torch.Tensor):
-    """None when fused backend `name` can run `u`, else the reason it cannot."""
+@torch.compiler.assume_constant_result
+def _fused_unavailable(name: str, device_type: str, dtype: torch.dtype):
+    """None when fused backend `name` can run tensors of this device type and dtype, else why not.
+
+    A constant to torch.compile: it is evaluated once while tracing, never inside the graph.
+    """
     try:
         module = _fused.backend_module(name)
     except ImportError as exc:  # a missing optional dependency (numba, triton)
         return f"it needs a package that failed to import ({exc})"
     reason = module.is_available()
-    if reason is None and not module.supports(u.device, u.dtype):
-        reason = f"it does not run {u.dtype} tensors on {u.device.type}"
+    if reason is None and not module.supports(torch.device(device_type), dtype):
+        reason = f"it does not run {dtype} tensors on {device_type}"
     return reason
 
 
@@ -30,11 +34,11 @@ def choose_backend(backend: str, u: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         preferred = {"cpu": "cpu", "cuda": "triton"}.get(u.device.type)
-        if preferred is not None and _fused_unavailable(preferred, u) is None:
+        if preferred is not None and _fused_unavailable(preferred, u.device.type, u.dtype) is None:
             return preferred
         return "torch"
     if backend in _fused.fused_backend_names():
-        reason = _fused_unavailable(backend, u)
+        reason = _fused_unavailable(backend, u.device.type, u.dtype)
         if reason is not None:
             raise ValueError(f"backend={backend!r} is not available for these inputs: {reason}")
     return backend
@@ -85,8 +89,8 @@ def selective_scan_fn(
 
 def available_backends(device="cpu", dtype=torch.float32):
     """Names of the backends that can run tensors of `device` and `dtype` here."""
-    probe = torch.empty(0, device=device, dtype=dtype)
+    device_type = torch.device(device).type
     return ("reference", "torch") + tuple(
-        name for name in _fused.fused_backend_names() if _fused_unavailable(name, probe) is None
+        name for name in _fused.fused_backend_names() if _fused_unavailable(name, device_type, dtype) is None
     )
 

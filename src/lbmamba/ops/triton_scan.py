@@ -3,27 +3,28 @@
 It implements the fused-backend interface documented in `_fused.py` and runs on CUDA GPUs, or on
 the CPU through Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imported.
 
-Design (one program per (block of BLOCK_D channels, batch element)):
+Design (one program per (block of BLOCK_D channels, batch element); grid (dim / BLOCK_D, batch)):
 
-* The sequence is cut into chunks of `chunk_len` positions, held as (T, BLOCK_D, BLOCK_N) register
-  tiles (T = CHUNK_LEN, a power of two; BLOCK_N = N padded to a power of two, masked). Inputs are
-  loaded once per chunk as (T, BLOCK_D) / (T, BLOCK_N) tiles, contiguous along the sequence.
-* Inside a chunk both recurrences are `tl.associative_scan`s of the pairs (a, x) with the linear
-  recurrence operator; the global state h^L is carried from chunk to chunk. The window-local
-  backward state h^R is the reverse scan of (a', x) where a' = 0 at the last position of every
-  window: that zero is exactly the restart, so no segmented scan is needed.
+* The sequence is cut into chunks of `chunk_len` positions, held as (T, BLOCK_N, BLOCK_D) register
+  tiles (T = CHUNK_LEN, a power of two; BLOCK_N = N padded to a power of two, masked). u, delta, z
+  and B, C are loaded once per chunk as (T, BLOCK_D) / (T, BLOCK_N) tiles, contiguous along the
+  sequence, and every per-position step is fused in registers; no (batch, dim, L, N) tensor exists.
+* The threads of a program cover its (state, channel) pairs and each holds the whole chunk of its
+  pairs, so the recurrences are unrolled sequential loops in registers: h^L (carried from chunk to
+  chunk) and the window-local h^R, a reverse recurrence with decay a' = a except 0 at the last
+  position of each window, which is exactly its restart. window = 1 skips h^R (h = h^L).
 * chunk_len is a multiple of the window whenever window <= CHUNK_LEN, so windows never straddle
-  chunks and h^R needs nothing from the next chunk. Larger windows ("straddling") are handled
-  exactly by a cheap extra pass that computes the h^R entering each chunk from the right (forward)
-  and the dh^R entering each chunk from the left (backward).
-* The forward saves h^L at the start of every chunk (the checkpoints); the backward walks the chunks
-  right to left, recomputes a, x, h^L, h^R of a chunk from its checkpoint, and runs the two adjoint
-  scans (dh^L right to left, carried across chunks; dh^R left to right, restarted at each window
-  start). Nothing of size (batch, dim, L, N) is ever stored.
-* Gradients of the per-channel parameters (A, D, delta_bias, constant B/C) are reduced over the
-  chunks in registers and written per batch element, then summed with torch (deterministic).
-  Gradients of grouped B/C are summed over the program's channels in registers and then added with
-  `tl.atomic_add` into an fp32 (batch, G, N, L) buffer.
+  chunks and h^R needs nothing from the next chunk. Longer windows straddle chunks; they stay exact
+  through an extra pass that computes the h^R entering each chunk from the right (forward) and the
+  dh^R entering each chunk from the left (backward).
+* The forward saves h^L at the start of every chunk (the checkpoints, (batch, dim, n_chunks, N));
+  the backward walks the chunks right to left, recomputes a, x, h^L, h^R of a chunk from its
+  checkpoint, and runs the adjoint recurrences: dh^L right to left, carried across chunks, and dh^R
+  left to right, restarted at each window start.
+* Gradients of the per-channel parameters (A, D, delta_bias, constant B/C) are summed over the
+  chunks in registers and written per batch element, then summed over the batch with torch
+  (deterministic). Gradients of grouped B/C are summed over the program's channels in registers and
+  added with `tl.atomic_add` into an fp32 (batch, G, N, L) buffer.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ import triton.language as tl
 
 #: Positions per register tile (a power of two). Tests lower it to cross chunks on short sequences.
 CHUNK_LEN = 16
-#: Warps per program, and (channel, state) pairs per thread: BLOCK_D * BLOCK_N = 32 * NUM_WARPS *
-#: STATES_PER_THREAD, so that the (state, channel) axes fill the threads and every thread holds the
-#: whole sequence axis of its pairs.
+#: Warps per program, and (channel, state) pairs per thread in the forward and the backward kernels:
+#: BLOCK_D * BLOCK_N = 32 * NUM_WARPS * pairs, so that the (state, channel) axes fill the threads and
+#: every thread holds the whole sequence axis of its pairs. The backward keeps more tiles alive, so
+#: it gets fewer pairs per thread (more would spill registers).
 NUM_WARPS = 4
-STATES_PER_THREAD = 2
+FWD_PAIRS_PER_THREAD = 2
+BWD_PAIRS_PER_THREAD = 1
 #: When True, outputs are allocated filled with NaN instead of uninitialised, so a check can prove
 #: that the kernels write every element they return (benchmarks/gpu_check.py sets it).
 POISON_OUTPUTS = False
@@ -49,7 +52,7 @@ POISON_OUTPUTS = False
 # Kernels are decorated at import, and triton.jit picks the interpreter from the environment then.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * log2(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,21 +62,24 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _recurrence(decay, inp, carry, idx, T: tl.constexpr, REVERSE: tl.constexpr, DECAY_AFTER: tl.constexpr):
-    """Runs s = decay_i * s + inp_i over the rows (positions) of (T, BLOCK_D, BLOCK_N) tiles,
+    """Runs s = decay_i * s + inp_i over the rows (positions) of (T, BLOCK_N, BLOCK_D) tiles,
     top-down (or bottom-up with REVERSE), starting from `carry`; returns every s_i and the final s.
 
     With DECAY_AFTER a row's decay is applied after its value is taken (s_i = inp_i + s, then
     s = decay_i * s_i): the adjoint recurrences, whose decay is the neighbouring position's.
     The loop is unrolled, and each thread holds the whole sequence axis of its (channel, state)
     pairs, so the row selections below compile to register picks: no shuffles, no shifted loads.
-    (Row picks are written inline: nested jit calls are costly under the interpreter.)
+    (Row picks are written inline: nested jit calls are costly under the interpreter. They pad with
+    -0.0, the exact identity of addition, so that the compiler folds the sum to the picked value;
+    it is built from its bits because a -0.0 literal loses its sign on the way to the compiler.)
     """
+    neg_zero = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)[:, None, None]
     out = tl.zeros_like(inp)
     for step in tl.static_range(T):
         i = T - 1 - step if REVERSE else step
         row = (idx == i)[:, None, None]
-        inp_i = tl.sum(tl.where(row, inp, 0.0), axis=0)
-        decay_i = tl.sum(tl.where(row, decay, 0.0), axis=0)
+        inp_i = tl.sum(tl.where(row, inp, neg_zero), axis=0)
+        decay_i = tl.sum(tl.where(row, decay, neg_zero), axis=0)
         if DECAY_AFTER:
             s_i = inp_i + carry
             carry = decay_i * s_i
@@ -120,16 +126,42 @@ def _chunk(k, j, row, dmask, L, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
-    """Δ = [softplus](delta + delta_bias) in fp32 (0 where masked) and dΔ/d(delta)."""
-    v = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+def _load_chunk(
+    u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k, j, row, n, dmask, N, L,
+    CHUNK: tl.constexpr, LOAD_Z: tl.constexpr, LOAD_B: tl.constexpr, LOAD_C: tl.constexpr,
+):
+    """The sequence tiles of chunk k in fp32: u, delta, z (T, BLOCK_D) and variable B, C
+    (T, BLOCK_N); z, B and C are zeros unless asked for (absent, or constant)."""
+    t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+    u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    delta = tl.load(delta_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    z = tl.zeros_like(u)
+    if LOAD_Z:
+        z = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    bc_offs = n[None, :] * L + t[:, None]
+    bc_mask = valid[:, None] & (n < N)[None, :]
+    Bv = tl.zeros(bc_offs.shape, tl.float32)
+    if LOAD_B:
+        Bv = tl.load(B_ptr + b_base + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
+    Cv = tl.zeros(bc_offs.shape, tl.float32)
+    if LOAD_C:
+        Cv = tl.load(C_ptr + c_base + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
+    return u, delta, z, Bv, Cv
+
+
+@triton.jit
+def _delta(delta, bias, mask, SOFTPLUS: tl.constexpr):
+    """Δ = [softplus](delta + delta_bias) (0 where masked) and dΔ/d(delta), from a loaded tile."""
+    v = delta + bias[None, :]
     if SOFTPLUS:
         e = tl.exp(-tl.abs(v))
-        # log1p(e) without a log1p primitive: log(1 + e) rounds to 0 for tiny e.
-        log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+        # log1p(e) to full precision without a log1p primitive (log(1 + e) loses the low bits of e):
+        # log(w) * e / (w - 1) with w = 1 + e, where w - 1 is exact (Goldberg, 1991).
+        w = 1.0 + e
+        log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
         # torch.nn.functional.softplus: identity above the threshold 20.
         dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
-        ddt = tl.where(v > 20.0, 1.0, tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e)))
+        ddt = tl.where(v > 20.0, 1.0, tl.where(v >= 0, 1.0 / w, e / w))
     else:
         dt = v
         ddt = tl.full(v.shape, 1.0, tl.float32)
@@ -137,20 +169,22 @@ def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _load_bc(ptr, base, const_tile, n, N, t, valid, L, CONST: tl.constexpr):
-    """B or C of a chunk in fp32, broadcastable to (T, BLOCK_N, BLOCK_D)."""
+def _bc_tile(loaded, const_tile, CONST: tl.constexpr):
+    """B or C as (T, BLOCK_N, BLOCK_D): the constant (BLOCK_N, BLOCK_D) tile, or the loaded (T, BLOCK_N)
+    one. Both branches have one shape, as the compiler requires."""
+    shape: tl.constexpr = (loaded.shape[0], const_tile.shape[0], const_tile.shape[1])
     if CONST:
-        return const_tile[None, :, :]
-    bc = tl.load(ptr + base + n[None, :] * L + t[:, None], mask=valid[:, None] & (n < N)[None, :], other=0.0)
-    return bc.to(tl.float32)[:, :, None]
+        return tl.broadcast_to(const_tile[None, :, :], shape)
+    return tl.broadcast_to(loaded[:, :, None], shape)
 
 
 @triton.jit
 def _load_const(ptr, nd_offs, nd_mask, CONST: tl.constexpr):
     """The program's (BLOCK_N, BLOCK_D) tile of a constant (dim, N) B or C (zeros when not constant)."""
+    tile = tl.zeros(nd_offs.shape, tl.float32)
     if CONST:
-        return tl.load(ptr + nd_offs, mask=nd_mask, other=0.0)
-    return tl.zeros(nd_offs.shape, tl.float32)
+        tile = tl.load(ptr + nd_offs, mask=nd_mask, other=0.0)
+    return tile
 
 
 @triton.jit
@@ -161,23 +195,15 @@ def _group_base(pid_d, b, dim, N, L, groups, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS: tl.constexpr):
-    """u, Δ, dΔ/d(delta) (T, BLOCK_D) and a = exp(ΔA), x = ΔBu (T, BLOCK_N, BLOCK_D) of a chunk."""
-    u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-    dt, ddt = _load_dt(delta_ptr, offs, m2, bias, SOFTPLUS)
-    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-    x = (dt * u)[:, None, :] * Bt
-    return u, dt, ddt, a, x
+def _right_decay(a, j, t, WINDOW: tl.constexpr, STRADDLE: tl.constexpr):
+    """a' = a, but 0 at the last position of every window, where h^R restarts.
 
-
-@triton.jit
-def _right_decay(a, j, t, valid, L, WINDOW: tl.constexpr, STRADDLE: tl.constexpr):
-    """a' = a, but 0 at the last position of every window (and at L - 1), where h^R restarts."""
-    # Unless windows straddle chunks, chunks start at multiples of WINDOW, so the in-chunk index j
-    # (a compile-time range) decides, and the test folds away.
+    The sequence end needs no test: padding rows after it have x = 0, so h^R enters it as 0. Unless
+    windows straddle chunks, chunks start at multiples of WINDOW, so the in-chunk index j (a
+    compile-time range) decides and the selection folds away.
+    """
     pos = t if STRADDLE else j
-    end = valid & (((pos + 1) % WINDOW == 0) | (t == L - 1))
-    return tl.where(end[:, None, None], 0.0, a)
+    return tl.where(((pos + 1) % WINDOW == 0)[:, None, None], 0.0, a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +222,7 @@ def _fwd_kernel(
 ):
     pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
-    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634  # exp(ΔA) = exp2(ΔA log2 e)
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
     Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
@@ -205,24 +231,32 @@ def _fwd_kernel(
     c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
 
     h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # h^L before the current chunk
+    next_u, next_delta, next_z, next_B, next_C = _load_chunk(
+        u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, 0, j, row, n, dmask, N, L,
+        CHUNK, HAS_Z, not B_CONST, not C_CONST,
+    )  # fmt: skip
     for k in range(n_chunks):
+        u, delta, zv, Bv, Cv = next_u, next_delta, next_z, next_B, next_C
+        # Prefetch the next chunk (masked off past the end), so that its loads overlap this chunk's arithmetic.
+        next_u, next_delta, next_z, next_B, next_C = _load_chunk(
+            u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k + 1, j, row, n, dmask, N, L,
+            CHUNK, HAS_Z, not B_CONST, not C_CONST,
+        )  # fmt: skip
         tl.store(ckpt_ptr + ck_offs + k * N, h, mask=nd_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
-        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
-        u, dt, _, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
+        dt, _ = _delta(delta, bias, m2, SOFTPLUS)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        x = (dt * u)[:, None, :] * _bc_tile(Bv, Bc, B_CONST)
         hs, h = _recurrence(a, x, h, j, T, False, False)  # h^L, carried across chunks
         if WINDOW > 1:
             hr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             if STRADDLE:  # the part of the window beyond this chunk, from the right-carry pass
                 hr_in = tl.load(rcarry_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
-            a_right = _right_decay(a, j, t, valid, L, WINDOW, STRADDLE)
-            hr, _ = _recurrence(a_right, x, hr_in, j, T, True, False)
+            hr, _ = _recurrence(_right_decay(a, j, t, WINDOW, STRADDLE), x, hr_in, j, T, True, False)
             hs += hr - x  # h = h^L + h^R - x
 
-        Ct = _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
-        y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
+        y = tl.sum(hs * _bc_tile(Cv, Cc, C_CONST), axis=1) + Dv[None, :] * u
         if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             y *= zv * _sigmoid(zv)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + b * dim * N + nd_offs, h, mask=nd_mask)
@@ -238,7 +272,7 @@ def _fwd_right_carry_kernel(
     """Windows longer than a chunk: h^R entering each chunk from the right, a right-to-left pass."""
     pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
-    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
     b_base = _group_base(pid_d, b, dim, N, L, b_groups, BLOCK_D)
@@ -248,10 +282,14 @@ def _fwd_right_carry_kernel(
         k = n_chunks - 1 - kk
         tl.store(rcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
-        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
-        _, _, _, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
-        a_right = _right_decay(a, j, t, valid, L, WINDOW, True)
-        _, carry = _recurrence(a_right, x, carry, j, T, True, False)  # h^R at the chunk's first position
+        u, delta, _, Bv, _ = _load_chunk(
+            u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, b_base, b_base, k, j, row, n, dmask, N, L,
+            CHUNK, False, not B_CONST, False,
+        )  # fmt: skip
+        dt, _ = _delta(delta, bias, m2, SOFTPLUS)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        x = (dt * u)[:, None, :] * _bc_tile(Bv, Bc, B_CONST)
+        _, carry = _recurrence(_right_decay(a, j, t, WINDOW, True), x, carry, j, T, True, False)  # h^R at the chunk start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +311,7 @@ def _bwd_kernel(
     pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
     A = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0)
-    A2 = A * 1.4426950408889634
+    A2 = A * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
     Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
@@ -291,24 +329,29 @@ def _bwd_kernel(
     for kk in range(n_chunks):
         k = n_chunks - 1 - kk
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+        u, delta, zv, Bv, Cv = _load_chunk(
+            u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k, j, row, n, dmask, N, L,
+            CHUNK, HAS_Z, not B_CONST, not C_CONST,
+        )  # fmt: skip
+        g = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
 
         # Recompute the chunk's forward: a, x, h^L from the checkpoint, h^R, and y.
-        Bt = _load_bc(B_ptr, b_base, Bc, n, N, t, valid, L, B_CONST)
-        Ct = _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
-        u, dt, ddt_ddelta, a, x = _discretize(u_ptr, delta_ptr, offs, m2, bias, A2, Bt, SOFTPLUS)
+        Bt = _bc_tile(Bv, Bc, B_CONST)
+        Ct = _bc_tile(Cv, Cc, C_CONST)
+        dt, ddt_ddelta = _delta(delta, bias, m2, SOFTPLUS)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        x = (dt * u)[:, None, :] * Bt
         h0 = tl.load(ckpt_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
         hl, _ = _recurrence(a, x, h0, j, T, False, False)
         if WINDOW > 1:
-            a_right = _right_decay(a, j, t, valid, L, WINDOW, STRADDLE)
+            a_right = _right_decay(a, j, t, WINDOW, STRADDLE)
             # Without straddling, a' = 0 at the chunk's end stops hr_next from entering.
             hr, hr_next = _recurrence(a_right, x, hr_next, j, T, True, False)
             hs = hl + hr - x
         else:
             hs = hl
 
-        g = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             sz = _sigmoid(zv)
             y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
             dz = g * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
@@ -381,7 +424,7 @@ def _bwd_left_carry_kernel(
     """Windows longer than a chunk: a' dh^R entering each chunk from the left, a left-to-right pass."""
     pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
-    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * 1.4426950408889634
+    A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Cc = _load_const(C_ptr, nd_offs, nd_mask, C_CONST)
     c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
@@ -390,13 +433,15 @@ def _bwd_left_carry_kernel(
     for k in range(n_chunks):
         tl.store(lcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
-        dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            dy *= zv * _sigmoid(zv)
-        dh = dy[:, None, :] * _load_bc(C_ptr, c_base, Cc, n, N, t, valid, L, C_CONST)
-        dt, _ = _load_dt(delta_ptr, offs, m2, bias, SOFTPLUS)
-        a_right = _right_decay(tl.exp2(dt[:, None, :] * A2[None, :, :]), j, t, valid, L, WINDOW, True)
+        # dout takes u's place in the loader: only its tile, delta, z and C are needed here.
+        g, delta, zv, _, Cv = _load_chunk(
+            dout_ptr, delta_ptr, z_ptr, C_ptr, C_ptr, c_base, c_base, k, j, row, n, dmask, N, L,
+            CHUNK, HAS_Z, False, not C_CONST,
+        )  # fmt: skip
+        dy = g * zv * _sigmoid(zv) if HAS_Z else g
+        dh = dy[:, None, :] * _bc_tile(Cv, Cc, C_CONST)
+        dt, _ = _delta(delta, bias, m2, SOFTPLUS)
+        a_right = _right_decay(tl.exp2(dt[:, None, :] * A2[None, :, :]), j, t, WINDOW, True)
         _, carry = _recurrence(a_right, dh, carry, j, T, False, True)  # a' dh^R at the chunk's end
 
 
@@ -448,7 +493,7 @@ def _device_guard(device):
 class _Launch:
     """Shapes, block sizes and flags shared by the kernels of one call."""
 
-    def __init__(self, u, A, B, C, window):
+    def __init__(self, u, A, B, C, window, pairs_per_thread):
         self.batch, self.dim, self.seqlen = u.shape
         self.dstate = A.shape[1]
         self.window = min(window, self.seqlen)
@@ -458,7 +503,7 @@ class _Launch:
         self.b_groups = 1 if self.b_const else B.shape[1]
         self.c_groups = 1 if self.c_const else C.shape[1]
         self.block_n = triton.next_power_of_2(self.dstate)
-        block_d = max(1, (32 * NUM_WARPS * STATES_PER_THREAD) // self.block_n)
+        block_d = max(1, (32 * NUM_WARPS * pairs_per_thread) // self.block_n)
         block_d = min(block_d, triton.next_power_of_2(self.dim))
         for groups in (self.b_groups, self.c_groups):  # a program's channels share one B/C group
             per_group = self.dim // groups
@@ -466,7 +511,7 @@ class _Launch:
                 block_d = min(block_d, per_group & -per_group)  # largest power of two dividing it
         self.block_d = block_d
         # Fewer warps for small blocks, so that threads do not spread over the sequence axis.
-        self.num_warps = max(1, min(NUM_WARPS, block_d * self.block_n // (32 * STATES_PER_THREAD)))
+        self.num_warps = max(1, min(NUM_WARPS, block_d * self.block_n // (32 * pairs_per_thread)))
         self.grid = (triton.cdiv(self.dim, block_d), self.batch)
 
     def sizes(self):
@@ -502,7 +547,7 @@ def _check_inputs(u):
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     _check_inputs(u)
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = _Launch(u, A, B, C, window)
+    cfg = _Launch(u, A, B, C, window, FWD_PAIRS_PER_THREAD)
     dev = u.device
     out = _new(u.shape, u.dtype, dev)
     last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
@@ -529,7 +574,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     _check_inputs(u)
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = _Launch(u, A, B, C, window)
+    cfg = _Launch(u, A, B, C, window, BWD_PAIRS_PER_THREAD)
     if tuple(checkpoints.shape) != (cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate):
         raise ValueError(
             f"checkpoints must have shape {(cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate)} "

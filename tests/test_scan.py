@@ -1,0 +1,267 @@
+"""The LB scan op: every backend against the float64 reference, the window rules, gradcheck,
+torch.compile, the custom-op contract and the promised errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lbmamba
+from lbmamba.ops import available_backends, resolve_window, selective_scan_fn, selective_scan_ref
+from scan_cases import check_against_reference, fresh_seed, make_inputs, rel_err
+
+BACKENDS = ["cpu", "torch"]
+FORMS = ["constant", "variable", "grouped", "mixed"]
+FULL_LENGTHS = [1, 2, 7, 8, 9, 127, 128, 129, 196, 197, 256, 257, 1000, 2049]
+FULL_WINDOWS = ["auto", 1, 2, 3, 8, 16]
+
+
+def test_exports():
+    assert lbmamba.selective_scan_fn is selective_scan_fn
+    assert lbmamba.selective_scan_ref is selective_scan_ref
+    assert "cpu" in available_backends("cpu")
+
+
+# -- every backend against the float64 reference ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(
+    "seqlen,window", [(1, "auto"), (7, 3), (9, 8), (129, "auto"), (197, 16), (257, "auto"), (130, 1), (66, 2)]
+)
+def test_backend_matches_reference(backend, form, seqlen, window):
+    seed = fresh_seed()
+    inputs = make_inputs(2, 6, seqlen, 5, bc=form, groups=3, seed=seed)
+    check_against_reference(backend, inputs, softplus=True, window=window, tol=2e-5, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_D,with_z,with_bias,softplus", list(itertools.product([False, True], repeat=4)))
+def test_optional_inputs(backend, with_D, with_z, with_bias, softplus):
+    seed = fresh_seed()
+    inputs = make_inputs(2, 4, 41, 3, bc="variable", with_D=with_D, with_z=with_z, with_bias=with_bias, seed=seed)
+    check_against_reference(backend, inputs, softplus=softplus, window=4, tol=2e-5, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_realistic_layer_shape(backend):
+    """A Mamba layer's shape: many channels, N = 16, several chunks and channel blocks, no last-state loss."""
+    seed = fresh_seed()
+    inputs = make_inputs(2, 40, 300, 16, bc="variable", seed=seed)
+    check_against_reference(backend, inputs, softplus=True, window="auto", tol=2e-5, seed=seed, last_state=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("seqlen", FULL_LENGTHS)
+@pytest.mark.parametrize("window", FULL_WINDOWS)
+def test_full_grid(backend, form, seqlen, window):
+    seed = fresh_seed()
+    inputs = make_inputs(2, 4, seqlen, 4, bc=form, groups=2, seed=seed)
+    check_against_reference(backend, inputs, softplus=True, window=window, tol=3e-5, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    seed = fresh_seed()
+    inputs = make_inputs(2, 8, 77, 4, bc="variable", dtype=dtype, seed=seed)
+    check_against_reference(backend, inputs, softplus=True, window="auto", tol=1e-2, seed=seed)
+
+
+def test_float64_backends_agree_to_rounding():
+    seed = fresh_seed()
+    inputs = make_inputs(2, 5, 70, 4, bc="grouped", groups=5, dtype=torch.float64, seed=seed)
+    check_against_reference("cpu", inputs, softplus=True, window=3, tol=1e-12, seed=seed)
+
+
+# -- the window rules ---------------------------------------------------------------------------
+
+
+def vanilla_mamba_scan(u, delta, A, B, C, D, z, delta_bias):
+    """Mamba-1's selective scan written out independently (variable B / C, softplus), float64."""
+    dt = F.softplus(delta + delta_bias[:, None])
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=2) + D[:, None] * u
+    return y * F.silu(z)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_window_one_is_vanilla_mamba(backend):
+    inputs = make_inputs(2, 5, 53, 6, bc="variable", dtype=torch.float64, seed=fresh_seed())
+    ours = selective_scan_fn(**inputs, delta_softplus=True, window=1, backend=backend)
+    theirs = vanilla_mamba_scan(**inputs)
+    assert rel_err(ours, theirs) < 1e-12
+
+
+def test_auto_window_boundaries():
+    for seqlen, expected in [(1, 4), (128, 4), (129, 8), (196, 8), (256, 8), (257, 16), (1024, 16), (8192, 16)]:
+        assert resolve_window("auto", seqlen) == expected, seqlen
+    # and the op really uses them: "auto" equals the explicit window on each side of each boundary
+    for seqlen, explicit in [(128, 4), (129, 8), (256, 8), (257, 16)]:
+        inputs = make_inputs(1, 3, seqlen, 4, dtype=torch.float64, seed=fresh_seed())
+        auto = selective_scan_fn(**inputs, delta_softplus=True, window="auto", backend="cpu")
+        fixed = selective_scan_fn(**inputs, delta_softplus=True, window=explicit, backend="cpu")
+        other = selective_scan_fn(**inputs, delta_softplus=True, window=explicit * 2, backend="cpu")
+        assert torch.equal(auto, fixed), seqlen
+        assert not torch.allclose(auto, other), seqlen
+
+
+def test_windows_do_not_leak_across_boundaries():
+    """Changing x after a window's end leaves every earlier output of that window unchanged."""
+    inputs = make_inputs(1, 3, 24, 4, bc="variable", dtype=torch.float64, seed=fresh_seed())
+    base = selective_scan_fn(**inputs, window=8, backend="cpu")
+    bumped = dict(inputs, u=inputs["u"].clone())
+    bumped["u"][:, :, 16] += 1.0  # first position of the third window
+    out = selective_scan_fn(**bumped, window=8, backend="cpu")
+    assert torch.equal(out[:, :, :16], base[:, :, :16])
+    bumped = dict(inputs, u=inputs["u"].clone())
+    bumped["u"][:, :, 13] += 1.0  # inside the second window: positions 8..12 see it from the right
+    out = selective_scan_fn(**bumped, window=8, backend="cpu")
+    assert torch.equal(out[:, :, :8], base[:, :, :8])
+    assert not torch.allclose(out[:, :, 8:13], base[:, :, 8:13])
+
+
+# -- gradcheck, compile, custom op --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("form", ["constant", "variable", "grouped"])
+def test_gradcheck(backend, form):
+    inputs = make_inputs(2, 4, 11, 3, bc=form, groups=2, dtype=torch.float64, seed=fresh_seed())
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        out, last = selective_scan_fn(**kw, delta_softplus=True, return_last_state=True, window=3, backend=backend)
+        return out, last
+
+    tensors = tuple(inputs[k].detach().requires_grad_(True) for k in names)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_traces_through_the_op():
+    inputs = make_inputs(2, 8, 37, 4, bc="variable", seed=fresh_seed())
+
+    def layer(u, delta, A, B, C, D, z, delta_bias):
+        y = selective_scan_fn(u.tanh(), delta, A, B, C, D, z, delta_bias, True, window="auto", backend="cpu")
+        return (y * 2).sum(dim=1)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    eager_out = layer(**leaves)
+    (eager_grad,) = torch.autograd.grad(eager_out.sum(), [leaves["u"]])
+    comp_out = compiled(**leaves)
+    (comp_grad,) = torch.autograd.grad(comp_out.sum(), [leaves["u"]])
+    torch.testing.assert_close(comp_out, eager_out)
+    torch.testing.assert_close(comp_grad, eager_grad)
+
+
+def test_custom_op_contract():
+    """torch.library.opcheck: schema, fake (meta) implementation and autograd registration."""
+    from lbmamba.ops import _fused
+
+    inputs = make_inputs(2, 4, 19, 3, bc="variable", seed=fresh_seed())
+    args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1),
+            inputs["D"], inputs["z"], inputs["delta_bias"], True, 4, "cpu")
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(_fused.lb_scan_fwd, args)
+
+
+def test_last_state_matches_reference_and_carries_gradient():
+    inputs = make_inputs(2, 4, 50, 3, dtype=torch.float64, seed=fresh_seed())
+    out, last = selective_scan_fn(**inputs, return_last_state=True, backend="cpu")
+    r_out, r_last = selective_scan_ref(**inputs, return_last_state=True)
+    assert last.shape == (2, 4, 3)
+    assert rel_err(last, r_last) < 1e-12
+    u = inputs["u"].clone().requires_grad_(True)
+    _, last = selective_scan_fn(**dict(inputs, u=u), return_last_state=True, backend="cpu")
+    (g,) = torch.autograd.grad(last.sum(), [u])
+    assert g.abs().sum() > 0
+
+
+def test_cpu_backend_threads_agree():
+    """The result does not depend on how many threads ran it (no races in the reductions)."""
+    inputs = make_inputs(3, 70, 90, 4, bc="grouped", groups=2, seed=fresh_seed())
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = selective_scan_fn(**leaves, delta_softplus=True, backend="cpu")
+            results.append([out] + list(torch.autograd.grad(out.sum(), list(leaves.values()))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_handles_extreme_decays_exactly():
+    """exp(ΔA) outside the fast polynomial's range (underflow to 0, overflow) still matches libm."""
+    inputs = make_inputs(1, 4, 20, 3, seed=fresh_seed())
+    inputs["A"] = inputs["A"] * 200  # Δ·A far below -87: decays underflow to exactly 0
+    out = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
+    ref = selective_scan_ref(**{k: (v.double() if v is not None else None) for k, v in inputs.items()}, delta_softplus=True)
+    assert rel_err(out, ref) < 1e-5
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _good():
+    return make_inputs(2, 4, 10, 3, bc="variable", seed=0)
+
+
+BAD_CASES = [
+    ("u rank", lambda k: k.update(u=k["u"][0]), ValueError, "u must have shape"),
+    ("delta shape", lambda k: k.update(delta=k["delta"][:, :, :5]), ValueError, "delta must have the same shape"),
+    ("batch mismatch", lambda k: k.update(B=k["B"][:1]), ValueError, "B given as variable"),
+    ("length mismatch", lambda k: k.update(C=k["C"][:, :, :9]), ValueError, "C given as variable"),
+    ("A shape", lambda k: k.update(A=k["A"][:3]), ValueError, "A must have shape"),
+    ("complex A", lambda k: k.update(A=k["A"].to(torch.complex64)), TypeError, "complex A is not supported"),
+    ("groups", lambda k: k.update(B=torch.randn(2, 3, 3, 10)), ValueError, "not divisible by the number of groups"),
+    ("B rank", lambda k: k.update(B=torch.randn(2, 1, 1, 3, 10)), ValueError, "B must be constant"),
+    ("D shape", lambda k: k.update(D=torch.randn(5)), ValueError, "D must have shape"),
+    ("z shape", lambda k: k.update(z=torch.randn(2, 4, 11)), ValueError, "z must have the same shape"),
+    ("delta_bias shape", lambda k: k.update(delta_bias=torch.randn(4, 1)), ValueError, "delta_bias must have shape"),
+    ("int dtype", lambda k: k.update(u=k["u"].long()), TypeError, "u must have dtype"),
+    ("devices", lambda k: k.update(D=k["D"].to("meta")), ValueError, "all tensors must be on one device"),
+    ("not a tensor", lambda k: k.update(u=[1.0]), TypeError, "u must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,message", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize("fn", [selective_scan_fn, selective_scan_ref])
+def test_bad_input(name, mutate, exc, message, fn):
+    kw = _good()
+    mutate(kw)
+    with pytest.raises(exc, match=message):
+        fn(**kw)
+
+
+@pytest.mark.parametrize(
+    "window,exc,message",
+    [(0, ValueError, "window must be >= 1"), (-3, ValueError, "window must be >= 1"), (2.5, TypeError, "window must be"),
+     ("big", ValueError, "window must be a positive int or 'auto'"), (True, TypeError, "window must be")],
+)
+def test_bad_window(window, exc, message):
+    with pytest.raises(exc, match=message):
+        selective_scan_fn(**_good(), window=window)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_scan_fn(**_good(), backend="cuda-magic")
+    with pytest.raises(ValueError, match="backend='cpu' is not available"):
+        kw = {k: (v.to("meta") if v is not None else None) for k, v in _good().items()}
+        selective_scan_fn(**kw, backend="cpu")
