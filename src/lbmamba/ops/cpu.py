@@ -32,6 +32,8 @@ Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for fl
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from numba import njit, prange, types
 from numba.extending import overload
 
-# Reassociation lets LLVM vectorise the sums over states; no 'nnan'/'ninf', which would break the
+# Reassociation lets LLVM vectorise the sums across lanes; no 'nnan'/'ninf', which would break the
 # handling of overflow in the exponential below.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 _JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True)
@@ -49,6 +51,11 @@ _JIT_EXACT = dict(fastmath={"contract", "nsz"}, cache=True, nogil=True)
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.428606765330187e-06
 _LOG2E = 1.4426950408889634
+
+
+# numba's default (workqueue) thread pool aborts the process when two Python threads enter parallel
+# regions at once, so calls from different threads take turns.
+_POOL_LOCK = threading.Lock()
 
 
 def is_available():
@@ -446,12 +453,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     u_c = _contiguous(u, ct)
     Bc, Bg, b_const = _bc_kernel_layout(B, ct)
     Cc, Cg, c_const = _bc_kernel_layout(C, ct)
-    _set_threads()
-    _forward_kernel(
-        u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(), _np(A.t(), ct),
-        Bc, Bg, b_const, Cc, Cg, c_const, int(window), chunk_length(window), _blocks(dim, Bg.shape[1], Cg.shape[1]),
-        _zero(ct), y.numpy(), last.numpy(), ckpt.numpy(),
-    )
+    dt = _step(delta, delta_bias, delta_softplus, ct)
+    with _POOL_LOCK:
+        _set_threads()
+        _forward_kernel(
+            u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window),
+            chunk_length(window), _blocks(dim, Bg.shape[1], Cg.shape[1]), _zero(ct), y.numpy(), last.numpy(),
+            ckpt.numpy(),
+        )
+    del dt
     if D is not None:
         y.addcmul_(_contiguous(D, ct)[:, None], u_c)
     if z is not None:
@@ -483,13 +493,15 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dB_part, dC_part = partial(b_const, Bg), partial(c_const, Cg)
     has_dlast = dlast_state is not None
     dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
-    _set_threads()
-    _backward_kernel(
-        dy.numpy(), dlast, has_dlast, u_c.numpy(), _step(delta, delta_bias, delta_softplus, ct).numpy(),
-        _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window), chunk_length(window), _np(checkpoints, ct),
-        blocks, _zero(ct), z is not None, y.numpy(), du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(),
-        dC_part.numpy(),
-    )
+    dt = _step(delta, delta_bias, delta_softplus, ct)
+    with _POOL_LOCK:
+        _set_threads()
+        _backward_kernel(
+            dy.numpy(), dlast, has_dlast, u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
+            int(window), chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), z is not None, y.numpy(),
+            du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+        )
+    del dt
     dz = u.new_empty((0,))
     dD = (dy * u_c).sum((0, 2))
     if D is not None:
