@@ -78,6 +78,11 @@ def selective_scan_ref(
     h_right = torch.stack(backward_states, dim=2)
 
     states = h_left + h_right - x  # x_t is counted once
+    return readout(states, h_left, u, C, D, z, return_last_state, shape, dtype)
+
+
+def readout(states, h_left, u, C, D, z, return_last_state, shape: ScanShape, dtype):
+    """Step 7 of the definition: y = C·h + D u, gated by silu(z); plus the last forward state."""
     y = (states * expand_bc(C, shape, dtype)).sum(-1)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)

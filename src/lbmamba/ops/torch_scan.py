@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_scan_args
-from .reference import discretize, expand_bc
+from .reference import discretize, readout
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -54,10 +54,4 @@ def selective_scan_torch(
         states = h_left
     else:
         states = h_left + windowed_reverse_scan(a, x, shape.window) - x
-    y = (states * expand_bc(C, shape, dtype)).sum(-1)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u.to(dtype)
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    out = y.to(u.dtype)
-    return (out, h_left[:, :, -1]) if return_last_state else out
+    return readout(states, h_left, u, C, D, z, return_last_state, shape, dtype)

@@ -8,7 +8,8 @@ Design (one program per (block of BLOCK_D channels, batch element); grid (dim / 
 * The sequence is cut into chunks of `chunk_len` positions, held as (T, BLOCK_N, BLOCK_D) register
   tiles (T = CHUNK_LEN, a power of two; BLOCK_N = N padded to a power of two, masked). u, delta, z
   and B, C are loaded once per chunk as (T, BLOCK_D) / (T, BLOCK_N) tiles, contiguous along the
-  sequence, and every per-position step is fused in registers; no (batch, dim, L, N) tensor exists.
+  sequence (the forward loads chunk k + 1 while it computes chunk k), and every per-position step
+  is fused in registers; no (batch, dim, L, N) tensor exists.
 * The threads of a program cover its (state, channel) pairs and each holds the whole chunk of its
   pairs, so the recurrences are unrolled sequential loops in registers: h^L (carried from chunk to
   chunk) and the window-local h^R, a reverse recurrence with decay a' = a except 0 at the last
@@ -17,10 +18,11 @@ Design (one program per (block of BLOCK_D channels, batch element); grid (dim / 
   chunks and h^R needs nothing from the next chunk. Longer windows straddle chunks; they stay exact
   through an extra pass that computes the h^R entering each chunk from the right (forward) and the
   dh^R entering each chunk from the left (backward).
-* The forward saves h^L at the start of every chunk (the checkpoints, (batch, dim, n_chunks, N));
-  the backward walks the chunks right to left, recomputes a, x, h^L, h^R of a chunk from its
-  checkpoint, and runs the adjoint recurrences: dh^L right to left, carried across chunks, and dh^R
-  left to right, restarted at each window start.
+* The forward saves h^L at the start of every CHECKPOINT_EVERY-th chunk (the checkpoints,
+  (batch, dim, num_checkpoints, N)). The backward walks the chunks right to left, one run of
+  CHECKPOINT_EVERY chunks at a time: it recomputes the run's chunk-start states from its
+  checkpoint, then per chunk a, x, h^L, h^R, and runs the adjoint recurrences: dh^L right to left,
+  carried across chunks, and dh^R left to right, restarted at each window start.
 * Gradients of the per-channel parameters (A, D, delta_bias, constant B/C) are summed over the
   chunks in registers and written per batch element, then summed over the batch with torch
   (deterministic). Gradients of grouped B/C are summed over the program's channels in registers and
@@ -36,8 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-#: Positions per register tile (a power of two). Tests lower it to cross chunks on short sequences.
+#: Positions per register tile (a power of two). Windows up to this size never straddle chunks, and
+#: the checkpoints cost N / CHUNK_LEN floats per (batch, channel, position). Tests lower it so that
+#: short sequences cross chunks.
 CHUNK_LEN = 16
+#: Chunks per checkpoint (a power of two): the forward saves h^L at the start of every K-th chunk,
+#: N / (K * CHUNK_LEN) floats per (batch, channel, position), and the backward recomputes the
+#: chunk-start states of each run of K chunks before walking it (an extra forward pass over
+#: (K - 1) / K of the chunks, about 15% of the backward's instructions at K = 8). K = 1 saves a
+#: state per chunk and recomputes nothing.
+CHECKPOINT_EVERY = 8
 #: Warps per program, and (channel, state) pairs per thread in the forward and the backward kernels:
 #: BLOCK_D * BLOCK_N = 32 * NUM_WARPS * pairs, so that the (state, channel) axes fill the threads and
 #: every thread holds the whole sequence axis of its pairs. The backward keeps more tiles alive, so
@@ -97,7 +107,7 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _program(dim, L, N, n_chunks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _program(dim, L, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Indices of this program's channels d (BLOCK_D) and states n (BLOCK_N), and its offsets."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: batch * dim * L may exceed 2**31
@@ -106,9 +116,14 @@ def _program(dim, L, N, n_chunks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     dmask = d < dim
     nd_mask = (n < N)[:, None] & dmask[None, :]
     nd_offs = d[None, :] * N + n[:, None]  # into (dim, N) parameters; (BLOCK_N, BLOCK_D)
-    ck_offs = (b * dim + d[None, :]) * n_chunks * N + n[:, None]  # checkpoint k: + k * N
     row = (b * dim + d) * L  # each channel's sequence in u, delta, z, out
-    return pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row
+    return pid_d, b, d, n, dmask, nd_mask, nd_offs, row
+
+
+@triton.jit
+def _state_offs(b, dim, d, n, N, count):
+    """Offsets of entry 0 of this program's states in a (batch, dim, count, N) array (entry i: + i * N)."""
+    return (b * dim + d[None, :]) * count * N + n[:, None]
 
 
 @triton.jit
@@ -215,12 +230,14 @@ def _right_decay(a, j, t, WINDOW: tl.constexpr, STRADDLE: tl.constexpr):
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, ckpt_ptr, rcarry_ptr,
-    dim, L, N, n_chunks, b_groups, c_groups,
+    dim, L, N, n_chunks, n_ckpt, b_groups, c_groups,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    CKPT_EVERY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
-    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, row = _program(dim, L, N, BLOCK_D, BLOCK_N)
+    ckpt_offs = _state_offs(b, dim, d, n, N, n_ckpt)
+    carry_offs = _state_offs(b, dim, d, n, N, n_chunks)
     j = tl.arange(0, T)
     A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
@@ -242,7 +259,8 @@ def _fwd_kernel(
             u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k + 1, j, row, n, dmask, N, L,
             CHUNK, HAS_Z, not B_CONST, not C_CONST,
         )  # fmt: skip
-        tl.store(ckpt_ptr + ck_offs + k * N, h, mask=nd_mask)
+        ckpt_mask = nd_mask & (k % CKPT_EVERY == 0)
+        tl.store(ckpt_ptr + ckpt_offs + (k // CKPT_EVERY) * N, h, mask=ckpt_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
         dt, _ = _delta(delta, bias, m2, SOFTPLUS)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
@@ -251,7 +269,7 @@ def _fwd_kernel(
         if WINDOW > 1:
             hr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             if STRADDLE:  # the part of the window beyond this chunk, from the right-carry pass
-                hr_in = tl.load(rcarry_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
+                hr_in = tl.load(rcarry_ptr + carry_offs + k * N, mask=nd_mask, other=0.0)
             hr, _ = _recurrence(_right_decay(a, j, t, WINDOW, STRADDLE), x, hr_in, j, T, True, False)
             hs += hr - x  # h = h^L + h^R - x
 
@@ -270,17 +288,18 @@ def _fwd_right_carry_kernel(
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
     """Windows longer than a chunk: h^R entering each chunk from the right, a right-to-left pass."""
-    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, row = _program(dim, L, N, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
     A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Bc = _load_const(B_ptr, nd_offs, nd_mask, B_CONST)
     b_base = _group_base(pid_d, b, dim, N, L, b_groups, BLOCK_D)
+    carry_offs = _state_offs(b, dim, d, n, N, n_chunks)
 
     carry = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for kk in range(n_chunks):
         k = n_chunks - 1 - kk
-        tl.store(rcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
+        tl.store(rcarry_ptr + carry_offs + k * N, carry, mask=nd_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
         u, delta, _, Bv, _ = _load_chunk(
             u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, b_base, b_base, k, j, row, n, dmask, N, L,
@@ -289,7 +308,8 @@ def _fwd_right_carry_kernel(
         dt, _ = _delta(delta, bias, m2, SOFTPLUS)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         x = (dt * u)[:, None, :] * _bc_tile(Bv, Bc, B_CONST)
-        _, carry = _recurrence(_right_decay(a, j, t, WINDOW, True), x, carry, j, T, True, False)  # h^R at the chunk start
+        # h^R at the chunk's first position: what enters the previous chunk.
+        _, carry = _recurrence(_right_decay(a, j, t, WINDOW, True), x, carry, j, T, True, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,15 +321,19 @@ def _fwd_right_carry_kernel(
 def _bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, lcarry_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    dim, L, N, n_chunks, b_groups, c_groups,
+    dim, L, N, n_chunks, n_ckpt, b_groups, c_groups,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    CKPT_EVERY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
-    """Chunks right to left. dA, dD, ddelta_bias and constant dB/dC are written per batch element
-    ((batch, dim, N) / (batch, dim)); grouped dB/dC are atomically added to (batch, G, N, L)."""
-    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    """Chunks right to left, in runs of CKPT_EVERY chunks that share a checkpoint. dA, dD,
+    ddelta_bias and constant dB/dC are written per batch element ((batch, dim, N) / (batch, dim));
+    grouped dB/dC are atomically added to (batch, G, N, L)."""
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, row = _program(dim, L, N, BLOCK_D, BLOCK_N)
+    ckpt_offs = _state_offs(b, dim, d, n, N, n_ckpt)
+    carry_offs = _state_offs(b, dim, d, n, N, n_chunks)
     j = tl.arange(0, T)
+    run_idx = tl.arange(0, CKPT_EVERY)
     A = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0)
     A2 = A * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
@@ -326,81 +350,101 @@ def _bwd_kernel(
     dC_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
-    for kk in range(n_chunks):
-        k = n_chunks - 1 - kk
-        t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
-        u, delta, zv, Bv, Cv = _load_chunk(
-            u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k, j, row, n, dmask, N, L,
-            CHUNK, HAS_Z, not B_CONST, not C_CONST,
-        )  # fmt: skip
-        g = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    for rr in range(n_ckpt):
+        run = n_ckpt - 1 - rr
+        first = run * CKPT_EVERY
+        count = tl.minimum(n_chunks - first, CKPT_EVERY)
+        # h^L at the start of each chunk of the run: the checkpoint, then a forward over the run.
+        h = tl.load(ckpt_ptr + ckpt_offs + run * N, mask=nd_mask, other=0.0)
+        starts = tl.broadcast_to(h[None, :, :], (CKPT_EVERY, BLOCK_N, BLOCK_D))
+        for c in range(1, count):
+            t, valid, m2, offs = _chunk(first + c - 1, j, row, dmask, L, CHUNK)
+            u, delta, _, Bv, _ = _load_chunk(
+                u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, b_base, b_base, first + c - 1, j, row, n, dmask, N, L,
+                CHUNK, False, not B_CONST, False,
+            )  # fmt: skip
+            dt, _ = _delta(delta, bias, m2, SOFTPLUS)
+            x = (dt * u)[:, None, :] * _bc_tile(Bv, Bc, B_CONST)
+            _, h = _recurrence(tl.exp2(dt[:, None, :] * A2[None, :, :]), x, h, j, T, False, False)
+            starts = tl.where((run_idx == c)[:, None, None], h[None, :, :], starts)
 
-        # Recompute the chunk's forward: a, x, h^L from the checkpoint, h^R, and y.
-        Bt = _bc_tile(Bv, Bc, B_CONST)
-        Ct = _bc_tile(Cv, Cc, C_CONST)
-        dt, ddt_ddelta = _delta(delta, bias, m2, SOFTPLUS)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        x = (dt * u)[:, None, :] * Bt
-        h0 = tl.load(ckpt_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
-        hl, _ = _recurrence(a, x, h0, j, T, False, False)
-        if WINDOW > 1:
-            a_right = _right_decay(a, j, t, WINDOW, STRADDLE)
-            # Without straddling, a' = 0 at the chunk's end stops hr_next from entering.
-            hr, hr_next = _recurrence(a_right, x, hr_next, j, T, True, False)
-            hs = hl + hr - x
-        else:
-            hs = hl
+        for cc in range(count):
+            c = count - 1 - cc
+            k = first + c
+            t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
+            u, delta, zv, Bv, Cv = _load_chunk(
+                u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, k, j, row, n, dmask, N, L,
+                CHUNK, HAS_Z, not B_CONST, not C_CONST,
+            )  # fmt: skip
+            g = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
 
-        if HAS_Z:
-            sz = _sigmoid(zv)
-            y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
-            dz = g * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
-            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-            dy = g * zv * sz
-        else:
-            dy = g
-        dh = dy[:, None, :] * Ct
+            # Recompute the chunk's forward: a, x, h^L from the chunk's start state, h^R, and y.
+            Bt = _bc_tile(Bv, Bc, B_CONST)
+            Ct = _bc_tile(Cv, Cc, C_CONST)
+            dt, ddt_ddelta = _delta(delta, bias, m2, SOFTPLUS)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+            x = (dt * u)[:, None, :] * Bt
+            h0 = tl.sum(tl.where((run_idx == c)[:, None, None], starts, 0.0), axis=0)  # h^L before the chunk
+            hl, _ = _recurrence(a, x, h0, j, T, False, False)
+            if WINDOW > 1:
+                a_right = _right_decay(a, j, t, WINDOW, STRADDLE)
+                # Without straddling, a' = 0 at the chunk's end stops hr_next from entering.
+                hr, hr_next = _recurrence(a_right, x, hr_next, j, T, True, False)
+                hs = hl + hr - x
+            else:
+                hs = hl
 
-        # dh^L_t = dh_t + a_{t+1} dh^L_{t+1}, right to left; `dhl` enters already multiplied by the
-        # next chunk's first decay (dlast_state enters the last chunk as it is).
-        dhl_t, dhl = _recurrence(a, dh, dhl, j, T, True, True)
-        # da_t a_t = dh^L_t a_t h^L_{t-1} + dh^R_t a_t h^R_{t+1}, where a h^L_{t-1} = h^L_t - x_t.
-        da_a = dhl_t * (hl - x)
-        if WINDOW > 1:
-            # dh^R_t = dh_t + a'_{t-1} dh^R_{t-1}, left to right; a' = 0 at window ends restarts it.
-            dhr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            if STRADDLE:  # what enters from the previous chunk, from the left-carry pass
-                dhr_in = tl.load(lcarry_ptr + ck_offs + k * N, mask=nd_mask, other=0.0)
-            dhr_t, _ = _recurrence(a_right, dh, dhr_in, j, T, False, True)
-            dx = dhl_t + dhr_t - dh
-            da_a += dhr_t * (hr - x)  # zero at window ends, where h^R = x
-        else:
-            dx = dhl_t
+            if HAS_Z:
+                sz = _sigmoid(zv)
+                y = tl.sum(hs * Ct, axis=1) + Dv[None, :] * u
+                dz = g * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
+                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                dy = g * zv * sz
+            else:
+                dy = g
+            dh = dy[:, None, :] * Ct
 
-        # Chain rule through a = exp(ΔA), x = Δ B u, y = C·h + D u, Δ = softplus(delta + bias).
-        dx_b = tl.sum(dx * Bt, axis=1)
-        ddelta = (tl.sum(da_a * A[None, :, :], axis=1) + dx_b * u) * ddt_ddelta
-        ddelta = tl.where(m2, ddelta, 0.0)  # padding rows carry state, not gradient
-        du = dx_b * dt + dy * Dv[None, :]
-        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m2)
-        if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=0)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddelta, axis=0)
-        dA_acc += tl.sum(da_a * dt[:, None, :], axis=0)
-        dB_t = dx * (dt * u)[:, None, :]
-        dC_t = dy[:, None, :] * hs
-        bc_offs = n[None, :] * L + t[:, None]
-        bc_mask = valid[:, None] & (n < N)[None, :]
-        if B_CONST:
-            dB_acc += tl.sum(dB_t, axis=0)
-        else:
-            tl.atomic_add(dB_ptr + b_base + bc_offs, tl.sum(dB_t, axis=2), mask=bc_mask)
-        if C_CONST:
-            dC_acc += tl.sum(dC_t, axis=0)
-        else:
-            tl.atomic_add(dC_ptr + c_base + bc_offs, tl.sum(dC_t, axis=2), mask=bc_mask)
+            # dh^L_t = dh_t + a_{t+1} dh^L_{t+1}, right to left; `dhl` enters already multiplied by the
+            # next chunk's first decay (dlast_state enters the last chunk as it is).
+            dhl_t, dhl = _recurrence(a, dh, dhl, j, T, True, True)
+            # da_t a_t = dh^L_t a_t h^L_{t-1} + dh^R_t a_t h^R_{t+1}, where a h^L_{t-1} = h^L_t - x_t.
+            da_a = dhl_t * (hl - x)
+            if WINDOW > 1:
+                # dh^R_t = dh_t + a'_{t-1} dh^R_{t-1}, left to right; a' = 0 at window ends restarts it.
+                dhr_in = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                if STRADDLE:  # what enters from the previous chunk, from the left-carry pass
+                    dhr_in = tl.load(lcarry_ptr + carry_offs + k * N, mask=nd_mask, other=0.0)
+                dhr_t, _ = _recurrence(a_right, dh, dhr_in, j, T, False, True)
+                dx = dhl_t + dhr_t - dh
+                da_a += dhr_t * (hr - x)  # zero at window ends, where h^R = x
+            else:
+                dx = dhl_t
+
+            # Chain rule through a = exp(ΔA), x = Δ B u, y = C·h + D u, Δ = softplus(delta + bias).
+            dx_b = tl.sum(dx * Bt, axis=1)
+            ddelta = (tl.sum(da_a * A[None, :, :], axis=1) + dx_b * u) * ddt_ddelta
+            ddelta = tl.where(m2, ddelta, 0.0)  # padding rows carry state, not gradient
+            du = dx_b * dt + dy * Dv[None, :]
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m2)
+            if HAS_D:
+                dD_acc += tl.sum(dy * u, axis=0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddelta, axis=0)
+            dA_acc += tl.sum(da_a * dt[:, None, :], axis=0)
+            dB_t = dx * (dt * u)[:, None, :]
+            dC_t = dy[:, None, :] * hs
+            bc_offs = n[None, :] * L + t[:, None]
+            bc_mask = valid[:, None] & (n < N)[None, :]
+            # Grouped dB / dC: only sums, so relaxed atomics (fire-and-forget reductions) suffice.
+            if B_CONST:
+                dB_acc += tl.sum(dB_t, axis=0)
+            else:
+                tl.atomic_add(dB_ptr + b_base + bc_offs, tl.sum(dB_t, axis=2), mask=bc_mask, sem="relaxed")
+            if C_CONST:
+                dC_acc += tl.sum(dC_t, axis=0)
+            else:
+                tl.atomic_add(dC_ptr + c_base + bc_offs, tl.sum(dC_t, axis=2), mask=bc_mask, sem="relaxed")
 
     state_offs = b * dim * N + nd_offs
     tl.store(dA_ptr + state_offs, dA_acc, mask=nd_mask)
@@ -422,16 +466,17 @@ def _bwd_left_carry_kernel(
     WINDOW: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
     """Windows longer than a chunk: a' dh^R entering each chunk from the left, a left-to-right pass."""
-    pid_d, b, d, n, dmask, nd_mask, nd_offs, ck_offs, row = _program(dim, L, N, n_chunks, BLOCK_D, BLOCK_N)
+    pid_d, b, d, n, dmask, nd_mask, nd_offs, row = _program(dim, L, N, BLOCK_D, BLOCK_N)
     j = tl.arange(0, T)
     A2 = tl.load(A_ptr + nd_offs, mask=nd_mask, other=0.0) * _LOG2E
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
     Cc = _load_const(C_ptr, nd_offs, nd_mask, C_CONST)
     c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
+    carry_offs = _state_offs(b, dim, d, n, N, n_chunks)
 
     carry = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for k in range(n_chunks):
-        tl.store(lcarry_ptr + ck_offs + k * N, carry, mask=nd_mask)
+        tl.store(lcarry_ptr + carry_offs + k * N, carry, mask=nd_mask)
         t, valid, m2, offs = _chunk(k, j, row, dmask, L, CHUNK)
         # dout takes u's place in the loader: only its tile, delta, z and C are needed here.
         g, delta, zv, _, Cv = _load_chunk(
@@ -476,8 +521,9 @@ def _chunking(seqlen: int, window: int):
 
 
 def num_checkpoints(seqlen: int, window: int) -> int:
+    """One checkpoint (h^L at a chunk's start) per CHECKPOINT_EVERY chunks."""
     chunk_len, _ = _chunking(seqlen, window)
-    return triton.cdiv(seqlen, chunk_len)
+    return triton.cdiv(triton.cdiv(seqlen, chunk_len), CHECKPOINT_EVERY)
 
 
 def _new(shape, dtype, device):
@@ -499,6 +545,7 @@ class _Launch:
         self.window = min(window, self.seqlen)
         self.chunk_len, self.straddle = _chunking(self.seqlen, window)
         self.n_chunks = triton.cdiv(self.seqlen, self.chunk_len)
+        self.n_ckpt = num_checkpoints(self.seqlen, window)
         self.b_const, self.c_const = B.dim() == 2, C.dim() == 2
         self.b_groups = 1 if self.b_const else B.shape[1]
         self.c_groups = 1 if self.c_const else C.shape[1]
@@ -525,7 +572,7 @@ class _Launch:
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
-    """Contiguous inputs; parameters (and constant B/C) in fp32; placeholders for missing tensors."""
+    """Contiguous inputs, with the parameters (and constant B/C) in fp32."""
     u, delta = u.contiguous(), delta.contiguous()
     A = A.float().contiguous()
     B = B.float().contiguous() if B.dim() == 2 else B.contiguous()
@@ -551,21 +598,21 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     dev = u.device
     out = _new(u.shape, u.dtype, dev)
     last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
-    checkpoints = _new((cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate), torch.float32, dev)
+    checkpoints = _new((cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate), torch.float32, dev)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), B_CONST=cfg.b_const)
     with _device_guard(dev):
         rcarry = None
         if cfg.straddle:
-            rcarry = _new(checkpoints.shape, torch.float32, dev)
+            rcarry = _new((cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate), torch.float32, dev)
             _fwd_right_carry_kernel[cfg.grid](
                 u, delta, A, B, _or(delta_bias, A), rcarry, *cfg.sizes(), cfg.b_groups, **flags, **cfg.blocks()
             )
         _fwd_kernel[cfg.grid](
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
             out, last_state, checkpoints, _or(rcarry, checkpoints),
-            *cfg.sizes(), cfg.b_groups, cfg.c_groups,
+            *cfg.sizes(), cfg.n_ckpt, cfg.b_groups, cfg.c_groups,
             HAS_D=D is not None, HAS_Z=z is not None, C_CONST=cfg.c_const,
-            STRADDLE=cfg.straddle, **flags, **cfg.blocks(),
+            STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY, **flags, **cfg.blocks(),
         )  # fmt: skip
     return out, last_state, checkpoints
 
@@ -575,9 +622,9 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = _Launch(u, A, B, C, window, BWD_PAIRS_PER_THREAD)
-    if tuple(checkpoints.shape) != (cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate):
+    if tuple(checkpoints.shape) != (cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate):
         raise ValueError(
-            f"checkpoints must have shape {(cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate)} "
+            f"checkpoints must have shape {(cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate)} "
             f"(from this backend's forward with the same window), got {tuple(checkpoints.shape)}"
         )
     dev = u.device
@@ -597,11 +644,13 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dC = _new(per_batch, torch.float32, dev) if cfg.c_const else torch.zeros(C.shape, dtype=torch.float32, device=dev)
     dD = _new((cfg.batch, cfg.dim), torch.float32, dev) if D is not None else None
     dbias = _new((cfg.batch, cfg.dim), torch.float32, dev) if delta_bias is not None else None
-    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), C_CONST=cfg.c_const)
+    flags = dict(
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), C_CONST=cfg.c_const
+    )
     with _device_guard(dev):
         lcarry = None
         if cfg.straddle:
-            lcarry = _new(checkpoints.shape, torch.float32, dev)
+            lcarry = _new((cfg.batch, cfg.dim, cfg.n_chunks, cfg.dstate), torch.float32, dev)
             _bwd_left_carry_kernel[cfg.grid](
                 dout, delta, A, C, _or(z, u), _or(delta_bias, A), lcarry, *cfg.sizes(), cfg.c_groups,
                 **flags, **cfg.blocks(),
@@ -610,8 +659,8 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
             dout, dlast_state, u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
             checkpoints, _or(lcarry, checkpoints),
             du, ddelta, dz, dB, dC, dA, _or(dD, dA), _or(dbias, dA),
-            *cfg.sizes(), cfg.b_groups, cfg.c_groups,
-            HAS_D=D is not None, B_CONST=cfg.b_const, STRADDLE=cfg.straddle,
+            *cfg.sizes(), cfg.n_ckpt, cfg.b_groups, cfg.c_groups,
+            HAS_D=D is not None, B_CONST=cfg.b_const, STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY,
             **flags, **cfg.blocks(),
         )  # fmt: skip
 
