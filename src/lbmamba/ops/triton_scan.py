@@ -526,6 +526,10 @@ def num_checkpoints(seqlen: int, window: int) -> int:
     return triton.cdiv(triton.cdiv(seqlen, chunk_len), CHECKPOINT_EVERY)
 
 
+def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int) -> tuple:
+    return (batch, dim, num_checkpoints(seqlen, window), dstate)
+
+
 def _new(shape, dtype, device):
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -598,7 +602,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     dev = u.device
     out = _new(u.shape, u.dtype, dev)
     last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
-    checkpoints = _new((cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate), torch.float32, dev)
+    checkpoints = _new(checkpoint_shape(cfg.batch, cfg.dim, cfg.seqlen, cfg.dstate, window), torch.float32, dev)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), B_CONST=cfg.b_const)
     with _device_guard(dev):
         rcarry = None

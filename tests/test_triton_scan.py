@@ -1,0 +1,352 @@
+"""The Triton backend (issue 3).
+
+* Its kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess because the
+  variable must be set before the kernels are decorated), through the public
+  `selective_scan_fn(..., backend="triton")` and so through the custom op, against the float64
+  sequential reference: outputs, last state and every gradient, outputs allocated full of NaN.
+* Their compilation for an sm_90 GPU (no GPU needed), which catches what the interpreter accepts but
+  the compiler does not.
+* The interface functions, and the dry run of benchmarks/gpu_check.py.
+
+Seeds are fresh each run; a failure prints the seed, and LBMAMBA_TEST_SEED=<seed> replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def _case(case_id, batch, dim, seqlen, dstate, window, B="variable", C="variable", groups=(2, 2), D=True, z=True,
+          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None):  # fmt: skip
+    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default)."""
+    return dict(id=case_id, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, window=window, B=B, C=C,
+                groups=groups, D=D, z=z, bias=bias, softplus=softplus, dtype=dtype, loss=loss, chunk=chunk,
+                ckpt_every=ckpt_every)  # fmt: skip
+
+
+# Lengths that are not multiples of the window, several windows per chunk and several chunks per
+# sequence (chunk = CHUNK_LEN, lowered to keep the interpreter fast), a checkpoint per chunk, per
+# run of chunks and per partial run, every B/C form, with and without each optional input, windows
+# that straddle chunks, and the half-precision dtypes.
+CASES = [
+    _case("lb-variable-w3", 2, 4, 37, 4, 3),
+    _case("lb-variable-w3-checkpoint-every-chunk", 2, 4, 37, 4, 3, ckpt_every=1),
+    _case("lb-constant-auto-checkpoint-every-2", 2, 4, 37, 4, "auto", B="constant", C="constant", ckpt_every=2),
+    _case("vanilla-w1-grouped", 2, 4, 37, 4, 1, B="grouped", D=False, z=False, bias=False, softplus=False),
+    _case("straddle-w11", 2, 4, 37, 4, 11, C="grouped", z=False),
+    _case("straddle-w11-checkpoint-every-4", 1, 4, 37, 4, 11, B="grouped", ckpt_every=4),
+    _case("window-past-end-last-state-only", 1, 3, 21, 5, 100, B="constant", C="grouped", groups=(1, 3), D=False,
+          bias=False, loss="last"),  # fmt: skip
+    _case("auto-w8-output-only", 1, 2, 150, 2, "auto", loss="out"),
+    _case("n64", 1, 2, 19, 64, 4, C="constant", z=False),
+    _case("odd-dim-n3", 2, 5, 23, 3, 2, B="constant", bias=False),
+    _case("grouped-g4-g2", 1, 8, 17, 4, 3, B="grouped", C="grouped", groups=(4, 2)),
+    _case("length-1", 2, 3, 1, 4, "auto"),
+    _case("length-below-window", 1, 2, 3, 4, 4),
+    _case("exact-chunks", 1, 2, 16, 4, 8),
+    _case("default-chunk", 1, 2, 40, 4, "auto", chunk=None),
+    _case("bf16", 2, 4, 29, 4, "auto", dtype="bfloat16"),
+    _case("bf16-w1-grouped", 1, 4, 21, 4, 1, B="grouped", C="constant", dtype="bfloat16"),
+    _case("fp16-w5", 1, 4, 29, 8, 5, B="grouped", C="constant", dtype="float16"),
+]
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+# ----------------------------------------------------------------------------------------------
+# The interpreter subprocess (this file run as a script)
+# ----------------------------------------------------------------------------------------------
+
+
+def _inputs(case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case["dtype"])
+    batch, dim, seqlen, dstate = case["batch"], case["dim"], case["seqlen"], case["dstate"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def bc(form, groups):
+        if form == "constant":
+            return randn(dim, dstate)
+        if form == "variable":
+            return randn(batch, dstate, seqlen).to(dtype)
+        return randn(batch, groups, dstate, seqlen).to(dtype)
+
+    delta = 0.5 * randn(batch, dim, seqlen)
+    return dict(
+        u=randn(batch, dim, seqlen).to(dtype),
+        delta=(delta if case["softplus"] else delta.abs()).to(dtype),
+        A=-torch.exp(0.5 * randn(dim, dstate)),
+        B=bc(case["B"], case["groups"][0]),
+        C=bc(case["C"], case["groups"][1]),
+        D=randn(dim) if case["D"] else None,
+        z=randn(batch, dim, seqlen).to(dtype) if case["z"] else None,
+        delta_bias=0.3 * randn(dim) if case["bias"] else None,
+    )
+
+
+def _vanilla_mamba(inputs, softplus):
+    """Mamba-1's selective scan (h_t = a_t h_{t-1} + x_t, y_t = C_t h_t + D u_t, gated), float64."""
+    from lbmamba.ops._checks import check_scan_args
+    from lbmamba.ops.reference import discretize, expand_bc
+
+    u, delta, A, B, C, D, z, bias = (None if inputs[k] is None else inputs[k].double() for k in ORDER)
+    shape = check_scan_args(u, delta, A, B, C, D, z, bias, 1)
+    a, x = discretize(u, delta, A, B, bias, softplus, shape, torch.float64)
+    C_t = expand_bc(C, shape, torch.float64).expand_as(x)
+    h, ys = torch.zeros_like(x[:, :, 0]), []
+    for t in range(shape.seqlen):
+        h = a[:, :, t] * h + x[:, :, t]
+        ys.append((h * C_t[:, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    return y * torch.nn.functional.silu(z) if z is not None else y
+
+
+def _run_case(case, seed, defaults):
+    from lbmamba.ops import selective_scan_fn, selective_scan_ref, triton_scan
+
+    triton_scan.CHUNK_LEN = case["chunk"] or defaults["chunk"]
+    triton_scan.CHECKPOINT_EVERY = case["ckpt_every"] or defaults["ckpt_every"]
+    inputs = _inputs(case, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # Output gradients exactly representable in u's dtype, so that both sides receive the same.
+    g_out = torch.randn(inputs["u"].shape, generator=gen).to(inputs["u"].dtype).double()
+    g_last = torch.randn(case["batch"], case["dim"], case["dstate"], generator=gen).double()
+    weights = {"both": (1.0, 1.0), "out": (1.0, 0.0), "last": (0.0, 1.0)}[case["loss"]]
+
+    def run(scan, cast, **kwargs):
+        leaves = {k: None if v is None else cast(v).detach().requires_grad_(True) for k, v in inputs.items()}
+        out, last = scan(*(leaves[k] for k in ORDER), delta_softplus=case["softplus"], return_last_state=True,
+                         window=case["window"], **kwargs)  # fmt: skip
+        loss = weights[0] * (out.double() * g_out).sum() + weights[1] * (last.double() * g_last).sum()
+        loss.backward()
+        grads = {"d" + k: leaves[k].grad for k in ORDER if leaves[k] is not None}
+        return {"out": out, "last_state": last, **grads}
+
+    triton_scan.POISON_OUTPUTS = True  # an element the kernels do not write stays NaN
+    got = run(selective_scan_fn, lambda t: t, backend="triton")
+    expected = run(selective_scan_ref, lambda t: t.double())
+    errors = {}
+    for name, value in got.items():
+        ref = expected[name].double()
+        errors[name] = ((value.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    if case["window"] == 1:  # window 1 is exactly the vanilla Mamba scan
+        vanilla = _vanilla_mamba(inputs, case["softplus"])
+        errors["out vs vanilla Mamba"] = ((got["out"].double() - vanilla).norm() / vanilla.norm()).item()
+    leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in ORDER if inputs[k] is not None}
+    problems = [
+        f"{name} has dtype {got[name].dtype} (input {leaf_dtypes[name]})"
+        for name in leaf_dtypes
+        if str(got[name].dtype) != leaf_dtypes[name]
+    ]
+    problems += [f"{name} has non-finite values" for name, value in got.items() if not torch.isfinite(value).all()]
+    return dict(errors=errors, problems=problems)
+
+
+def _interpreter_main(base_seed):
+    from lbmamba.ops import triton_scan
+
+    defaults = dict(chunk=triton_scan.CHUNK_LEN, ckpt_every=triton_scan.CHECKPOINT_EVERY)
+    results = {}
+    for case in CASES:
+        seed = _case_seed(base_seed, case["id"])
+        try:
+            results[case["id"]] = dict(seed=seed, **_run_case(case, seed, defaults))
+        except Exception as exc:  # reported by the case's test, with the others still run
+            import traceback
+
+            results[case["id"]] = dict(seed=seed, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    print(json.dumps(results))
+
+
+def _case_seed(base_seed, case_id):
+    return (base_seed + zlib.crc32(case_id.encode())) % 2**31
+
+
+def _subprocess_env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    base_seed = int(os.environ.get("LBMAMBA_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpreter-cases", str(base_seed)],
+        env=_subprocess_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"the interpreter subprocess failed (LBMAMBA_TEST_SEED={base_seed}):\n{proc.stderr[-6000:]}")
+    return base_seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_interpreted_kernels_match_float64_reference(interpreter_results, case):
+    base_seed, results = interpreter_results
+    res = results[case["id"]]
+    replay = f"seed {res['seed']}; replay with LBMAMBA_TEST_SEED={base_seed}"
+    assert "error" not in res, f"{replay}\n{res.get('error')}"
+    assert not res["problems"], f"{replay}: {res['problems']}"
+    tol = TOLERANCE[case["dtype"]]
+    given = {"D": case["D"], "z": case["z"], "delta_bias": case["bias"]}
+    expected = {"out", "last_state"} | {"d" + k for k in ORDER if given.get(k, True)}
+    if case["window"] == 1:
+        expected.add("out vs vanilla Mamba")
+    assert set(res["errors"]) == expected
+    bad = {k: v for k, v in res["errors"].items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad} ({replay})"
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report["environment"]["dry_run"] is True
+    assert report["checks_ok"] is True, json.dumps(report["checks"], indent=1)[-3000:]
+    assert report["timings"] and report["targets"]
+    assert all(set(row["ms"]) >= {"triton_lb", "triton_w1", "triton_bi"} for row in report["timings"])
+
+
+# Interface ------------------------------------------------------------------------------------
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def test_supports_and_is_available():
+    from lbmamba.ops import triton_scan
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert triton_scan.supports(torch.device("cuda"), dtype)
+        assert triton_scan.supports(torch.device("cpu"), dtype) == _INTERPRETING
+    assert not triton_scan.supports(torch.device("cuda"), torch.float64)
+    assert not triton_scan.supports(torch.device("cpu"), torch.float64)
+    reason = triton_scan.is_available()
+    if _INTERPRETING or torch.cuda.is_available():
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and "TRITON_INTERPRET" in reason
+
+
+def test_explicit_triton_backend_refuses_float64():
+    from lbmamba.ops import selective_scan_fn
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    u = torch.randn(1, 2, 5, dtype=torch.float64, device=device)
+    A = -torch.ones(2, 3, dtype=torch.float64, device=device)
+    B = torch.randn(1, 3, 5, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="triton"):
+        selective_scan_fn(u, u.abs(), A, B, B, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "seqlen, window, chunk_len",
+    [(196, 8, 16), (1024, 16, 16), (37, 3, 15), (37, 1, 16), (100, 40, 16), (5, 100, 15), (40, 20, 16)],
+)
+@pytest.mark.parametrize("every", [1, 8])
+def test_chunks_hold_whole_windows_and_one_checkpoint_per_run(seqlen, window, chunk_len, every, monkeypatch):
+    from lbmamba.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "CHUNK_LEN", 16)
+    monkeypatch.setattr(triton_scan, "CHECKPOINT_EVERY", every)
+    assert triton_scan._chunking(seqlen, window)[0] == chunk_len
+    n_chunks = -(-seqlen // chunk_len)
+    assert triton_scan.num_checkpoints(seqlen, window) == -(-n_chunks // every)
+
+
+# Compilation for the GPU ----------------------------------------------------------------------
+
+_ACTIVATIONS = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+_COMPILE_VARIANTS = [
+    # (kernel, dtype, pairs per thread, N, constexprs)
+    ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+    ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+    ("_fwd_kernel", "fp32", 2, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
+                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+    ("_bwd_kernel", "fp32", 1, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
+                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+    ("_fwd_right_carry_kernel", "fp32", 2, 4, dict(HAS_BIAS=True, SOFTPLUS=True, B_CONST=False, WINDOW=24)),
+    ("_bwd_left_carry_kernel", "fp32", 1, 4, dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, C_CONST=True, WINDOW=24)),
+]
+
+
+@pytest.mark.skipif(_INTERPRETING, reason="under TRITON_INTERPRET=1 the kernels are interpreted, not compiled")
+@pytest.mark.parametrize(
+    "kernel, dtype, pairs, dstate, constexprs",
+    _COMPILE_VARIANTS,
+    ids=[f"{v[0]}-{v[1]}-N{v[3]}" for v in _COMPILE_VARIANTS],
+)
+def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
+    """The interpreter accepts programs the compiler rejects (e.g. branches returning different
+    shapes); compiling for an H100 target needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lbmamba.ops import triton_scan
+
+    fn = getattr(triton_scan, kernel)
+    block_n = dstate
+    block_d = 32 * triton_scan.NUM_WARPS * pairs // block_n
+    chunk = triton_scan.CHUNK_LEN
+    constexprs = dict(constexprs, CHUNK=chunk, T=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+    if kernel in ("_fwd_kernel", "_bwd_kernel"):
+        constexprs["CKPT_EVERY"] = triton_scan.CHECKPOINT_EVERY
+    half_bc = {"B_ptr": not constexprs.get("B_CONST", True), "C_ptr": not constexprs.get("C_CONST", True)}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (dtype if name in _ACTIVATIONS or half_bc.get(name) else "fp32")
+        else:
+            signature[name] = "i32"
+    assert set(constexprs) <= set(fn.arg_names)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_scan.NUM_WARPS})
+    except RuntimeError as exc:  # a toolchain problem (e.g. ptxas missing), not a program error
+        if "ptxas" in str(exc).lower():
+            pytest.skip(f"no usable ptxas: {exc}")
+        raise
+    assert compiled.asm["cubin"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
+        _interpreter_main(int(sys.argv[2]))
+    else:
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter-cases SEED")
