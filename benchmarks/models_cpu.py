@@ -2,7 +2,7 @@
 
     python benchmarks/models_cpu.py            # the full run (224 px, inference at batch 8 and 32,
                                                # training step at batch 8, 5 repeats, medians)
-    python benchmarks/models_cpu.py --quick    # a fast check that everything runs (2 repeats)
+    python benchmarks/models_cpu.py --quick    # a fast check that everything runs (batch 8, 2 repeats)
 
 All models are measured in ONE process, interleaved repeat by repeat (so that drift in machine load
 hits every model alike); each number is the median over the repeats. Prints a markdown table and the
@@ -86,9 +86,9 @@ def time_train_step(model, optimizer, x, y) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 repeats, 1 warm-up: checks that it runs")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, 2 warm-ups, batch 8 only: checks that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 2; 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 3: the first calls may compile kernels; 2 with --quick)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--infer-batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--train-batch", type=int, default=8)
@@ -96,7 +96,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    if args.quick and args.infer_batches == [8, 32]:
+        args.infer_batches = [8]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

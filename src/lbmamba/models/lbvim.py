@@ -27,8 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_, trunc_normal_tf_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+
+try:  # timm >= 1.0.12
+    from timm.models import checkpoint
+except ImportError:  # pragma: no cover
+    from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+    def checkpoint(function, *args, **kwargs):
+        return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 from ..nn import Block, Mamba, RMSNorm, add_norm
 from .checkpoint import unwrap_state_dict
