@@ -2,7 +2,8 @@
 
 Why numba: it ships as a wheel on every platform PyTorch's CPU build runs on, needs no compiler at
 install time, compiles to vectorised machine code for the host CPU (AVX2 / AVX-512 where present),
-runs `prange` loops on a thread pool, and caches compiled kernels on disk.
+releases the GIL inside kernels (so a few Python threads run tasks in parallel), and caches compiled
+kernels on disk.
 
 The elementwise parts that need transcendental functions per position (softplus of delta, the silu
 gate, the D skip) run in PyTorch's vectorised kernels around the numba kernels, which do the
@@ -33,12 +34,12 @@ Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for fl
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
 # Reassociation lets LLVM vectorise the sums across lanes; no 'nnan'/'ninf', which would break the
@@ -51,11 +52,6 @@ _JIT_EXACT = dict(fastmath={"contract", "nsz"}, cache=True, nogil=True)
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.428606765330187e-06
 _LOG2E = 1.4426950408889634
-
-
-# numba's default (workqueue) thread pool aborts the process when two Python threads enter parallel
-# regions at once, so calls from different threads take turns.
-_POOL_LOCK = threading.Lock()
 
 
 def is_available():
@@ -187,13 +183,13 @@ def _blocks(dim: int, *group_counts: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
-def _forward_kernel(u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, blocks, zero, y, last, ckpt):
+@njit(**_JIT)
+def _forward_kernel(task_lo, task_hi, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, blocks, zero, y, last, ckpt):
     batch, dim, seqlen = u.shape
     n_state = At.shape[0]
     n_blocks = blocks.shape[0]
     rows_max = min(chunk, seqlen)
-    for task in prange(batch * n_blocks):
+    for task in range(task_lo, task_hi):
         b = task // n_blocks
         d0 = blocks[task % n_blocks, 0]
         lanes = blocks[task % n_blocks, 1]
@@ -256,9 +252,9 @@ def _forward_kernel(u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, 
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def _backward_kernel(
-    dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
+    task_lo, task_hi, dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
     y, du, ddt, dA_part, dB_part, dC_part,
 ):
     batch, dim, seqlen = u.shape
@@ -266,7 +262,7 @@ def _backward_kernel(
     n_blocks = blocks.shape[0]
     n_chunks = ckpt.shape[1]
     rows_max = min(chunk, seqlen)
-    for task in prange(batch * n_blocks):
+    for task in range(task_lo, task_hi):
         b = task // n_blocks
         blk = task % n_blocks
         d0 = blocks[blk, 0]
@@ -428,8 +424,32 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(dtype).contiguous()
 
 
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _run_tasks(kernel, n_tasks: int, *args) -> None:
+    """Run kernel(lo, hi, *args) over task ranges on up to torch.get_num_threads() threads.
+
+    The kernels release the GIL (nogil), so plain Python threads run them in parallel. Unlike numba's
+    OpenMP pool, idle threads here sleep instead of spinning, so they never fight PyTorch's own
+    OpenMP threads for the cores between the scan and the elementwise torch ops around it.
+    """
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), n_tasks))
+    if threads == 1:
+        kernel(0, n_tasks, *args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lbmamba-scan")
+        pool = _POOL
+    # a few ranges per thread, handed out dynamically, so a slow thread does not hold up the rest
+    n_ranges = min(n_tasks, 4 * threads)
+    edges = [n_tasks * k // n_ranges for k in range(n_ranges + 1)]
+    futures = [pool.submit(kernel, lo, hi, *args) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    for future in futures:
+        future.result()
 
 
 def _pre_softplus(delta, delta_bias, dtype):
@@ -454,13 +474,12 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     Bc, Bg, b_const = _bc_kernel_layout(B, ct)
     Cc, Cg, c_const = _bc_kernel_layout(C, ct)
     dt = _step(delta, delta_bias, delta_softplus, ct)
-    with _POOL_LOCK:
-        _set_threads()
-        _forward_kernel(
-            u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window),
-            chunk_length(window), _blocks(dim, Bg.shape[1], Cg.shape[1]), _zero(ct), y.numpy(), last.numpy(),
-            ckpt.numpy(),
-        )
+    blocks = _blocks(dim, Bg.shape[1], Cg.shape[1])
+    _run_tasks(
+        _forward_kernel, batch * len(blocks),
+        u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window),
+        chunk_length(window), blocks, _zero(ct), y.numpy(), last.numpy(), ckpt.numpy(),
+    )
     del dt
     if D is not None:
         y.addcmul_(_contiguous(D, ct)[:, None], u_c)
@@ -494,13 +513,12 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     has_dlast = dlast_state is not None
     dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
     dt = _step(delta, delta_bias, delta_softplus, ct)
-    with _POOL_LOCK:
-        _set_threads()
-        _backward_kernel(
-            dy.numpy(), dlast, has_dlast, u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
-            int(window), chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), z is not None, y.numpy(),
-            du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
-        )
+    _run_tasks(
+        _backward_kernel, batch * len(blocks),
+        dy.numpy(), dlast, has_dlast, u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
+        int(window), chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), z is not None, y.numpy(),
+        du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+    )
     del dt
     dz = u.new_empty((0,))
     dD = (dy * u_c).sum((0, 2))
