@@ -178,6 +178,18 @@ def _blocks(dim: int, *group_counts: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+@njit(**_JIT)
+def _task_layout(task, blocks, Bg, Cg, dim):
+    """Task -> batch b, channel block (index, first channel, width) and the B / C (batch, group) used."""
+    n_blocks = blocks.shape[0]
+    b = task // n_blocks
+    blk = task % n_blocks
+    d0 = blocks[blk, 0]
+    bb = b if Bg.shape[0] > 1 else 0
+    cb = b if Cg.shape[0] > 1 else 0
+    return b, blk, d0, blocks[blk, 1], bb, d0 // (dim // Bg.shape[1]), cb, d0 // (dim // Cg.shape[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: y_t = C_t . h_t (before the D skip and the gate), in the (batch, L, dim) layout.
 # ----------------------------------------------------------------------------------------------
@@ -187,17 +199,10 @@ def _blocks(dim: int, *group_counts: int) -> np.ndarray:
 def _forward_kernel(task_lo, task_hi, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, blocks, zero, y, last, ckpt):
     batch, dim, seqlen = u.shape
     n_state = At.shape[0]
-    n_blocks = blocks.shape[0]
     rows_max = min(chunk, seqlen)
     for task in range(task_lo, task_hi):
-        b = task // n_blocks
-        d0 = blocks[task % n_blocks, 0]
-        lanes = blocks[task % n_blocks, 1]
+        b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
-        bb = b if Bg.shape[0] > 1 else 0
-        cb = b if Cg.shape[0] > 1 else 0
-        bg = d0 // (dim // Bg.shape[1])
-        cg = d0 // (dim // Cg.shape[1])
         # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise).
         a = np.empty((rows_max, n_state, LANES), u.dtype)
         x = np.empty((rows_max, n_state, LANES), u.dtype)
@@ -259,19 +264,11 @@ def _backward_kernel(
 ):
     batch, dim, seqlen = u.shape
     n_state = At.shape[0]
-    n_blocks = blocks.shape[0]
     n_chunks = ckpt.shape[1]
     rows_max = min(chunk, seqlen)
     for task in range(task_lo, task_hi):
-        b = task // n_blocks
-        blk = task % n_blocks
-        d0 = blocks[blk, 0]
-        lanes = blocks[blk, 1]
+        b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
-        bb = b if Bg.shape[0] > 1 else 0
-        cb = b if Cg.shape[0] > 1 else 0
-        bg = d0 // (dim // Bg.shape[1])
-        cg = d0 // (dim // Cg.shape[1])
         a = np.empty((rows_max, n_state, LANES), u.dtype)
         x = np.empty((rows_max, n_state, LANES), u.dtype)
         q = np.zeros((rows_max, n_state, LANES), u.dtype)
