@@ -215,6 +215,35 @@ def test_cpu_handles_extreme_decays_exactly():
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("window", [1, "auto"])
+def test_cpu_softplus_and_gate_over_their_whole_range(window):
+    """The fused softplus of delta and silu gate: both branches of softplus (threshold 20), arguments
+    past the vectorised exponential's range (|x| > 87) and NaN, which must propagate as in PyTorch.
+    A decay of -1e4 leaves (almost) no memory, so each output checks its own position's Δ and gate."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(2, 5, 300, 3, bc="constant", seed=seed)
+    sweep = torch.linspace(-130.0, 130.0, 300)
+    inputs["delta"] = sweep + torch.randn(2, 5, 300, generator=g) * 0.5
+    inputs["delta"][0, 0, 7] = 20.0  # exactly at the threshold
+    inputs["z"] = sweep[torch.randperm(300, generator=g)].expand(2, 5, 300).contiguous()
+    inputs["A"] = torch.full_like(inputs["A"], -1e4)
+
+    def both():
+        out = selective_scan_fn(**inputs, delta_softplus=True, window=window, backend="cpu")
+        ref = selective_scan_ref(**{k: (v.double() if v is not None else None) for k, v in inputs.items()},
+                                 delta_softplus=True, window=window)
+        return out.double(), ref
+
+    out, ref = both()
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-30, msg=lambda m: f"seed {seed}: {m}")
+    inputs["delta"][1, 2, 50] = float("nan")
+    inputs["z"][0, 3, 9] = float("nan")
+    out, ref = both()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any()
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ gate, the D skip) run in PyTorch's vectorised kernels around the numba kernels, 
 (L x N)-sized work: a_t = exp(Δ_t A) with a vectorised exponential, the two scans and every sum over
 states.
 
-Layout of the numba work: each task is one batch element and one block of `LANES` channels (a block
+Layout of the numba work: each task is one batch element and one block of `width` channels (a block
 never straddles a group of B or C). Per chunk of positions, the task copies its (positions x
 channels) tiles into contiguous thread-local buffers, channels last, so that the innermost loops run
 over channels: LLVM turns them into SIMD code with no sums across SIMD lanes and no short loops over
@@ -45,9 +45,11 @@ from numba.extending import overload
 # Reassociation lets LLVM vectorise the sums across lanes; no 'nnan'/'ninf', which would break the
 # handling of overflow in the exponential below.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
-_JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True)
+# error_model="numpy": x / 0 gives inf as in NumPy, instead of a Python-style check per division,
+# which would stop LLVM from vectorising the loops that divide.
+_JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 # The exponential's range reduction must not be reassociated (k ln2_hi + k ln2_lo would fold).
-_JIT_EXACT = dict(fastmath={"contract", "nsz"}, cache=True, nogil=True)
+_JIT_EXACT = dict(fastmath={"contract", "nsz"}, cache=True, nogil=True, error_model="numpy")
 
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.428606765330187e-06
@@ -62,13 +64,27 @@ def supports(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-#: Channels per task, the width of the innermost (SIMD) loops.
-LANES = 32
+#: Most channels per task: the length of the innermost (SIMD) loops, long enough to amortise each
+#: loop's set-up; narrower blocks only when there would be too few tasks for the threads.
+MAX_WIDTH = 128
+
+
+def block_width(batch: int, dim: int, threads: int) -> int:
+    width = MAX_WIDTH
+    while width > 16 and batch * -(-dim // width) < 2 * threads:
+        width //= 2
+    return width
 
 
 def chunk_length(window: int) -> int:
     """Positions per chunk: whole windows, about 32 positions (buffers stay in L2), at least one window."""
     return window * max(1, 32 // window)
+
+
+@njit(cache=True)
+def tile_length(window):
+    """Positions the forward sweeps per state at a time: whole windows, at least 8 positions."""
+    return window * max(1, 8 // window)
 
 
 def num_checkpoints(seqlen: int, window: int) -> int:
@@ -81,66 +97,183 @@ def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int
 
 
 # ----------------------------------------------------------------------------------------------
-# a = exp(Δ A) for a block of positions and channels, vectorised.
+# Vectorised exponentials: a = exp(Δ A), softplus, the silu gate.
 # ----------------------------------------------------------------------------------------------
 
+# numba's np.exp is a scalar libm call that LLVM cannot vectorise. `_exp_parts` is written so that a
+# loop over lanes calling it runs 8 or 16 lanes at a time: e^x = p * 2^k by Cody-Waite reduction
+# x = k ln2 + r, |r| <= ln2 / 2, and a degree-6 Taylor polynomial for e^r (as accurate as libm's expf
+# on these arguments). 2^k comes back as the bits of a float32, which the caller stores through an
+# int32 view of a float32 buffer and reads back as a float (LLVM turns that into a register move).
+# Valid for |x| <= 87.3 (2^k stays a normal number); the caller must not be compiled with 'reassoc',
+# which would fold k ln2_hi + k ln2_lo.
 
-def decay_block(dt, A, rows, lanes, out, scratch):
-    """out[i, n, c] = exp(dt[i, c] * A[n, c]) for i < rows, c < lanes; `scratch` is shaped like out."""
+
+@njit(inline="always")
+def _exp_parts(x):
+    k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
+    r = x - k * np.float32(_LN2_HI) - k * np.float32(_LN2_LO)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p, (np.int32(k) + np.int32(127)) << np.int32(23)
 
 
-@overload(decay_block, jit_options=_JIT_EXACT)
-def _decay_block_impl(dt, A, rows, lanes, out, scratch):
+@njit(**_JIT)
+def fast_exp_ok(dt, rows, lanes, A) -> bool:
+    """Whether the vectorised exponential is exact for exp(dt[i, c] * A[n, c]) on these rows.
+
+    |Δ A| <= 87.3 keeps 2^k a normal number; NaN / inf fail the test and go to libm.
+    """
+    dt_max = np.float32(0)
+    dt_sum = np.float32(0)
+    for i in range(rows):
+        for c in range(lanes):
+            dt_max = max(dt_max, abs(dt[i, c]))
+            dt_sum += dt[i, c]
+    a_max = np.float32(0)
+    a_sum = np.float32(0)
+    for n in range(A.shape[0]):
+        for c in range(lanes):
+            a_max = max(a_max, abs(A[n, c]))
+            a_sum += A[n, c]
+    return dt_max * a_max <= 87.3 and np.isfinite(dt_sum) and np.isfinite(a_sum)
+
+
+def decay_rows(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
+    """out[i, n - n0, c] = exp(dt[row0 + i, c] * A[n, c]) for i < rows, n0 <= n < n1, c < lanes.
+
+    `scratch` is shaped like out; `fast` (from `fast_exp_ok`) allows the vectorised exponential.
+    """
+
+
+def decay_rows_inline(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
+    """`decay_rows`, inlined into the caller, which must not be compiled with 'reassoc'."""
+
+
+@overload(decay_rows, jit_options=_JIT_EXACT)
+@overload(decay_rows_inline, inline='always')
+def _decay_rows_impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
     if out.dtype == types.float32:
-        # Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, degree-6 Taylor for e^r (as accurate
-        # as libm's expf on these arguments), 2^k assembled in the exponent bits. numba's np.exp is a
-        # scalar libm call that LLVM cannot vectorise; this loop runs 8 or 16 lanes at a time.
-        def impl(dt, A, rows, lanes, out, scratch):
-            n_state = A.shape[0]
-            # |Δ A| <= 87.3 keeps 2^k a normal number; NaN / inf fail the test and go to libm
-            dt_max = np.float32(0)
-            dt_sum = np.float32(0)
-            for i in range(rows):
-                for c in range(lanes):
-                    dt_max = max(dt_max, abs(dt[i, c]))
-                    dt_sum += dt[i, c]
-            a_max = np.float32(0)
-            a_sum = np.float32(0)
-            for n in range(n_state):
-                for c in range(lanes):
-                    a_max = max(a_max, abs(A[n, c]))
-                    a_sum += A[n, c]
-            if not (dt_max * a_max <= np.float32(87.3) and np.isfinite(dt_sum) and np.isfinite(a_sum)):
+        def impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
+            if not fast:
                 for i in range(rows):
-                    for n in range(n_state):
+                    for n in range(n0, n1):
                         for c in range(lanes):
-                            out[i, n, c] = np.exp(dt[i, c] * A[n, c])
+                            out[i, n - n0, c] = np.exp(dt[row0 + i, c] * A[n, c])
                 return None
             bits = scratch.view(np.int32)
             for i in range(rows):
-                for n in range(n_state):
+                for n in range(n0, n1):
                     for c in range(lanes):
-                        x = dt[i, c] * A[n, c]
-                        k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
-                        r = x - k * np.float32(_LN2_HI) - k * np.float32(_LN2_LO)
-                        p = np.float32(1.0 / 720.0)
-                        p = p * r + np.float32(1.0 / 120.0)
-                        p = p * r + np.float32(1.0 / 24.0)
-                        p = p * r + np.float32(1.0 / 6.0)
-                        p = p * r + np.float32(0.5)
-                        p = p * r + np.float32(1.0)
-                        p = p * r + np.float32(1.0)
-                        bits[i, n, c] = (np.int32(k) + np.int32(127)) << np.int32(23)
-                        out[i, n, c] = p * scratch[i, n, c]
+                        p, e = _exp_parts(dt[row0 + i, c] * A[n, c])
+                        bits[i, n - n0, c] = e
+                        out[i, n - n0, c] = p * scratch[i, n - n0, c]
             return None
 
         return impl
 
-    def impl(dt, A, rows, lanes, out, scratch):
+    def impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
         for i in range(rows):
-            for n in range(A.shape[0]):
+            for n in range(n0, n1):
                 for c in range(lanes):
-                    out[i, n, c] = np.exp(dt[i, c] * A[n, c])
+                    out[i, n - n0, c] = np.exp(dt[row0 + i, c] * A[n, c])
+        return None
+
+    return impl
+
+
+def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
+    """out[i, c] = Δ of channel d0 + c at position start + i: delta + bias, through softplus if asked.
+
+    softplus(x) = x above torch's threshold of 20, else max(x, 0) + log1p(exp(-|x|)), with
+    log1p(e) = 2 atanh(e / (2 + e)) as a series in s = e / (2 + e) <= 1/3 (error below 2e-8).
+    `scratch` is a float buffer at least as large as out.
+    """
+
+
+@overload(step_rows, jit_options=_JIT_EXACT)
+def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
+    vectorised = out.dtype == types.float32
+
+    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
+        for i in range(rows):
+            for c in range(lanes):
+                out[i, c] = delta[b, d0 + c, start + i] + bias[d0 + c]
+        if not softplus:
+            return None
+        if not vectorised:
+            for i in range(rows):
+                for c in range(lanes):
+                    x = out[i, c]
+                    out[i, c] = x if x > 20 else np.log1p(np.exp(x))
+            return None
+        bits = scratch.view(np.int32)
+        for i in range(rows):
+            for c in range(lanes):
+                x = out[i, c]
+                ax = abs(x)
+                p, e = _exp_parts(-(ax if ax < np.float32(87) else np.float32(87)))  # NaN: any finite value
+                bits[i, c] = e
+                t = p * scratch[i, c]
+                s = t / (np.float32(2) + t)
+                s2 = s * s
+                q = np.float32(1 / 13)
+                q = q * s2 + np.float32(1 / 11)
+                q = q * s2 + np.float32(1 / 9)
+                q = q * s2 + np.float32(1 / 7)
+                q = q * s2 + np.float32(1 / 5)
+                q = q * s2 + np.float32(1 / 3)
+                q = q * s2 + np.float32(1)
+                v = (x if x > np.float32(0) else np.float32(0)) + np.float32(2) * s * q
+                out[i, c] = x if (x > np.float32(20) or x != x) else v
+        return None
+
+    return impl
+
+
+def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
+    """out[b, d0 + c, start + i] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z[b, d0 + c, start + i]).
+
+    silu(z) = z / (1 + exp(-z)); without z, no gate. `zl` and `scratch` are float buffers like yl.
+    """
+
+
+@overload(output_rows, jit_options=_JIT_EXACT)
+def _output_rows_impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
+    vectorised = yl.dtype == types.float32
+
+    def impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
+        for i in range(rows):
+            for c in range(lanes):
+                yl[i, c] += Dv[d0 + c] * ul[i, c]
+        if has_z:
+            for i in range(rows):
+                for c in range(lanes):
+                    zl[i, c] = z[b, d0 + c, start + i]
+            if vectorised:
+                bits = scratch.view(np.int32)
+                for i in range(rows):
+                    for c in range(lanes):
+                        zv = zl[i, c]
+                        m = -zv
+                        m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
+                        m = m if m > np.float32(-87) else np.float32(-87)
+                        p, e = _exp_parts(m)
+                        bits[i, c] = e
+                        yl[i, c] *= zv / (np.float32(1) + p * scratch[i, c])
+            else:
+                for i in range(rows):
+                    for c in range(lanes):
+                        zv = zl[i, c]
+                        yl[i, c] *= zv / (1 + np.exp(-zv))
+        for i in range(rows):
+            for c in range(lanes):
+                out[b, d0 + c, start + i] = yl[i, c]
         return None
 
     return impl
@@ -166,15 +299,15 @@ def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, win
                     r[n, c] = qv + xv
 
 
-def _blocks(dim: int, *group_counts: int) -> np.ndarray:
-    """(start, length) of channel blocks of at most LANES channels that never straddle a group."""
+def _blocks(dim: int, width: int, *group_counts: int) -> np.ndarray:
+    """(start, length) of channel blocks of at most `width` channels that never straddle a group."""
     edges = {0, dim}
     for groups in group_counts:
         edges.update(range(0, dim, dim // groups))
     edges = sorted(edges)
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        out.extend((s, min(LANES, hi - s)) for s in range(lo, hi, LANES))
+        out.extend((s, min(width, hi - s)) for s in range(lo, hi, width))
     return np.asarray(out, dtype=np.int64)
 
 
@@ -195,27 +328,37 @@ def _task_layout(task, blocks, Bg, Cg, dim):
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT)
-def _forward_kernel(task_lo, task_hi, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, blocks, zero, y, last, ckpt):
+@njit(**_JIT_EXACT)  # no sums across lanes to vectorise; the inlined exponential needs exact flags
+def _forward_kernel(
+    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, b_const, Cc, Cg, c_const, Dv, z, has_z, window, chunk, blocks,
+    zero, out, last, ckpt,
+):
     batch, dim, seqlen = u.shape
     n_state = At.shape[0]
     rows_max = min(chunk, seqlen)
+    tile = tile_length(window)
+    tile_max = min(tile, rows_max)
     for task in range(task_lo, task_hi):
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
-        # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise).
-        a = np.empty((rows_max, n_state, LANES), u.dtype)
-        x = np.empty((rows_max, n_state, LANES), u.dtype)
-        q = np.empty((rows_max, n_state, LANES), u.dtype)
-        scratch = np.empty((rows_max, n_state, LANES), u.dtype)
-        dtl = np.empty((rows_max, LANES), u.dtype)
-        dtu = np.empty((rows_max, LANES), u.dtype)
-        yl = np.empty((rows_max, LANES), u.dtype)
-        Al = np.empty((n_state, LANES), u.dtype)
-        Bl = np.zeros((n_state, LANES), u.dtype)
-        Cl = np.zeros((n_state, LANES), u.dtype)
-        h = np.zeros((n_state, LANES), u.dtype)
-        r = np.empty((n_state, LANES), u.dtype)
+        # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
+        # the per-state tiles (a, x, q of one state over a tile of positions) stay in L1. Lanes past
+        # the block's own stay 0, so the hot loops may run over the whole width.
+        a = np.empty((tile_max, 1, width), u.dtype)
+        a_scratch = np.empty((tile_max, 1, width), u.dtype)
+        x = np.empty((tile_max, width), u.dtype)
+        q = np.empty((tile_max, width), u.dtype)
+        scratch = np.empty((rows_max, width), u.dtype)
+        dtl = np.zeros((rows_max, width), u.dtype)
+        ul = np.zeros((rows_max, width), u.dtype)
+        dtu = np.zeros((rows_max, width), u.dtype)
+        yl = np.empty((rows_max, width), u.dtype)
+        zl = np.empty((rows_max, width), u.dtype)
+        Al = np.zeros((n_state, width), u.dtype)
+        Bl = np.zeros((n_state, width), u.dtype)
+        Cl = np.zeros((n_state, width), u.dtype)
+        h = np.zeros((n_state, width), u.dtype)
+        r = np.empty(width, u.dtype)
         Al[:, :lanes] = At[:, d0:d1]
         if b_const:
             Bl[:, :lanes] = Bc[:, d0:d1]
@@ -224,31 +367,48 @@ def _forward_kernel(task_lo, task_hi, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_cons
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
-            dtl[:rows, :lanes] = dt[b, d0:d1, start:start + rows].T
-            dtu[:rows, :lanes] = u[b, d0:d1, start:start + rows].T
+            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, scratch)
             for i in range(rows):
                 for c in range(lanes):
-                    dtu[i, c] *= dtl[i, c]
-            decay_block(dtl, Al, rows, lanes, a, scratch)
-            if window > 1:
-                _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
+                    ul[i, c] = u[b, d0 + c, start + i]
             for i in range(rows):
-                t = start + i
-                yl[i, :lanes] = zero
+                for c in range(lanes):
+                    dtu[i, c] = dtl[i, c] * ul[i, c]
+            fast = fast_exp_ok(dtl, rows, lanes, Al)
+            yl[:rows] = zero
+            for ts in range(0, rows, tile):
+                tr = min(tile, rows - ts)
                 for n in range(n_state):
-                    cs = zero if c_const else Cg[cb, cg, t, n]
+                    decay_rows_inline(dtl, ts, Al, n, n + 1, tr, width, a, a_scratch, fast)
                     if window > 1:
-                        for c in range(lanes):
-                            hv = a[i, n, c] * h[n, c] + x[i, n, c]
-                            h[n, c] = hv
-                            yl[i, c] += (Cl[n, c] if c_const else cs) * (hv + q[i, n, c])
+                        # right to left inside each window: x_t = Δ_t u_t B_t and q_t = a_t h^R_{t+1}
+                        for ws in range(0, tr, window):
+                            r[:] = zero
+                            for j in range(min(ws + window, tr) - 1, ws - 1, -1):
+                                bs = zero if b_const else Bg[bb, bg, start + ts + j, n]
+                                for c in range(width):
+                                    xv = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                    qv = a[j, 0, c] * r[c]
+                                    x[j, c] = xv
+                                    q[j, c] = qv
+                                    r[c] = qv + xv
+                        # left to right: h^L, and y_t += C_t (h^L_t + q_t)
+                        for j in range(tr):
+                            cs = zero if c_const else Cg[cb, cg, start + ts + j, n]
+                            for c in range(width):
+                                hv = a[j, 0, c] * h[n, c] + x[j, c]
+                                h[n, c] = hv
+                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (hv + q[j, c])
                     else:  # vanilla scan: x formed on the fly, no local backward state
-                        bs = zero if b_const else Bg[bb, bg, t, n]
-                        for c in range(lanes):
-                            hv = a[i, n, c] * h[n, c] + dtu[i, c] * (Bl[n, c] if b_const else bs)
-                            h[n, c] = hv
-                            yl[i, c] += (Cl[n, c] if c_const else cs) * hv
-            y[b, d0:d1, start:start + rows] = yl[:rows, :lanes].T
+                        for j in range(tr):
+                            t = start + ts + j
+                            bs = zero if b_const else Bg[bb, bg, t, n]
+                            cs = zero if c_const else Cg[cb, cg, t, n]
+                            for c in range(width):
+                                hv = a[j, 0, c] * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                h[n, c] = hv
+                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
+            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch)
         last[b, d0:d1, :] = h[:, :lanes].T
 
 
@@ -259,7 +419,7 @@ def _forward_kernel(task_lo, task_hi, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_cons
 
 @njit(**_JIT)
 def _backward_kernel(
-    task_lo, task_hi, dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
+    task_lo, task_hi, width, dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
     y, du, ddt, dA_part, dB_part, dC_part,
 ):
     batch, dim, seqlen = u.shape
@@ -269,27 +429,27 @@ def _backward_kernel(
     for task in range(task_lo, task_hi):
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
-        a = np.empty((rows_max, n_state, LANES), u.dtype)
-        x = np.empty((rows_max, n_state, LANES), u.dtype)
-        q = np.zeros((rows_max, n_state, LANES), u.dtype)
-        hl = np.empty((rows_max + 1, n_state, LANES), u.dtype)  # row i holds h^L_{i-1}
-        gr = np.empty((rows_max, n_state, LANES), u.dtype)
-        scratch = np.empty((rows_max, n_state, LANES), u.dtype)
-        dtl = np.empty((rows_max, LANES), u.dtype)
-        ul = np.empty((rows_max, LANES), u.dtype)
-        dtu = np.empty((rows_max, LANES), u.dtype)
-        dyl = np.empty((rows_max, LANES), u.dtype)
-        dul = np.empty((rows_max, LANES), u.dtype)  # dx·B summed over states, then times Δ
-        ddtl = np.empty((rows_max, LANES), u.dtype)
-        yl = np.empty((rows_max, LANES), u.dtype)
-        r = np.empty((n_state, LANES), u.dtype)
-        Al = np.empty((n_state, LANES), u.dtype)
-        bv = np.zeros((n_state, LANES), u.dtype)  # B and C of the current position, per lane
-        cv = np.zeros((n_state, LANES), u.dtype)
-        carry = np.zeros((n_state, LANES), u.dtype)  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
-        dA_acc = np.zeros((n_state, LANES), u.dtype)
-        dB_acc = np.zeros((n_state, LANES), u.dtype)
-        dC_acc = np.zeros((n_state, LANES), u.dtype)
+        a = np.empty((rows_max, n_state, width), u.dtype)
+        x = np.empty((rows_max, n_state, width), u.dtype)
+        q = np.zeros((rows_max, n_state, width), u.dtype)
+        hl = np.empty((rows_max + 1, n_state, width), u.dtype)  # row i holds h^L_{i-1}
+        gr = np.empty((rows_max, n_state, width), u.dtype)
+        scratch = np.empty((rows_max, n_state, width), u.dtype)
+        dtl = np.empty((rows_max, width), u.dtype)
+        ul = np.empty((rows_max, width), u.dtype)
+        dtu = np.empty((rows_max, width), u.dtype)
+        dyl = np.empty((rows_max, width), u.dtype)
+        dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states, then times Δ
+        ddtl = np.empty((rows_max, width), u.dtype)
+        yl = np.empty((rows_max, width), u.dtype)
+        r = np.empty((n_state, width), u.dtype)
+        Al = np.empty((n_state, width), u.dtype)
+        bv = np.zeros((n_state, width), u.dtype)  # B and C of the current position, per lane
+        cv = np.zeros((n_state, width), u.dtype)
+        carry = np.zeros((n_state, width), u.dtype)  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
+        dA_acc = np.zeros((n_state, width), u.dtype)
+        dB_acc = np.zeros((n_state, width), u.dtype)
+        dC_acc = np.zeros((n_state, width), u.dtype)
         Al[:, :lanes] = At[:, d0:d1]
         if has_dlast:
             carry[:, :lanes] = dlast[b, d0:d1, :].T
@@ -307,7 +467,7 @@ def _backward_kernel(
                 for c in range(lanes):
                     dtu[i, c] = dtl[i, c] * ul[i, c]
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
-            decay_block(dtl, Al, rows, lanes, a, scratch)
+            decay_rows(dtl, 0, Al, 0, n_state, rows, lanes, a, scratch, fast_exp_ok(dtl, rows, lanes, Al))
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
             hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
             for i in range(rows):
@@ -464,25 +624,26 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    y = torch.empty((batch, dim, seqlen), dtype=ct)
+    out = torch.empty((batch, dim, seqlen), dtype=ct)
     last = torch.empty((batch, dim, dstate), dtype=ct)
     ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
-    u_c = _contiguous(u, ct)
     Bc, Bg, b_const = _bc_kernel_layout(B, ct)
     Cc, Cg, c_const = _bc_kernel_layout(C, ct)
-    dt = _step(delta, delta_bias, delta_softplus, ct)
-    blocks = _blocks(dim, Bg.shape[1], Cg.shape[1])
+    width = block_width(batch, dim, torch.get_num_threads())
+    blocks = _blocks(dim, width, Bg.shape[1], Cg.shape[1])
     _run_tasks(
-        _forward_kernel, batch * len(blocks),
-        u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, int(window),
-        chunk_length(window), blocks, _zero(ct), y.numpy(), last.numpy(), ckpt.numpy(),
+        _forward_kernel, batch * len(blocks), width,
+        _np(u, ct), _np(delta, ct), _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct),
+        Bc, Bg, b_const, Cc, Cg, c_const, _per_channel(D, dim, ct),
+        _np(z, ct) if z is not None else np.zeros((1, 1, 1), dtype=_np_dtype(ct)), z is not None,
+        int(window), chunk_length(window), blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
     )
-    del dt
-    if D is not None:
-        y.addcmul_(_contiguous(D, ct)[:, None], u_c)
-    if z is not None:
-        y.mul_(F.silu(_contiguous(z, ct)))
-    return y.to(u.dtype), last, ckpt
+    return out.to(u.dtype), last, ckpt
+
+
+def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
+    """D or delta_bias as a (dim,) array; zeros when absent."""
+    return _np(t, dtype) if t is not None else np.zeros(dim, dtype=_np_dtype(dtype))
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
@@ -494,7 +655,8 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dy = F.silu(_contiguous(z, ct)).mul_(g) if z is not None else g
     Bc, Bg, b_const = _bc_kernel_layout(B, ct)
     Cc, Cg, c_const = _bc_kernel_layout(C, ct)
-    blocks = _blocks(dim, Bg.shape[1], Cg.shape[1])
+    width = block_width(batch, dim, torch.get_num_threads())
+    blocks = _blocks(dim, width, Bg.shape[1], Cg.shape[1])
 
     def partial(is_const, grouped):
         # constant: one slot per batch element (lanes are channels); grouped: one per channel block
@@ -511,7 +673,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
     dt = _step(delta, delta_bias, delta_softplus, ct)
     _run_tasks(
-        _backward_kernel, batch * len(blocks),
+        _backward_kernel, batch * len(blocks), width,
         dy.numpy(), dlast, has_dlast, u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
         int(window), chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), z is not None, y.numpy(),
         du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
