@@ -33,14 +33,65 @@ Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for fl
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import importlib
+import os
 
+import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
+
+
+def _prefer_512_bit_vectors() -> bool:
+    """Let LLVM vectorise at 512 bits on AVX-512 CPUs: the kernels run about 20 % faster.
+
+    LLVM's tuning for these CPUs ("prefer-256-bit") caps loop vectors at 256 bits, and numba has no
+    per-function switch, so this sets numba's CPU features for the process (the host's features, minus
+    that tuning flag). It only changes how numba code is vectorised, never what it computes, and only
+    when numba has not compiled anything yet, NUMBA_CPU_FEATURES is unset and LBMAMBA_NUMBA_512 is
+    not "0". Returns whether it applied.
+    """
+    from numba.core import registry
+
+    if os.environ.get("LBMAMBA_NUMBA_512", "1") == "0" or numba.config.CPU_FEATURES is not None:
+        return False
+    if "_toplevel_target_context" in vars(registry.cpu_target):  # codegen already created
+        return False
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" not in features.split(","):
+        return False
+    numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+    return True
+
+
+WIDE_VECTORS = _prefer_512_bit_vectors()
+
+
+def _share_torchs_openmp_threads() -> bool:
+    """Run numba's parallel loops on the OpenMP runtime PyTorch already uses.
+
+    PyTorch's CPU ops run on GNU OpenMP, whose idle threads keep spinning for milliseconds after
+    every op. Threads of any other pool (Python's, numba's TBB or workqueue layers) then share the
+    cores with those spinning threads, and the scan right after a torch op ran at about half speed.
+    numba's "omp" layer links the same libgomp (one copy per process, found by its soname), so the
+    scan's tasks and torch's ops take turns on one set of threads. Applies only when the user has
+    not chosen a threading layer; returns whether it did.
+    """
+    if numba.config.THREADING_LAYER != "default":
+        return False
+    try:  # fails if no OpenMP runtime can be loaded
+        importlib.import_module("numba.np.ufunc.omppool")
+    except ImportError:
+        return False
+    numba.config.THREADING_LAYER = "omp"
+    return True
+
+
+SHARED_OPENMP = _share_torchs_openmp_threads()
+
 
 # Reassociation lets LLVM vectorise the sums across lanes; no 'nnan'/'ninf', which would break the
 # handling of overflow in the exponential below.
@@ -123,25 +174,27 @@ def _exp_parts(x):
     return p, (np.int32(k) + np.int32(127)) << np.int32(23)
 
 
-@njit(**_JIT)
-def fast_exp_ok(dt, rows, lanes, A) -> bool:
-    """Whether the vectorised exponential is exact for exp(dt[i, c] * A[n, c]) on these rows.
+@njit(**_JIT_EXACT)
+def abs_max_if_finite(x, rows, lanes, acc_max, acc_sum):
+    """max |x[i, c]| over i < rows, c < lanes, or inf if any is NaN / inf.
 
-    |Δ A| <= 87.3 keeps 2^k a normal number; NaN / inf fail the test and go to libm.
+    Elementwise accumulators (acc_*: at least `lanes` long) keep the loop vectorised: LLVM will not
+    vectorise a float max-reduction without 'nnan'.
     """
-    dt_max = np.float32(0)
-    dt_sum = np.float32(0)
+    acc_max[:lanes] = 0
+    acc_sum[:lanes] = 0
     for i in range(rows):
         for c in range(lanes):
-            dt_max = max(dt_max, abs(dt[i, c]))
-            dt_sum += dt[i, c]
-    a_max = np.float32(0)
-    a_sum = np.float32(0)
-    for n in range(A.shape[0]):
-        for c in range(lanes):
-            a_max = max(a_max, abs(A[n, c]))
-            a_sum += A[n, c]
-    return dt_max * a_max <= 87.3 and np.isfinite(dt_sum) and np.isfinite(a_sum)
+            acc_max[c] = max(acc_max[c], abs(x[i, c]))
+            acc_sum[c] += x[i, c]
+    out = acc_max[:lanes].max()
+    return out if np.isfinite(acc_sum[:lanes].sum()) else np.inf
+
+
+@njit(inline="always")
+def fast_exp_ok(dt_max, a_max):
+    """Whether the vectorised exponential is exact for exp(Δ A): |Δ A| <= 87.3 keeps 2^k normal."""
+    return dt_max * a_max <= 87.3
 
 
 def decay_rows(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
@@ -187,93 +240,175 @@ def _decay_rows_impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
     return impl
 
 
-def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
-    """out[i, c] = Δ of channel d0 + c at position start + i: delta + bias, through softplus if asked.
+def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
+    """out[i, c] = Δ of channel d0 + c at position start + i: delta + bias, through softplus if asked;
+    with want_slope, slope[i, c] = dΔ / d(delta) (sigmoid of the argument, 1 above the threshold).
 
-    softplus(x) = x above torch's threshold of 20, else max(x, 0) + log1p(exp(-|x|)), with
-    log1p(e) = 2 atanh(e / (2 + e)) as a series in s = e / (2 + e) <= 1/3 (error below 2e-8).
-    `scratch` is a float buffer at least as large as out.
+    delta is (batch, L, dim). softplus(x) = x above torch's threshold of 20, else
+    max(x, 0) + log1p(t) with t = exp(-|x|), and log1p(t) = 2 atanh(t / (2 + t)) as a series in
+    s = t / (2 + t) <= 1/3 (error below 2e-8); sigmoid(x) = (1 or t) / (1 + t). `scratch` is a float
+    buffer at least as large as out.
     """
 
 
 @overload(step_rows, jit_options=_JIT_EXACT)
-def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
+def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
     vectorised = out.dtype == types.float32
 
-    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, scratch):
+    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
+        # rows and blocks as 1-d slices: an index d0 + c could be negative for numba, whose wraparound
+        # handling would turn these contiguous loads into gathers
+        bias_blk = bias[d0:d0 + lanes]
         for i in range(rows):
+            delta_row = delta[b, start + i, d0:d0 + lanes]
             for c in range(lanes):
-                out[i, c] = delta[b, d0 + c, start + i] + bias[d0 + c]
+                out[i, c] = delta_row[c] + bias_blk[c]
         if not softplus:
+            if want_slope:
+                slope[:rows] = 1
             return None
         if not vectorised:
             for i in range(rows):
                 for c in range(lanes):
                     x = out[i, c]
                     out[i, c] = x if x > 20 else np.log1p(np.exp(x))
+                    if want_slope:
+                        slope[i, c] = 1 if x > 20 else 1 / (1 + np.exp(-x))
             return None
         bits = scratch.view(np.int32)
-        for i in range(rows):
-            for c in range(lanes):
-                x = out[i, c]
-                ax = abs(x)
-                p, e = _exp_parts(-(ax if ax < np.float32(87) else np.float32(87)))  # NaN: any finite value
-                bits[i, c] = e
-                t = p * scratch[i, c]
-                s = t / (np.float32(2) + t)
-                s2 = s * s
-                q = np.float32(1 / 13)
-                q = q * s2 + np.float32(1 / 11)
-                q = q * s2 + np.float32(1 / 9)
-                q = q * s2 + np.float32(1 / 7)
-                q = q * s2 + np.float32(1 / 5)
-                q = q * s2 + np.float32(1 / 3)
-                q = q * s2 + np.float32(1)
-                v = (x if x > np.float32(0) else np.float32(0)) + np.float32(2) * s * q
-                out[i, c] = x if (x > np.float32(20) or x != x) else v
+        if want_slope:
+            for i in range(rows):
+                for c in range(lanes):
+                    x = out[i, c]
+                    p, e = _exp_parts(_softplus_reduced(x))
+                    bits[i, c] = e
+                    t = p * scratch[i, c]
+                    out[i, c] = _softplus_from(x, t)
+                    slope[i, c] = _sigmoid_from(x, t)
+        else:  # a separate loop: LLVM does not vectorise the one above with the store made conditional
+            for i in range(rows):
+                for c in range(lanes):
+                    x = out[i, c]
+                    p, e = _exp_parts(_softplus_reduced(x))
+                    bits[i, c] = e
+                    out[i, c] = _softplus_from(x, p * scratch[i, c])
         return None
 
     return impl
 
 
-def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
-    """out[b, d0 + c, start + i] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z[b, d0 + c, start + i]).
+@njit(inline="always")
+def _softplus_reduced(x):
+    """-|x|, the argument of t = exp(-|x|), kept in the vectorised exponential's range (NaN: any finite)."""
+    ax = abs(x)
+    return -(ax if ax < np.float32(87) else np.float32(87))
 
-    silu(z) = z / (1 + exp(-z)); without z, no gate. `zl` and `scratch` are float buffers like yl.
+
+@njit(inline="always")
+def _softplus_from(x, t):
+    """softplus(x) from t = exp(-|x|): x above 20 (and NaN), else max(x, 0) + 2 atanh(t / (2 + t))."""
+    s = t / (np.float32(2) + t)
+    s2 = s * s
+    q = np.float32(1 / 13)
+    q = q * s2 + np.float32(1 / 11)
+    q = q * s2 + np.float32(1 / 9)
+    q = q * s2 + np.float32(1 / 7)
+    q = q * s2 + np.float32(1 / 5)
+    q = q * s2 + np.float32(1 / 3)
+    q = q * s2 + np.float32(1)
+    v = (x if x > np.float32(0) else np.float32(0)) + np.float32(2) * s * q
+    return x if (x > np.float32(20) or x != x) else v
+
+
+@njit(inline="always")
+def _sigmoid_from(x, t):
+    """softplus'(x) = sigmoid(x) from t = exp(-|x|): (1 or t) / (1 + t); 1 above the threshold of 20."""
+    one = np.float32(1)
+    return one if x > np.float32(20) else (one if x >= np.float32(0) else t) / (one + t)
+
+
+def gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
+    """dy[i, c] = g silu(z) (the gradient reaching y) and gz[i, c] = g silu'(z) (dz = gz y) at
+    channel d0 + c, position start + i; g and z are (batch, L, dim). Without z, dy = g."""
+
+
+@overload(gate_grad_rows, jit_options=_JIT_EXACT)
+def _gate_grad_rows_impl(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
+    vectorised = dy.dtype == types.float32
+
+    def impl(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
+        if not has_z:
+            for i in range(rows):
+                g_row = g[b, start + i, d0:d0 + lanes]
+                for c in range(lanes):
+                    dy[i, c] = g_row[c]
+            return None
+        bits = scratch.view(np.int32)
+        one = np.float32(1)
+        for i in range(rows):
+            g_row = g[b, start + i, d0:d0 + lanes]
+            z_row = z[b, start + i, d0:d0 + lanes]
+            for c in range(lanes):
+                zv = z_row[c]
+                gv = g_row[c]
+                if vectorised:
+                    m = -zv
+                    m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
+                    m = m if m > np.float32(-87) else np.float32(-87)
+                    p, e = _exp_parts(m)
+                    bits[i, c] = e
+                    sig = one / (one + p * scratch[i, c])
+                else:
+                    sig = 1 / (1 + np.exp(-zv))
+                dy[i, c] = gv * zv * sig
+                gz[i, c] = gv * sig * (1 + zv * (1 - sig))
+        return None
+
+    return impl
+
+
+def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
+    """out[b, start + i, d0 + c] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z[b, start + i, d0 + c]).
+
+    z and out are (batch, L, dim); silu(z) = z / (1 + exp(-z)); without z, no gate. `scratch` is a
+    float buffer like yl.
     """
 
 
 @overload(output_rows, jit_options=_JIT_EXACT)
-def _output_rows_impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
+def _output_rows_impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
     vectorised = yl.dtype == types.float32
 
-    def impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch):
+    def impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
+        D_blk = Dv[d0:d0 + lanes]
         for i in range(rows):
             for c in range(lanes):
-                yl[i, c] += Dv[d0 + c] * ul[i, c]
-        if has_z:
+                yl[i, c] += D_blk[c] * ul[i, c]
+        if not has_z:
             for i in range(rows):
+                out_row = out[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
-                    zl[i, c] = z[b, d0 + c, start + i]
-            if vectorised:
-                bits = scratch.view(np.int32)
-                for i in range(rows):
-                    for c in range(lanes):
-                        zv = zl[i, c]
-                        m = -zv
-                        m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
-                        m = m if m > np.float32(-87) else np.float32(-87)
-                        p, e = _exp_parts(m)
-                        bits[i, c] = e
-                        yl[i, c] *= zv / (np.float32(1) + p * scratch[i, c])
-            else:
-                for i in range(rows):
-                    for c in range(lanes):
-                        zv = zl[i, c]
-                        yl[i, c] *= zv / (1 + np.exp(-zv))
-        for i in range(rows):
-            for c in range(lanes):
-                out[b, d0 + c, start + i] = yl[i, c]
+                    out_row[c] = yl[i, c]
+        elif vectorised:
+            bits = scratch.view(np.int32)
+            for i in range(rows):
+                out_row = out[b, start + i, d0:d0 + lanes]
+                z_row = z[b, start + i, d0:d0 + lanes]
+                for c in range(lanes):
+                    zv = z_row[c]
+                    m = -zv
+                    m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
+                    m = m if m > np.float32(-87) else np.float32(-87)
+                    p, e = _exp_parts(m)
+                    bits[i, c] = e
+                    out_row[c] = yl[i, c] * (zv / (np.float32(1) + p * scratch[i, c]))
+        else:
+            for i in range(rows):
+                out_row = out[b, start + i, d0:d0 + lanes]
+                z_row = z[b, start + i, d0:d0 + lanes]
+                for c in range(lanes):
+                    zv = z_row[c]
+                    out_row[c] = yl[i, c] * (zv / (1 + np.exp(-zv)))
         return None
 
     return impl
@@ -324,7 +459,7 @@ def _task_layout(task, blocks, Bg, Cg, dim):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward: y_t = C_t . h_t (before the D skip and the gate), in the (batch, L, dim) layout.
+# Forward: out_t = (C_t . h_t + D u_t) silu(z_t); u, delta, z and out in the (batch, L, dim) layout.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -333,7 +468,7 @@ def _forward_kernel(
     task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, b_const, Cc, Cg, c_const, Dv, z, has_z, window, chunk, blocks,
     zero, out, last, ckpt,
 ):
-    batch, dim, seqlen = u.shape
+    batch, seqlen, dim = u.shape
     n_state = At.shape[0]
     rows_max = min(chunk, seqlen)
     tile = tile_length(window)
@@ -346,20 +481,20 @@ def _forward_kernel(
         # the block's own stay 0, so the hot loops may run over the whole width.
         a = np.empty((tile_max, 1, width), u.dtype)
         a_scratch = np.empty((tile_max, 1, width), u.dtype)
-        x = np.empty((tile_max, width), u.dtype)
-        q = np.empty((tile_max, width), u.dtype)
+        hr = np.empty((tile_max, width), u.dtype)  # h^R over the tile
         scratch = np.empty((rows_max, width), u.dtype)
         dtl = np.zeros((rows_max, width), u.dtype)
         ul = np.zeros((rows_max, width), u.dtype)
         dtu = np.zeros((rows_max, width), u.dtype)
         yl = np.empty((rows_max, width), u.dtype)
-        zl = np.empty((rows_max, width), u.dtype)
         Al = np.zeros((n_state, width), u.dtype)
         Bl = np.zeros((n_state, width), u.dtype)
         Cl = np.zeros((n_state, width), u.dtype)
         h = np.zeros((n_state, width), u.dtype)
-        r = np.empty(width, u.dtype)
+        acc_max = np.empty(width, u.dtype)
+        acc_sum = np.empty(width, u.dtype)
         Al[:, :lanes] = At[:, d0:d1]
+        a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
         if b_const:
             Bl[:, :lanes] = Bc[:, d0:d1]
         if c_const:
@@ -367,38 +502,40 @@ def _forward_kernel(
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
-            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, scratch)
+            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, scratch)
             for i in range(rows):
+                u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
-                    ul[i, c] = u[b, d0 + c, start + i]
-            for i in range(rows):
-                for c in range(lanes):
+                    ul[i, c] = u_row[c]
                     dtu[i, c] = dtl[i, c] * ul[i, c]
-            fast = fast_exp_ok(dtl, rows, lanes, Al)
+            fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
             yl[:rows] = zero
             for ts in range(0, rows, tile):
                 tr = min(tile, rows - ts)
                 for n in range(n_state):
                     decay_rows_inline(dtl, ts, Al, n, n + 1, tr, width, a, a_scratch, fast)
                     if window > 1:
-                        # right to left inside each window: x_t = Δ_t u_t B_t and q_t = a_t h^R_{t+1}
+                        # right to left inside each window: h^R_t = a_t h^R_{t+1} + x_t, x_t = Δ_t u_t B_t
                         for ws in range(0, tr, window):
-                            r[:] = zero
-                            for j in range(min(ws + window, tr) - 1, ws - 1, -1):
+                            we = min(ws + window, tr) - 1
+                            bs = zero if b_const else Bg[bb, bg, start + ts + we, n]
+                            for c in range(width):
+                                hr[we, c] = dtu[ts + we, c] * (Bl[n, c] if b_const else bs)
+                            for j in range(we - 1, ws - 1, -1):
                                 bs = zero if b_const else Bg[bb, bg, start + ts + j, n]
                                 for c in range(width):
-                                    xv = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
-                                    qv = a[j, 0, c] * r[c]
-                                    x[j, c] = xv
-                                    q[j, c] = qv
-                                    r[c] = qv + xv
-                        # left to right: h^L, and y_t += C_t (h^L_t + q_t)
+                                    hr[j, c] = a[j, 0, c] * hr[j + 1, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                        # left to right: h^L, and y_t += C_t (h^L_t + h^R_t - x_t), x recomputed (cheaper
+                        # than storing it)
                         for j in range(tr):
-                            cs = zero if c_const else Cg[cb, cg, start + ts + j, n]
+                            t = start + ts + j
+                            bs = zero if b_const else Bg[bb, bg, t, n]
+                            cs = zero if c_const else Cg[cb, cg, t, n]
                             for c in range(width):
-                                hv = a[j, 0, c] * h[n, c] + x[j, c]
+                                xv = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                hv = a[j, 0, c] * h[n, c] + xv
                                 h[n, c] = hv
-                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (hv + q[j, c])
+                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (hv + hr[j, c] - xv)
                     else:  # vanilla scan: x formed on the fly, no local backward state
                         for j in range(tr):
                             t = start + ts + j
@@ -408,7 +545,7 @@ def _forward_kernel(
                                 hv = a[j, 0, c] * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
-            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, zl, scratch)
+            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch)
         last[b, d0:d1, :] = h[:, :lanes].T
 
 
@@ -419,10 +556,10 @@ def _forward_kernel(
 
 @njit(**_JIT)
 def _backward_kernel(
-    task_lo, task_hi, width, dy, dlast, has_dlast, u, dt, At, Bc, Bg, b_const, Cc, Cg, c_const, window, chunk, ckpt, blocks, zero, want_y,
-    y, du, ddt, dA_part, dB_part, dC_part,
+    task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, b_const, Cc, Cg, c_const, Dv, z, has_z,
+    window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
 ):
-    batch, dim, seqlen = u.shape
+    batch, seqlen, dim = u.shape
     n_state = At.shape[0]
     n_chunks = ckpt.shape[1]
     rows_max = min(chunk, seqlen)
@@ -436,12 +573,15 @@ def _backward_kernel(
         gr = np.empty((rows_max, n_state, width), u.dtype)
         scratch = np.empty((rows_max, n_state, width), u.dtype)
         dtl = np.empty((rows_max, width), u.dtype)
+        slope = np.empty((rows_max, width), u.dtype)  # dΔ / d(delta)
         ul = np.empty((rows_max, width), u.dtype)
         dtu = np.empty((rows_max, width), u.dtype)
-        dyl = np.empty((rows_max, width), u.dtype)
-        dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states, then times Δ
+        dyl = np.empty((rows_max, width), u.dtype)  # the gradient reaching y (before the gate)
+        gz = np.empty((rows_max, width), u.dtype)  # dz / y
+        dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states
         ddtl = np.empty((rows_max, width), u.dtype)
         yl = np.empty((rows_max, width), u.dtype)
+        row_scratch = np.empty((rows_max, width), u.dtype)
         r = np.empty((n_state, width), u.dtype)
         Al = np.empty((n_state, width), u.dtype)
         bv = np.zeros((n_state, width), u.dtype)  # B and C of the current position, per lane
@@ -450,7 +590,13 @@ def _backward_kernel(
         dA_acc = np.zeros((n_state, width), u.dtype)
         dB_acc = np.zeros((n_state, width), u.dtype)
         dC_acc = np.zeros((n_state, width), u.dtype)
+        dD_acc = np.zeros(width, u.dtype)
+        dbias_acc = np.zeros(width, u.dtype)
+        acc_max = np.empty(width, u.dtype)
+        acc_sum = np.empty(width, u.dtype)
+        D_blk = Dv[d0:d1]
         Al[:, :lanes] = At[:, d0:d1]
+        a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
         if has_dlast:
             carry[:, :lanes] = dlast[b, d0:d1, :].T
         if b_const:
@@ -460,14 +606,16 @@ def _backward_kernel(
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
             rows = min(chunk, seqlen - start)
-            dtl[:rows, :lanes] = dt[b, d0:d1, start:start + rows].T
-            ul[:rows, :lanes] = u[b, d0:d1, start:start + rows].T
-            dyl[:rows, :lanes] = dy[b, d0:d1, start:start + rows].T
+            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, row_scratch)
+            gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dyl, gz, row_scratch)
             for i in range(rows):
+                u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
+                    ul[i, c] = u_row[c]
                     dtu[i, c] = dtl[i, c] * ul[i, c]
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
-            decay_rows(dtl, 0, Al, 0, n_state, rows, lanes, a, scratch, fast_exp_ok(dtl, rows, lanes, Al))
+            fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
+            decay_rows(dtl, 0, Al, 0, n_state, rows, lanes, a, scratch, fast)
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
             hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
             for i in range(rows):
@@ -533,17 +681,43 @@ def _backward_kernel(
                         dB_part[blk, bb, bg, t, n] += dB_sum
                     if not c_const:
                         dC_part[blk, cb, cg, t, n] += dC_sum
+            # the chain rule through x = Δ u B, the D skip, softplus and the gate
+            for i in range(rows):
+                ddelta_row = ddelta[b, start + i, d0:d1]
+                du_row = du[b, start + i, d0:d1]
                 for c in range(lanes):
-                    dul[i, c] *= dtl[i, c]
-            du[b, d0:d1, start:start + rows] = dul[:rows, :lanes].T
-            ddt[b, d0:d1, start:start + rows] = ddtl[:rows, :lanes].T
-            if want_y:
-                y[b, d0:d1, start:start + rows] = yl[:rows, :lanes].T
+                    dyc = dyl[i, c]
+                    du_row[c] = dul[i, c] * dtl[i, c] + D_blk[c] * dyc
+                    ddt_v = ddtl[i, c] * slope[i, c]
+                    ddelta_row[c] = ddt_v
+                    dbias_acc[c] += ddt_v
+                    dD_acc[c] += dyc * ul[i, c]
+            if has_z:
+                for i in range(rows):
+                    dz_row = dz[b, start + i, d0:d1]
+                    for c in range(lanes):
+                        dz_row[c] = gz[i, c] * (yl[i, c] + D_blk[c] * ul[i, c])
+        dD_part[b, d0:d1] = dD_acc[:lanes]
+        dbias_part[b, d0:d1] = dbias_acc[:lanes]
         dA_part[b, :, d0:d1] = dA_acc[:, :lanes]
         if b_const:
             dB_part[0, b, 0, :, d0:d1] = dB_acc[:, :lanes]
         if c_const:
             dC_part[0, b, 0, :, d0:d1] = dC_acc[:, :lanes]
+
+
+# Task ranges edges[k]:edges[k + 1] in parallel. Two plain functions rather than one made by a
+# closure: numba cannot cache a closure over a dispatcher.
+@njit(parallel=True, nogil=True, cache=True)
+def _forward_parallel(edges, *args):
+    for k in prange(edges.shape[0] - 1):
+        _forward_kernel(edges[k], edges[k + 1], *args)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _backward_parallel(edges, *args):
+    for k in prange(edges.shape[0] - 1):
+        _backward_kernel(edges[k], edges[k + 1], *args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,64 +755,33 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(dtype).contiguous()
 
 
-_POOL = None
-_POOL_LOCK = threading.Lock()
+def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
+    """Run n_tasks tasks on torch.get_num_threads() threads, a few task ranges per thread (handed
+    out dynamically by OpenMP, so a slow thread does not hold up the rest)."""
+    threads = max(1, min(torch.get_num_threads(), n_tasks, numba.config.NUMBA_NUM_THREADS))
+    n_ranges = min(n_tasks, 4 * threads) if threads > 1 else 1
+    edges = np.asarray([n_tasks * k // n_ranges for k in range(n_ranges + 1)], dtype=np.int64)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        parallel_kernel(edges, *args)
+    finally:
+        numba.set_num_threads(previous)
 
 
-def _run_tasks(kernel, n_tasks: int, *args) -> None:
-    """Run kernel(lo, hi, *args) over task ranges on up to torch.get_num_threads() threads.
+def _channels_last(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """(batch, dim, L) -> (batch, L, dim) contiguous in the compute dtype, as the kernels read it.
 
-    The kernels release the GIL (nogil), so plain Python threads run them in parallel. Unlike numba's
-    OpenMP pool, idle threads here sleep instead of spinning, so they never fight PyTorch's own
-    OpenMP threads for the cores between the scan and the elementwise torch ops around it.
+    No copy when t is already laid out channels last (as the Mamba mixer's delta is); otherwise
+    torch's blocked transpose, several times faster than a strided copy inside the kernels.
     """
-    global _POOL
-    threads = max(1, min(torch.get_num_threads(), n_tasks))
-    if threads == 1:
-        kernel(0, n_tasks, *args)
-        return
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lbmamba-scan")
-        pool = _POOL
-    # a few ranges per thread, handed out dynamically, so a slow thread does not hold up the rest
-    n_ranges = min(n_tasks, 4 * threads)
-    edges = [n_tasks * k // n_ranges for k in range(n_ranges + 1)]
-    futures = [pool.submit(kernel, lo, hi, *args) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
-    for future in futures:
-        future.result()
+    return t.detach().transpose(1, 2).to(dtype).contiguous().numpy()
 
 
-def _pre_softplus(delta, delta_bias, dtype):
-    pre = delta.detach().to(dtype)
-    return pre + delta_bias.detach().to(dtype)[:, None] if delta_bias is not None else pre
-
-
-def _step(delta, delta_bias, delta_softplus, dtype):
-    """Δ = softplus(delta + delta_bias) (or without softplus), contiguous in the compute dtype."""
-    pre = _pre_softplus(delta, delta_bias, dtype)
-    return (F.softplus(pre) if delta_softplus else pre).contiguous()
-
-
-def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
-    ct = _compute_dtype(u)
-    batch, dim, seqlen = u.shape
-    dstate = A.shape[1]
-    out = torch.empty((batch, dim, seqlen), dtype=ct)
-    last = torch.empty((batch, dim, dstate), dtype=ct)
-    ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
-    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
-    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
-    width = block_width(batch, dim, torch.get_num_threads())
-    blocks = _blocks(dim, width, Bg.shape[1], Cg.shape[1])
-    _run_tasks(
-        _forward_kernel, batch * len(blocks), width,
-        _np(u, ct), _np(delta, ct), _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct),
-        Bc, Bg, b_const, Cc, Cg, c_const, _per_channel(D, dim, ct),
-        _np(z, ct) if z is not None else np.zeros((1, 1, 1), dtype=_np_dtype(ct)), z is not None,
-        int(window), chunk_length(window), blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
-    )
-    return out.to(u.dtype), last, ckpt
+def _channels_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, L, dim) kernel output as the op returns it: (batch, dim, L) contiguous, in dtype."""
+    batch, seqlen, dim = t.shape
+    return torch.empty((batch, dim, seqlen), dtype=dtype).copy_(t.transpose(1, 2))
 
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
@@ -646,17 +789,42 @@ def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
     return _np(t, dtype) if t is not None else np.zeros(dim, dtype=_np_dtype(dtype))
 
 
+def _optional(t, dtype: torch.dtype) -> np.ndarray:
+    """z channels last, or a placeholder of the right rank when absent."""
+    return _channels_last(t, dtype) if t is not None else np.zeros((1, 1, 1), dtype=_np_dtype(dtype))
+
+
+def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray):
+    width = block_width(batch, dim, torch.get_num_threads())
+    return width, _blocks(dim, width, Bg.shape[1], Cg.shape[1])
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
+    ct = _compute_dtype(u)
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    out = torch.empty((batch, seqlen, dim), dtype=ct)
+    last = torch.empty((batch, dim, dstate), dtype=ct)
+    ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
+    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
+    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
+    width, blocks = _tasks(batch, dim, Bg, Cg)
+    _run_tasks(
+        _forward_parallel, batch * len(blocks), width,
+        _channels_last(u, ct), _channels_last(delta, ct), _per_channel(delta_bias, dim, ct), bool(delta_softplus),
+        _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, _per_channel(D, dim, ct), _optional(z, ct), z is not None,
+        int(window), chunk_length(window), blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
+    )
+    return _channels_first(out, u.dtype), last, ckpt
+
+
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    u_c = _contiguous(u, ct)
-    g = _contiguous(dout, ct)
-    dy = F.silu(_contiguous(z, ct)).mul_(g) if z is not None else g
     Bc, Bg, b_const = _bc_kernel_layout(B, ct)
     Cc, Cg, c_const = _bc_kernel_layout(C, ct)
-    width = block_width(batch, dim, torch.get_num_threads())
-    blocks = _blocks(dim, width, Bg.shape[1], Cg.shape[1])
+    width, blocks = _tasks(batch, dim, Bg, Cg)
 
     def partial(is_const, grouped):
         # constant: one slot per batch element (lanes are channels); grouped: one per channel block
@@ -664,47 +832,32 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
             return torch.empty((1, batch, 1, dstate, dim), dtype=ct)
         return torch.zeros((len(blocks),) + grouped.shape, dtype=ct)
 
-    y = torch.empty((batch, dim, seqlen), dtype=ct) if z is not None else torch.empty((1, 1, 1), dtype=ct)
-    du = torch.empty((batch, dim, seqlen), dtype=ct)
-    ddt = torch.empty_like(du)
+    du = torch.empty((batch, seqlen, dim), dtype=ct)
+    ddelta = torch.empty_like(du)
+    dz = torch.empty_like(du) if z is not None else torch.empty((1, 1, 1), dtype=ct)
     dA_part = torch.empty((batch, dstate, dim), dtype=ct)
     dB_part, dC_part = partial(b_const, Bg), partial(c_const, Cg)
+    dD_part = torch.empty((batch, dim), dtype=ct)
+    dbias_part = torch.empty((batch, dim), dtype=ct)
     has_dlast = dlast_state is not None
     dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
-    dt = _step(delta, delta_bias, delta_softplus, ct)
     _run_tasks(
-        _backward_kernel, batch * len(blocks), width,
-        dy.numpy(), dlast, has_dlast, u_c.numpy(), dt.numpy(), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
-        int(window), chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), z is not None, y.numpy(),
-        du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+        _backward_parallel, batch * len(blocks), width,
+        _channels_last(dout, ct), dlast, has_dlast, _channels_last(u, ct), _channels_last(delta, ct),
+        _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
+        _per_channel(D, dim, ct), _optional(z, ct), z is not None, int(window), chunk_length(window),
+        _np(checkpoints, ct), blocks, _zero(ct), du.numpy(), ddelta.numpy(), dz.numpy(), dA_part.numpy(),
+        dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
     )
-    del dt
-    dz = u.new_empty((0,))
-    dD = (dy * u_c).sum((0, 2))
-    if D is not None:
-        D_c = _contiguous(D, ct)[:, None]
-        du.addcmul_(dy, D_c)
-        if z is not None:
-            y.addcmul_(D_c, u_c)
-    if z is not None:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
-        zc = _contiguous(z, ct)
-        s = torch.sigmoid(zc)
-        dz = torch.rsub(s, 1).mul_(zc).add_(1).mul_(s).mul_(y).mul_(g).to(z.dtype)
-    del y
-    if delta_softplus:  # softplus' = sigmoid, and the identity above torch's threshold of 20
-        # delta + bias again rather than kept alive across the kernel: one cheap elementwise op
-        # instead of a (batch, dim, L) buffer on the backward's memory peak
-        pre = _pre_softplus(delta, delta_bias, ct)
-        ddt.mul_(torch.sigmoid(pre).masked_fill_(pre > 20.0, 1.0))
-    dbias = ddt.sum((0, 2))
+    dD, dbias = dD_part.sum(0), dbias_part.sum(0)
     return (
-        du.to(u.dtype),
-        ddt.to(delta.dtype),
+        _channels_first(du, u.dtype),
+        _channels_first(ddelta, delta.dtype),
         dA_part.sum(0).t().to(A.dtype),
         _bc_grad(dB_part, B),
         _bc_grad(dC_part, C),
         dD.to(D.dtype) if D is not None else dD.float(),
-        dz,
+        _channels_first(dz, z.dtype) if z is not None else u.new_empty((0,)),
         dbias.to(delta_bias.dtype) if delta_bias is not None else dbias.float(),
     )
 
