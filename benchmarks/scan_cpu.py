@@ -1,10 +1,11 @@
 """CPU benchmark of the LB scan: lbmamba's fused backend against the alternatives a CPU user has.
 
-    python benchmarks/scan_cpu.py [--threads 2] [--rounds 15] [--json out.json]
+    python benchmarks/scan_cpu.py [--threads 2] [--rounds 15] [--slow-rounds 3] [--json out.json]
 
-In one process and at each shape, every variant runs once per round, in turn, so that noise from a
-shared machine hits all of them alike; the table reports medians over rounds, and each ratio is the
-median of the per-round ratios. Variants:
+In one process and at each shape, every variant runs once per round, in a fresh random order each
+round, so that noise from a shared machine (and the state one variant leaves for the next) hits all
+of them alike; the table reports medians over rounds, and each ratio is the median of the per-round
+ratios. The slow pure-PyTorch variants run only in the first --slow-rounds rounds. Variants:
   lb        lbmamba "cpu" backend, window "auto"
   w1        lbmamba "cpu" backend, window 1 (vanilla Mamba-1 scan)
   bi        two window-1 scans, the second on the flipped sequence (Vim's bidirectional cost)
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -115,7 +117,7 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def bench_shape(shape, rounds):
+def bench_shape(shape, rounds, slow_rounds):
     fwd_inputs = make_inputs(*shape)
     grad_inputs = make_inputs(*shape, requires_grad=True)
     big = torch.randn(shape[0], shape[1], shape[2], shape[3])
@@ -130,17 +132,20 @@ def bench_shape(shape, rounds):
             out.backward(torch.ones_like(out))
 
         jobs[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
-    slow = {"seq_ref", "mambapy"}
+    slow = {"seq_ref", "mambapy"}  # pure-PyTorch loops: no warm-up needed, fewer rounds
     times = {(name, kind): [] for name, kinds in jobs.items() for kind in kinds}
     for name, kinds in jobs.items():  # warm-up: compilation, allocator
-        for fn in kinds.values():
-            fn()
+        if name not in slow:
+            for fn in kinds.values():
+                fn()
+    order = [(name, kind) for name, kinds in jobs.items() for kind in kinds]
+    shuffle = random.Random(0).shuffle
     for r in range(rounds):
-        for name, kinds in jobs.items():
-            if name in slow and r >= max(3, rounds // 3):
+        shuffle(order)  # no variant always runs right after the same neighbour
+        for name, kind in order:
+            if name in slow and r >= slow_rounds:
                 continue
-            for kind, fn in kinds.items():
-                times[(name, kind)].append(timed(fn))
+            times[(name, kind)].append(timed(jobs[name][kind]))
     return times
 
 
@@ -196,6 +201,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--slow-rounds", type=int, default=3, help="rounds of seq_ref and mambapy (the first ones)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-memory", action="store_true")
@@ -210,7 +216,7 @@ def main():
     print(f"# {report['cpu']}, {args.threads} threads, torch {torch.__version__}, mambapy: {have_mambapy()}")
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
-        times = bench_shape(shape, args.rounds)
+        times = bench_shape(shape, args.rounds, args.slow_rounds)
         med = {f"{n}.{k}": statistics.median(v) * 1e3 for (n, k), v in times.items() if v}
         ratios = {
             "lb/w1 fwd": ratio(times, "lb", "w1", "fwd"),

@@ -160,6 +160,25 @@ def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int
 # which would fold k ln2_hi + k ln2_lo.
 
 
+def _decay(x, fast, e_bits, e_float, c):
+    """exp(x) at lane c of a vectorised loop: through `_exp_parts` and the lane's scratch (e_bits /
+    e_float: int32 and float32 views of one buffer) when `fast` (see fast_exp_ok), else libm."""
+
+
+@overload(_decay, inline="always")
+def _decay_impl(x, fast, e_bits, e_float, c):
+    if x == types.float32:
+        def impl(x, fast, e_bits, e_float, c):
+            if fast:
+                p, e = _exp_parts(x)
+                e_bits[c] = e
+                return p * e_float[c]
+            return np.exp(x)
+
+        return impl
+    return lambda x, fast, e_bits, e_float, c: np.exp(x)
+
+
 @njit(inline="always")
 def _exp_parts(x):
     k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
@@ -204,12 +223,7 @@ def decay_rows(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
     """
 
 
-def decay_rows_inline(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
-    """`decay_rows`, inlined into the caller, which must not be compiled with 'reassoc'."""
-
-
 @overload(decay_rows, jit_options=_JIT_EXACT)
-@overload(decay_rows_inline, inline='always')
 def _decay_rows_impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
     if out.dtype == types.float32:
         def impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
@@ -465,10 +479,13 @@ def _task_layout(task, blocks, Bg, Cg, dim):
 
 @njit(**_JIT_EXACT)  # no sums across lanes to vectorise; the inlined exponential needs exact flags
 def _forward_kernel(
-    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, b_const, Cc, Cg, c_const, Dv, z, has_z, window, chunk, blocks,
+    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z, window, chunk, blocks,
     zero, out, last, ckpt,
 ):
     batch, seqlen, dim = u.shape
+    # None for B / C given per position: numba compiles a kernel per case, with no branch on it
+    b_const = Bc is not None
+    c_const = Cc is not None
     n_state = At.shape[0]
     rows_max = min(chunk, seqlen)
     tile = tile_length(window)
@@ -479,9 +496,10 @@ def _forward_kernel(
         # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
         # the per-state tiles (a, x, q of one state over a tile of positions) stay in L1. Lanes past
         # the block's own stay 0, so the hot loops may run over the whole width.
-        a = np.empty((tile_max, 1, width), u.dtype)
-        a_scratch = np.empty((tile_max, 1, width), u.dtype)
-        hr = np.empty((tile_max, width), u.dtype)  # h^R over the tile
+        a = np.empty((tile_max, width), u.dtype)
+        hr = np.empty((tile_max + 1, width), u.dtype)  # h^R over the tile
+        e_float = np.empty(width, u.dtype)  # the exponential's scratch
+        e_bits = e_float.view(np.int32)
         scratch = np.empty((rows_max, width), u.dtype)
         dtl = np.zeros((rows_max, width), u.dtype)
         ul = np.zeros((rows_max, width), u.dtype)
@@ -495,9 +513,9 @@ def _forward_kernel(
         acc_sum = np.empty(width, u.dtype)
         Al[:, :lanes] = At[:, d0:d1]
         a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
-        if b_const:
+        if Bc is not None:
             Bl[:, :lanes] = Bc[:, d0:d1]
-        if c_const:
+        if Cc is not None:
             Cl[:, :lanes] = Cc[:, d0:d1]
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
@@ -513,18 +531,18 @@ def _forward_kernel(
             for ts in range(0, rows, tile):
                 tr = min(tile, rows - ts)
                 for n in range(n_state):
-                    decay_rows_inline(dtl, ts, Al, n, n + 1, tr, width, a, a_scratch, fast)
                     if window > 1:
-                        # right to left inside each window: h^R_t = a_t h^R_{t+1} + x_t, x_t = Δ_t u_t B_t
+                        # right to left inside each window: a_t = exp(Δ_t A), x_t = Δ_t u_t B_t and
+                        # h^R_t = a_t h^R_{t+1} + x_t, with h^R = 0 one past the window's end
                         for ws in range(0, tr, window):
                             we = min(ws + window, tr) - 1
-                            bs = zero if b_const else Bg[bb, bg, start + ts + we, n]
-                            for c in range(width):
-                                hr[we, c] = dtu[ts + we, c] * (Bl[n, c] if b_const else bs)
-                            for j in range(we - 1, ws - 1, -1):
+                            hr[we + 1] = zero
+                            for j in range(we, ws - 1, -1):
                                 bs = zero if b_const else Bg[bb, bg, start + ts + j, n]
                                 for c in range(width):
-                                    hr[j, c] = a[j, 0, c] * hr[j + 1, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                    av = _decay(dtl[ts + j, c] * Al[n, c], fast, e_bits, e_float, c)
+                                    a[j, c] = av
+                                    hr[j, c] = av * hr[j + 1, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                         # left to right: h^L, and y_t += C_t (h^L_t + h^R_t - x_t), x recomputed (cheaper
                         # than storing it)
                         for j in range(tr):
@@ -533,16 +551,17 @@ def _forward_kernel(
                             cs = zero if c_const else Cg[cb, cg, t, n]
                             for c in range(width):
                                 xv = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
-                                hv = a[j, 0, c] * h[n, c] + xv
+                                hv = a[j, c] * h[n, c] + xv
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (hv + hr[j, c] - xv)
-                    else:  # vanilla scan: x formed on the fly, no local backward state
+                    else:  # vanilla scan: a and x formed on the fly, no local backward state
                         for j in range(tr):
                             t = start + ts + j
                             bs = zero if b_const else Bg[bb, bg, t, n]
                             cs = zero if c_const else Cg[cb, cg, t, n]
                             for c in range(width):
-                                hv = a[j, 0, c] * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                av = _decay(dtl[ts + j, c] * Al[n, c], fast, e_bits, e_float, c)
+                                hv = av * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
             output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch)
@@ -556,10 +575,13 @@ def _forward_kernel(
 
 @njit(**_JIT)
 def _backward_kernel(
-    task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, b_const, Cc, Cg, c_const, Dv, z, has_z,
+    task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z,
     window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
 ):
     batch, seqlen, dim = u.shape
+    # None for B / C given per position: numba compiles a kernel per case, with no branch on it
+    b_const = Bc is not None
+    c_const = Cc is not None
     n_state = At.shape[0]
     n_chunks = ckpt.shape[1]
     rows_max = min(chunk, seqlen)
@@ -599,9 +621,9 @@ def _backward_kernel(
         a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
         if has_dlast:
             carry[:, :lanes] = dlast[b, d0:d1, :].T
-        if b_const:
+        if Bc is not None:
             bv[:, :lanes] = Bc[:, d0:d1]
-        if c_const:
+        if Cc is not None:
             cv[:, :lanes] = Cc[:, d0:d1]
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
@@ -739,11 +761,11 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
-    """(constant, grouped, is_constant): constant (dim, N) as (N, dim); grouped (batch, G, N, L) as
-    (batch, G, L, N). The unused one is a small placeholder with the right rank."""
+    """(constant, grouped): constant (dim, N) as (N, dim) and None when B / C is grouped; grouped
+    (batch, G, N, L) as (batch, G, L, N), a small placeholder with the right rank when constant."""
     if t.dim() == 2:
-        return _np(t.t(), dtype), np.zeros((1, 1, 1, 1), dtype=_np_dtype(dtype)), True
-    return np.zeros((1, 1), dtype=_np_dtype(dtype)), _np(t.transpose(2, 3), dtype), False
+        return _np(t.t(), dtype), np.zeros((1, 1, 1, 1), dtype=_np_dtype(dtype))
+    return None, _np(t.transpose(2, 3), dtype)
 
 
 def _np_dtype(dtype: torch.dtype):
@@ -806,13 +828,13 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     out = torch.empty((batch, seqlen, dim), dtype=ct)
     last = torch.empty((batch, dim, dstate), dtype=ct)
     ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
-    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
-    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
+    Bc, Bg = _bc_kernel_layout(B, ct)
+    Cc, Cg = _bc_kernel_layout(C, ct)
     width, blocks = _tasks(batch, dim, Bg, Cg)
     _run_tasks(
         _forward_parallel, batch * len(blocks), width,
         _channels_last(u, ct), _channels_last(delta, ct), _per_channel(delta_bias, dim, ct), bool(delta_softplus),
-        _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const, _per_channel(D, dim, ct), _optional(z, ct), z is not None,
+        _np(A.t(), ct), Bc, Bg, Cc, Cg, _per_channel(D, dim, ct), _optional(z, ct), z is not None,
         int(window), chunk_length(window), blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
     )
     return _channels_first(out, u.dtype), last, ckpt
@@ -822,8 +844,8 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    Bc, Bg, b_const = _bc_kernel_layout(B, ct)
-    Cc, Cg, c_const = _bc_kernel_layout(C, ct)
+    Bc, Bg = _bc_kernel_layout(B, ct)
+    Cc, Cg = _bc_kernel_layout(C, ct)
     width, blocks = _tasks(batch, dim, Bg, Cg)
 
     def partial(is_const, grouped):
@@ -836,7 +858,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     ddelta = torch.empty_like(du)
     dz = torch.empty_like(du) if z is not None else torch.empty((1, 1, 1), dtype=ct)
     dA_part = torch.empty((batch, dstate, dim), dtype=ct)
-    dB_part, dC_part = partial(b_const, Bg), partial(c_const, Cg)
+    dB_part, dC_part = partial(Bc is not None, Bg), partial(Cc is not None, Cg)
     dD_part = torch.empty((batch, dim), dtype=ct)
     dbias_part = torch.empty((batch, dim), dtype=ct)
     has_dlast = dlast_state is not None
@@ -844,7 +866,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     _run_tasks(
         _backward_parallel, batch * len(blocks), width,
         _channels_last(dout, ct), dlast, has_dlast, _channels_last(u, ct), _channels_last(delta, ct),
-        _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, b_const, Cc, Cg, c_const,
+        _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, Cc, Cg,
         _per_channel(D, dim, ct), _optional(z, ct), z is not None, int(window), chunk_length(window),
         _np(checkpoints, ct), blocks, _zero(ct), du.numpy(), ddelta.numpy(), dz.numpy(), dA_part.numpy(),
         dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
