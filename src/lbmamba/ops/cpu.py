@@ -2,31 +2,29 @@
 
 Why numba: it ships as a wheel on every platform PyTorch's CPU build runs on, needs no compiler at
 install time, compiles to vectorised machine code for the host CPU (AVX2 / AVX-512 where present),
-releases the GIL inside kernels (so a few Python threads run tasks in parallel), and caches compiled
-kernels on disk.
+runs parallel loops on the OpenMP runtime PyTorch already uses, and caches compiled kernels on disk.
 
-The elementwise parts that need transcendental functions per position (softplus of delta, the silu
-gate, the D skip) run in PyTorch's vectorised kernels around the numba kernels, which do the
-(L x N)-sized work: a_t = exp(Δ_t A) with a vectorised exponential, the two scans and every sum over
-states.
+Everything per position is fused into the kernels: Δ = softplus(delta + bias), a_t = exp(Δ_t A)
+(a vectorised exponential), both scans, the D skip and the silu gate, and in the backward every
+gradient including those of softplus and the gate. The kernels read and write (batch, L, dim)
+tensors, so that each position's channels are contiguous: the op transposes channel-first inputs
+with torch (several times faster than a strided copy in numba) and its outputs back.
 
 Layout of the numba work: each task is one batch element and one block of `width` channels (a block
-never straddles a group of B or C). Per chunk of positions, the task copies its (positions x
-channels) tiles into contiguous thread-local buffers, channels last, so that the innermost loops run
-over channels: LLVM turns them into SIMD code with no sums across SIMD lanes and no short loops over
-the N states. Tensors stay in the caller's (batch, dim, L) layout.
-- forward: chunks of `chunk_length(W)` positions (whole windows) are processed in order. A pass
-  right to left inside each window forms x_t = Δ_t B_t u_t and q_t = a_t h^R_{t+1} (what the local
-  backward state adds: h_t = h^L_t + q_t); a pass left to right runs h^L and accumulates
-  y_t = C_t·(h^L_t + q_t). Window 1 skips the first pass. h^L is saved at the start of every
-  chunk: these checkpoints are all the backward needs.
+never straddles a group of B or C); the innermost loops run over the block's channels, so LLVM turns
+them into SIMD code with no sums across SIMD lanes and no short loops over the N states.
+- forward: chunks of `chunk_length(W)` positions (whole windows) in order; h^L is saved at the start
+  of every chunk: these checkpoints are all the backward needs. Within a chunk, tiles of whole
+  windows, one state n at a time (the tile's buffers stay in L1): a pass right to left inside each
+  window computes a_t and the local backward state h^R_t = a_t h^R_{t+1} + x_t, then a pass left to
+  right runs h^L and accumulates y_t += C_t (h^L_t + h^R_t - x_t). Window 1 is a single pass.
 - backward: chunks are visited last to first; each is recomputed from its checkpoint into
-  thread-local buffers (chunk x N x lanes), then dh^R runs left to right (reset at each window
+  thread-local buffers (chunk x N x width), then dh^R runs left to right (reset at each window
   start) and dh^L right to left (carried across chunks), and every gradient is accumulated in the
   same sweep.
-Nothing of size (batch, dim, L, N) is ever allocated. Reductions over batch (A, constant B / C) or
-over the channels of a group (variable B / C) go to small per-task partial buffers summed
-afterwards, so the parallel loops never race.
+Nothing of size (batch, dim, L, N) is ever allocated. Reductions over batch (A, D, delta_bias,
+constant B / C) or over the channels of a group (variable B / C) go to small per-task partial
+buffers summed afterwards, so the parallel loops never race.
 
 Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for float64 inputs.
 """
