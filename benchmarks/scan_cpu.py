@@ -117,7 +117,7 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def bench_shape(shape, rounds, slow_rounds):
+def bench_shape(shape, rounds, slow_rounds, skip=()):
     fwd_inputs = make_inputs(*shape)
     grad_inputs = make_inputs(*shape, requires_grad=True)
     big = torch.randn(shape[0], shape[1], shape[2], shape[3])
@@ -131,7 +131,7 @@ def bench_shape(shape, rounds, slow_rounds):
             out = fn(**grad_inputs)
             out.backward(torch.ones_like(out))
 
-        jobs[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+        jobs[name] = {kind: fn for kind, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)) if f"{name}.{kind}" not in skip}
     slow = {"seq_ref", "mambapy"}  # pure-PyTorch loops: no warm-up needed, fewer rounds
     times = {(name, kind): [] for name, kinds in jobs.items() for kind in kinds}
     for name, kinds in jobs.items():  # warm-up: compilation, allocator
@@ -150,9 +150,9 @@ def bench_shape(shape, rounds, slow_rounds):
 
 
 def ratio(times, a, b, kind):
-    """Median of per-round ratios a / b (rounds where both ran)."""
-    pairs = zip(times[(a, kind)], times[(b, kind)])
-    return statistics.median(x / y for x, y in pairs)
+    """Median of per-round ratios a / b (rounds where both ran); None when one was skipped."""
+    pairs = list(zip(times.get((a, kind), []), times.get((b, kind), [])))
+    return statistics.median(x / y for x, y in pairs) if pairs else None
 
 
 def peak_memory(variant, shape_name):
@@ -205,6 +205,10 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--skip", action="append", default=[], metavar="VARIANT.KIND",
+        help="leave out e.g. seq_ref.fwd_bwd (at L = 4096 one call takes over 10 minutes); repeatable",
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,7 +220,7 @@ def main():
     print(f"# {report['cpu']}, {args.threads} threads, torch {torch.__version__}, mambapy: {have_mambapy()}")
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
-        times = bench_shape(shape, args.rounds, args.slow_rounds)
+        times = bench_shape(shape, args.rounds, args.slow_rounds, set(args.skip))
         med = {f"{n}.{k}": statistics.median(v) * 1e3 for (n, k), v in times.items() if v}
         ratios = {
             "lb/w1 fwd": ratio(times, "lb", "w1", "fwd"),
@@ -232,7 +236,7 @@ def main():
             ratios["mambapy/lb fwd+bwd"] = ratio(times, "mambapy", "lb", "fwd_bwd")
         entry = {"shape": shape, "median_ms": med, "ratios": ratios}
         if not args.no_memory:
-            entry["memory"] = {v: peak_memory(v, shape_name) for v in variants()}
+            entry["memory"] = {v: peak_memory(v, shape_name) for v in variants() if f"{v}.fwd_bwd" not in args.skip}
         report["shapes"][shape_name] = entry
         print(f"\n## {shape_name} (batch, dim, L, N) = {shape}\n")
         print("| variant | fwd ms | fwd+bwd ms | extra peak mem fwd+bwd / inputs |")
@@ -244,7 +248,7 @@ def main():
             print(f"| {name} | {med[name + '.fwd']:.2f} | {'-' if fb is None else f'{fb:.2f}'} | {mem_s} |")
         print()
         for k, v in ratios.items():
-            print(f"- {k}: {v:.2f}")
+            print(f"- {k}: {'skipped' if v is None else f'{v:.2f}'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

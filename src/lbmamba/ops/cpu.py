@@ -177,6 +177,22 @@ def _decay_impl(x, fast, e_bits, e_float, c):
     return lambda x, fast, e_bits, e_float, c: np.exp(x)
 
 
+def _exp_clamped(x, e_bits, e_float, c):
+    """exp(x) at lane c of a vectorised loop, for the gate's sigmoid: float32 x is clamped to ±87 (NaN
+    to a finite value), where the result under- or overflows float32 anyway; float64 goes to libm."""
+
+
+@overload(_exp_clamped, inline="always")
+def _exp_clamped_impl(x, e_bits, e_float, c):
+    if x == types.float32:
+        def impl(x, e_bits, e_float, c):
+            m = x if x < np.float32(87) else np.float32(87)
+            return _decay(m if m > np.float32(-87) else np.float32(-87), True, e_bits, e_float, c)
+
+        return impl
+    return lambda x, e_bits, e_float, c: np.exp(x)
+
+
 @njit(inline="always")
 def _exp_parts(x):
     k = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
@@ -214,60 +230,32 @@ def fast_exp_ok(dt_max, a_max):
     return dt_max * a_max <= 87.3
 
 
-def decay_rows(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
-    """out[i, n - n0, c] = exp(dt[row0 + i, c] * A[n, c]) for i < rows, n0 <= n < n1, c < lanes.
-
-    `scratch` is shaped like out; `fast` (from `fast_exp_ok`) allows the vectorised exponential.
-    """
-
-
-@overload(decay_rows, jit_options=_JIT_EXACT)
-def _decay_rows_impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
-    if out.dtype == types.float32:
-        def impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
-            if not fast:
-                for i in range(rows):
-                    for n in range(n0, n1):
-                        for c in range(lanes):
-                            out[i, n - n0, c] = np.exp(dt[row0 + i, c] * A[n, c])
-                return None
-            bits = scratch.view(np.int32)
-            for i in range(rows):
-                for n in range(n0, n1):
-                    for c in range(lanes):
-                        p, e = _exp_parts(dt[row0 + i, c] * A[n, c])
-                        bits[i, n - n0, c] = e
-                        out[i, n - n0, c] = p * scratch[i, n - n0, c]
-            return None
-
-        return impl
-
-    def impl(dt, row0, A, n0, n1, rows, lanes, out, scratch, fast):
-        for i in range(rows):
-            for n in range(n0, n1):
-                for c in range(lanes):
-                    out[i, n - n0, c] = np.exp(dt[row0 + i, c] * A[n, c])
-        return None
-
-    return impl
+@njit(**_JIT_EXACT)
+def decay_block(dt, A, rows, lanes, out, e_float, fast):
+    """out[i, n, c] = exp(dt[i, c] * A[n, c]) for i < rows, c < lanes; e_float: `lanes` floats of
+    scratch. A function of its own, so that kernels compiled with 'reassoc' do not inline it."""
+    e_bits = e_float.view(np.int32)
+    for i in range(rows):
+        for n in range(A.shape[0]):
+            for c in range(lanes):
+                out[i, n, c] = _decay(dt[i, c] * A[n, c], fast, e_bits, e_float, c)
 
 
-def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
+def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
     """out[i, c] = Δ of channel d0 + c at position start + i: delta + bias, through softplus if asked;
     with want_slope, slope[i, c] = dΔ / d(delta) (sigmoid of the argument, 1 above the threshold).
 
     delta is (batch, L, dim). softplus(x) = x above torch's threshold of 20, else
     max(x, 0) + log1p(t) with t = exp(-|x|), and log1p(t) = 2 atanh(t / (2 + t)) as a series in
-    s = t / (2 + t) <= 1/3 (error below 2e-8); sigmoid(x) = (1 or t) / (1 + t). `scratch` is a float
-    buffer at least as large as out.
+    s = t / (2 + t) <= 1/3 (error below 2e-8); sigmoid(x) = (1 or t) / (1 + t).
     """
 
 
 @overload(step_rows, jit_options=_JIT_EXACT)
-def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
+def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
     vectorised = out.dtype == types.float32
 
-    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, scratch):
+    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
         # rows and blocks as 1-d slices: an index d0 + c could be negative for numba, whose wraparound
         # handling would turn these contiguous loads into gathers
         bias_blk = bias[d0:d0 + lanes]
@@ -287,23 +275,19 @@ def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope
                     if want_slope:
                         slope[i, c] = 1 if x > 20 else 1 / (1 + np.exp(-x))
             return None
-        bits = scratch.view(np.int32)
+        e_bits = e_float.view(np.int32)
         if want_slope:
             for i in range(rows):
                 for c in range(lanes):
                     x = out[i, c]
-                    p, e = _exp_parts(_softplus_reduced(x))
-                    bits[i, c] = e
-                    t = p * scratch[i, c]
+                    t = _decay(_softplus_reduced(x), True, e_bits, e_float, c)
                     out[i, c] = _softplus_from(x, t)
                     slope[i, c] = _sigmoid_from(x, t)
         else:  # a separate loop: LLVM does not vectorise the one above with the store made conditional
             for i in range(rows):
                 for c in range(lanes):
                     x = out[i, c]
-                    p, e = _exp_parts(_softplus_reduced(x))
-                    bits[i, c] = e
-                    out[i, c] = _softplus_from(x, p * scratch[i, c])
+                    out[i, c] = _softplus_from(x, _decay(_softplus_reduced(x), True, e_bits, e_float, c))
         return None
 
     return impl
@@ -339,91 +323,43 @@ def _sigmoid_from(x, t):
     return one if x > np.float32(20) else (one if x >= np.float32(0) else t) / (one + t)
 
 
-def gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
+@njit(**_JIT_EXACT)
+def gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dy, gz, e_float):
     """dy[i, c] = g silu(z) (the gradient reaching y) and gz[i, c] = g silu'(z) (dz = gz y) at
     channel d0 + c, position start + i; g and z are (batch, L, dim). Without z, dy = g."""
-
-
-@overload(gate_grad_rows, jit_options=_JIT_EXACT)
-def _gate_grad_rows_impl(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
-    vectorised = dy.dtype == types.float32
-
-    def impl(g, z, has_z, b, d0, lanes, start, rows, dy, gz, scratch):
+    e_bits = e_float.view(np.int32)
+    for i in range(rows):
+        g_row = g[b, start + i, d0:d0 + lanes]
         if not has_z:
-            for i in range(rows):
-                g_row = g[b, start + i, d0:d0 + lanes]
-                for c in range(lanes):
-                    dy[i, c] = g_row[c]
-            return None
-        bits = scratch.view(np.int32)
-        one = np.float32(1)
-        for i in range(rows):
-            g_row = g[b, start + i, d0:d0 + lanes]
-            z_row = z[b, start + i, d0:d0 + lanes]
-            for c in range(lanes):
-                zv = z_row[c]
-                gv = g_row[c]
-                if vectorised:
-                    m = -zv
-                    m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
-                    m = m if m > np.float32(-87) else np.float32(-87)
-                    p, e = _exp_parts(m)
-                    bits[i, c] = e
-                    sig = one / (one + p * scratch[i, c])
-                else:
-                    sig = 1 / (1 + np.exp(-zv))
-                dy[i, c] = gv * zv * sig
-                gz[i, c] = gv * sig * (1 + zv * (1 - sig))
-        return None
-
-    return impl
+            dy[i, :lanes] = g_row
+            continue
+        z_row = z[b, start + i, d0:d0 + lanes]
+        for c in range(lanes):
+            zv = z_row[c]
+            sig = 1 / (1 + _exp_clamped(-zv, e_bits, e_float, c))
+            dy[i, c] = g_row[c] * zv * sig
+            gz[i, c] = g_row[c] * sig * (1 + zv * (1 - sig))
 
 
-def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
+@njit(**_JIT_EXACT)
+def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, e_float):
     """out[b, start + i, d0 + c] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z[b, start + i, d0 + c]).
 
-    z and out are (batch, L, dim); silu(z) = z / (1 + exp(-z)); without z, no gate. `scratch` is a
-    float buffer like yl.
+    z and out are (batch, L, dim); silu(z) = z / (1 + exp(-z)); without z, no gate.
     """
-
-
-@overload(output_rows, jit_options=_JIT_EXACT)
-def _output_rows_impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
-    vectorised = yl.dtype == types.float32
-
-    def impl(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch):
-        D_blk = Dv[d0:d0 + lanes]
-        for i in range(rows):
-            for c in range(lanes):
-                yl[i, c] += D_blk[c] * ul[i, c]
+    e_bits = e_float.view(np.int32)
+    D_blk = Dv[d0:d0 + lanes]
+    for i in range(rows):
+        out_row = out[b, start + i, d0:d0 + lanes]
+        for c in range(lanes):
+            yl[i, c] += D_blk[c] * ul[i, c]
         if not has_z:
-            for i in range(rows):
-                out_row = out[b, start + i, d0:d0 + lanes]
-                for c in range(lanes):
-                    out_row[c] = yl[i, c]
-        elif vectorised:
-            bits = scratch.view(np.int32)
-            for i in range(rows):
-                out_row = out[b, start + i, d0:d0 + lanes]
-                z_row = z[b, start + i, d0:d0 + lanes]
-                for c in range(lanes):
-                    zv = z_row[c]
-                    m = -zv
-                    m = m if m < np.float32(87) else np.float32(87)  # NaN: any finite value
-                    m = m if m > np.float32(-87) else np.float32(-87)
-                    p, e = _exp_parts(m)
-                    bits[i, c] = e
-                    out_row[c] = yl[i, c] * (zv / (np.float32(1) + p * scratch[i, c]))
-        else:
-            for i in range(rows):
-                out_row = out[b, start + i, d0:d0 + lanes]
-                z_row = z[b, start + i, d0:d0 + lanes]
-                for c in range(lanes):
-                    zv = z_row[c]
-                    out_row[c] = yl[i, c] * (zv / (1 + np.exp(-zv)))
-        return None
-
-    return impl
+            out_row[:] = yl[i, :lanes]
+            continue
+        z_row = z[b, start + i, d0:d0 + lanes]
+        for c in range(lanes):
+            zv = z_row[c]
+            out_row[c] = yl[i, c] * (zv / (1 + _exp_clamped(-zv, e_bits, e_float, c)))
 
 
 @njit(**_JIT)
@@ -498,7 +434,6 @@ def _forward_kernel(
         hr = np.empty((tile_max + 1, width), u.dtype)  # h^R over the tile
         e_float = np.empty(width, u.dtype)  # the exponential's scratch
         e_bits = e_float.view(np.int32)
-        scratch = np.empty((rows_max, width), u.dtype)
         dtl = np.zeros((rows_max, width), u.dtype)
         ul = np.zeros((rows_max, width), u.dtype)
         dtu = np.zeros((rows_max, width), u.dtype)
@@ -518,7 +453,7 @@ def _forward_kernel(
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
-            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, scratch)
+            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, e_float)
             for i in range(rows):
                 u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
@@ -562,7 +497,7 @@ def _forward_kernel(
                                 hv = av * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
-            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, scratch)
+            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, e_float)
         last[b, d0:d1, :] = h[:, :lanes].T
 
 
@@ -591,7 +526,7 @@ def _backward_kernel(
         q = np.zeros((rows_max, n_state, width), u.dtype)
         hl = np.empty((rows_max + 1, n_state, width), u.dtype)  # row i holds h^L_{i-1}
         gr = np.empty((rows_max, n_state, width), u.dtype)
-        scratch = np.empty((rows_max, n_state, width), u.dtype)
+        e_float = np.empty(width, u.dtype)  # the exponential's scratch
         dtl = np.empty((rows_max, width), u.dtype)
         slope = np.empty((rows_max, width), u.dtype)  # dΔ / d(delta)
         ul = np.empty((rows_max, width), u.dtype)
@@ -601,7 +536,6 @@ def _backward_kernel(
         dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states
         ddtl = np.empty((rows_max, width), u.dtype)
         yl = np.empty((rows_max, width), u.dtype)
-        row_scratch = np.empty((rows_max, width), u.dtype)
         r = np.empty((n_state, width), u.dtype)
         Al = np.empty((n_state, width), u.dtype)
         bv = np.zeros((n_state, width), u.dtype)  # B and C of the current position, per lane
@@ -626,8 +560,8 @@ def _backward_kernel(
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
             rows = min(chunk, seqlen - start)
-            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, row_scratch)
-            gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dyl, gz, row_scratch)
+            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, e_float)
+            gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dyl, gz, e_float)
             for i in range(rows):
                 u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
@@ -635,7 +569,7 @@ def _backward_kernel(
                     dtu[i, c] = dtl[i, c] * ul[i, c]
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
             fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
-            decay_rows(dtl, 0, Al, 0, n_state, rows, lanes, a, scratch, fast)
+            decay_block(dtl, Al, rows, lanes, a, e_float, fast)
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
             hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
             for i in range(rows):
