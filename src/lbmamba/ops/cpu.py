@@ -241,28 +241,51 @@ def decay_block(dt, A, rows, lanes, out, e_float, fast):
                 out[i, n, c] = _decay(dt[i, c] * A[n, c], fast, e_bits, e_float, c)
 
 
-def step_rows(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
+@njit(**_JIT_EXACT)
+def load_block(src, src_cl, b, d0, lanes, start, rows, dst):
+    """dst[i, c] = the value of channel d0 + c at position start + i of batch element b; src is
+    (batch, L, dim) when src_cl, else (batch, dim, L) (then the copy is a transpose)."""
+    if src_cl:
+        for i in range(rows):
+            row = src[b, start + i, d0:d0 + lanes]  # 1-d slices: numba's handling of possibly
+            for c in range(lanes):                  # negative indices would turn loads into gathers
+                dst[i, c] = row[c]
+    else:
+        for c in range(lanes):
+            row = src[b, d0 + c, start:start + rows]
+            for i in range(rows):
+                dst[i, c] = row[i]
+
+
+@njit(**_JIT_EXACT)
+def store_block(dst, b, d0, lanes, start, rows, src):
+    """The inverse of load_block into a (batch, dim, L) tensor: dst[b, d0 + c, start + i] = src[i, c]."""
+    for c in range(lanes):
+        row = dst[b, d0 + c, start:start + rows]
+        for i in range(rows):
+            row[i] = src[i, c]
+
+
+def step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
     """out[i, c] = Δ of channel d0 + c at position start + i: delta + bias, through softplus if asked;
     with want_slope, slope[i, c] = dΔ / d(delta) (sigmoid of the argument, 1 above the threshold).
 
-    delta is (batch, L, dim). softplus(x) = x above torch's threshold of 20, else
+    delta is laid out as for load_block. softplus(x) = x above torch's threshold of 20, else
     max(x, 0) + log1p(t) with t = exp(-|x|), and log1p(t) = 2 atanh(t / (2 + t)) as a series in
     s = t / (2 + t) <= 1/3 (error below 2e-8); sigmoid(x) = (1 or t) / (1 + t).
     """
 
 
 @overload(step_rows, jit_options=_JIT_EXACT)
-def _step_rows_impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
+def _step_rows_impl(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
     vectorised = out.dtype == types.float32
 
-    def impl(delta, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
-        # rows and blocks as 1-d slices: an index d0 + c could be negative for numba, whose wraparound
-        # handling would turn these contiguous loads into gathers
+    def impl(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
+        load_block(delta, delta_cl, b, d0, lanes, start, rows, out)
         bias_blk = bias[d0:d0 + lanes]
         for i in range(rows):
-            delta_row = delta[b, start + i, d0:d0 + lanes]
             for c in range(lanes):
-                out[i, c] = delta_row[c] + bias_blk[c]
+                out[i, c] += bias_blk[c]
         if not softplus:
             if want_slope:
                 slope[:rows] = 1
@@ -324,42 +347,42 @@ def _sigmoid_from(x, t):
 
 
 @njit(**_JIT_EXACT)
-def gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dy, gz, e_float):
+def gate_grad_rows(g, g_cl, z, z_cl, has_z, b, d0, lanes, start, rows, dy, gz, e_float):
     """dy[i, c] = g silu(z) (the gradient reaching y) and gz[i, c] = g silu'(z) (dz = gz y) at
-    channel d0 + c, position start + i; g and z are (batch, L, dim). Without z, dy = g."""
+    channel d0 + c, position start + i; g and z laid out as for load_block. Without z, dy = g."""
+    load_block(g, g_cl, b, d0, lanes, start, rows, dy)
+    if not has_z:
+        return
+    load_block(z, z_cl, b, d0, lanes, start, rows, gz)
     e_bits = e_float.view(np.int32)
     for i in range(rows):
-        g_row = g[b, start + i, d0:d0 + lanes]
-        if not has_z:
-            dy[i, :lanes] = g_row
-            continue
-        z_row = z[b, start + i, d0:d0 + lanes]
         for c in range(lanes):
-            zv = z_row[c]
+            gv = dy[i, c]
+            zv = gz[i, c]
             sig = 1 / (1 + _exp_clamped(-zv, e_bits, e_float, c))
-            dy[i, c] = g_row[c] * zv * sig
-            gz[i, c] = g_row[c] * sig * (1 + zv * (1 - sig))
+            dy[i, c] = gv * zv * sig
+            gz[i, c] = gv * sig * (1 + zv * (1 - sig))
 
 
 @njit(**_JIT_EXACT)
-def output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, e_float):
-    """out[b, start + i, d0 + c] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z[b, start + i, d0 + c]).
+def output_rows(yl, ul, zl, Dv, z, z_cl, has_z, b, d0, lanes, start, rows, out, e_float):
+    """out[b, d0 + c, start + i] = (yl[i, c] + D[d0 + c] ul[i, c]) * silu(z at the same place).
 
-    z and out are (batch, L, dim); silu(z) = z / (1 + exp(-z)); without z, no gate.
+    out is (batch, dim, L); z is laid out as for load_block (zl: a buffer for it); silu(z) =
+    z / (1 + exp(-z)); without z, no gate.
     """
-    e_bits = e_float.view(np.int32)
     D_blk = Dv[d0:d0 + lanes]
     for i in range(rows):
-        out_row = out[b, start + i, d0:d0 + lanes]
         for c in range(lanes):
             yl[i, c] += D_blk[c] * ul[i, c]
-        if not has_z:
-            out_row[:] = yl[i, :lanes]
-            continue
-        z_row = z[b, start + i, d0:d0 + lanes]
-        for c in range(lanes):
-            zv = z_row[c]
-            out_row[c] = yl[i, c] * (zv / (1 + _exp_clamped(-zv, e_bits, e_float, c)))
+    if has_z:
+        load_block(z, z_cl, b, d0, lanes, start, rows, zl)
+        e_bits = e_float.view(np.int32)
+        for i in range(rows):
+            for c in range(lanes):
+                zv = zl[i, c]
+                yl[i, c] *= zv / (1 + _exp_clamped(-zv, e_bits, e_float, c))
+    store_block(out, b, d0, lanes, start, rows, yl)
 
 
 @njit(**_JIT)
@@ -413,10 +436,11 @@ def _task_layout(task, blocks, Bg, Cg, dim):
 
 @njit(**_JIT_EXACT)  # no sums across lanes to vectorise; the inlined exponential needs exact flags
 def _forward_kernel(
-    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z, window, chunk, blocks,
-    zero, out, last, ckpt,
+    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z, u_cl, delta_cl, z_cl, window,
+    chunk, blocks, zero, out, last, ckpt,
 ):
-    batch, seqlen, dim = u.shape
+    # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
+    batch, dim, seqlen = out.shape
     # None for B / C given per position: numba compiles a kernel per case, with no branch on it
     b_const = Bc is not None
     c_const = Cc is not None
@@ -438,6 +462,7 @@ def _forward_kernel(
         ul = np.zeros((rows_max, width), u.dtype)
         dtu = np.zeros((rows_max, width), u.dtype)
         yl = np.empty((rows_max, width), u.dtype)
+        zl = np.empty((rows_max, width), u.dtype)
         Al = np.zeros((n_state, width), u.dtype)
         Bl = np.zeros((n_state, width), u.dtype)
         Cl = np.zeros((n_state, width), u.dtype)
@@ -453,11 +478,10 @@ def _forward_kernel(
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
-            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, e_float)
+            step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, e_float)
+            load_block(u, u_cl, b, d0, lanes, start, rows, ul)
             for i in range(rows):
-                u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
-                    ul[i, c] = u_row[c]
                     dtu[i, c] = dtl[i, c] * ul[i, c]
             fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
             yl[:rows] = zero
@@ -497,7 +521,7 @@ def _forward_kernel(
                                 hv = av * h[n, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
-            output_rows(yl, ul, Dv, z, has_z, b, d0, lanes, start, rows, out, e_float)
+            output_rows(yl, ul, zl, Dv, z, z_cl, has_z, b, d0, lanes, start, rows, out, e_float)
         last[b, d0:d1, :] = h[:, :lanes].T
 
 
@@ -509,9 +533,10 @@ def _forward_kernel(
 @njit(**_JIT)
 def _backward_kernel(
     task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z,
-    window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
+    g_cl, u_cl, delta_cl, z_cl, window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
 ):
-    batch, seqlen, dim = u.shape
+    # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
+    batch, dim, seqlen = du.shape
     # None for B / C given per position: numba compiles a kernel per case, with no branch on it
     b_const = Bc is not None
     c_const = Cc is not None
@@ -532,8 +557,8 @@ def _backward_kernel(
         ul = np.empty((rows_max, width), u.dtype)
         dtu = np.empty((rows_max, width), u.dtype)
         dyl = np.empty((rows_max, width), u.dtype)  # the gradient reaching y (before the gate)
-        gz = np.empty((rows_max, width), u.dtype)  # dz / y
-        dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states
+        gz = np.zeros((rows_max, width), u.dtype)  # dz / y
+        dul = np.empty((rows_max, width), u.dtype)  # dx·B summed over states, then du
         ddtl = np.empty((rows_max, width), u.dtype)
         yl = np.empty((rows_max, width), u.dtype)
         r = np.empty((n_state, width), u.dtype)
@@ -560,12 +585,11 @@ def _backward_kernel(
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
             rows = min(chunk, seqlen - start)
-            step_rows(delta, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, e_float)
-            gate_grad_rows(g, z, has_z, b, d0, lanes, start, rows, dyl, gz, e_float)
+            step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, e_float)
+            gate_grad_rows(g, g_cl, z, z_cl, has_z, b, d0, lanes, start, rows, dyl, gz, e_float)
+            load_block(u, u_cl, b, d0, lanes, start, rows, ul)
             for i in range(rows):
-                u_row = u[b, start + i, d0:d0 + lanes]
                 for c in range(lanes):
-                    ul[i, c] = u_row[c]
                     dtu[i, c] = dtl[i, c] * ul[i, c]
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
             fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
@@ -637,20 +661,17 @@ def _backward_kernel(
                         dC_part[blk, cb, cg, t, n] += dC_sum
             # the chain rule through x = Δ u B, the D skip, softplus and the gate
             for i in range(rows):
-                ddelta_row = ddelta[b, start + i, d0:d1]
-                du_row = du[b, start + i, d0:d1]
                 for c in range(lanes):
                     dyc = dyl[i, c]
-                    du_row[c] = dul[i, c] * dtl[i, c] + D_blk[c] * dyc
-                    ddt_v = ddtl[i, c] * slope[i, c]
-                    ddelta_row[c] = ddt_v
-                    dbias_acc[c] += ddt_v
+                    dul[i, c] = dul[i, c] * dtl[i, c] + D_blk[c] * dyc
+                    ddtl[i, c] *= slope[i, c]
+                    dbias_acc[c] += ddtl[i, c]
                     dD_acc[c] += dyc * ul[i, c]
+                    gz[i, c] *= yl[i, c] + D_blk[c] * ul[i, c]
+            store_block(du, b, d0, lanes, start, rows, dul)
+            store_block(ddelta, b, d0, lanes, start, rows, ddtl)
             if has_z:
-                for i in range(rows):
-                    dz_row = dz[b, start + i, d0:d1]
-                    for c in range(lanes):
-                        dz_row[c] = gz[i, c] * (yl[i, c] + D_blk[c] * ul[i, c])
+                store_block(dz, b, d0, lanes, start, rows, gz)
         dD_part[b, d0:d1] = dD_acc[:lanes]
         dbias_part[b, d0:d1] = dbias_acc[:lanes]
         dA_part[b, :, d0:d1] = dA_acc[:, :lanes]
@@ -723,29 +744,22 @@ def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
         numba.set_num_threads(previous)
 
 
-def _channels_last(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """(batch, dim, L) -> (batch, L, dim) contiguous in the compute dtype, as the kernels read it.
-
-    No copy when t is already laid out channels last (as the Mamba mixer's delta is); otherwise
-    torch's blocked transpose, several times faster than a strided copy inside the kernels.
-    """
-    return t.detach().transpose(1, 2).to(dtype).contiguous().numpy()
-
-
-def _channels_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (batch, L, dim) kernel output as the op returns it: (batch, dim, L) contiguous, in dtype."""
-    batch, seqlen, dim = t.shape
-    return torch.empty((batch, dim, seqlen), dtype=dtype).copy_(t.transpose(1, 2))
+def _kernel_layout(t, dtype: torch.dtype):
+    """(array, channels_last): a (batch, dim, L) tensor as the kernels read it, in the compute dtype:
+    its (batch, L, dim) view when its memory is laid out that way (as the Mamba mixer's delta is),
+    else (batch, dim, L) contiguous. The kernels transpose blocks as they load them, so neither
+    layout costs a copy of the whole tensor. None (no z): a placeholder of the right rank."""
+    if t is None:
+        return np.zeros((1, 1, 1), dtype=_np_dtype(dtype)), False
+    t = t.detach().to(dtype)
+    if t.transpose(1, 2).is_contiguous():
+        return t.transpose(1, 2).numpy(), True
+    return t.contiguous().numpy(), False
 
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
     """D or delta_bias as a (dim,) array; zeros when absent."""
     return _np(t, dtype) if t is not None else np.zeros(dim, dtype=_np_dtype(dtype))
-
-
-def _optional(t, dtype: torch.dtype) -> np.ndarray:
-    """z channels last, or a placeholder of the right rank when absent."""
-    return _channels_last(t, dtype) if t is not None else np.zeros((1, 1, 1), dtype=_np_dtype(dtype))
 
 
 def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray):
@@ -757,19 +771,20 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    out = torch.empty((batch, seqlen, dim), dtype=ct)
+    out = torch.empty((batch, dim, seqlen), dtype=ct)
     last = torch.empty((batch, dim, dstate), dtype=ct)
     ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
     Bc, Bg = _bc_kernel_layout(B, ct)
     Cc, Cg = _bc_kernel_layout(C, ct)
     width, blocks = _tasks(batch, dim, Bg, Cg)
+    (u_k, u_cl), (delta_k, delta_cl), (z_k, z_cl) = (_kernel_layout(t, ct) for t in (u, delta, z))
     _run_tasks(
         _forward_parallel, batch * len(blocks), width,
-        _channels_last(u, ct), _channels_last(delta, ct), _per_channel(delta_bias, dim, ct), bool(delta_softplus),
-        _np(A.t(), ct), Bc, Bg, Cc, Cg, _per_channel(D, dim, ct), _optional(z, ct), z is not None,
-        int(window), chunk_length(window), blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
+        u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, Cc, Cg,
+        _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, int(window), chunk_length(window),
+        blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
     )
-    return _channels_first(out, u.dtype), last, ckpt
+    return out.to(u.dtype), last, ckpt
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
@@ -786,7 +801,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
             return torch.empty((1, batch, 1, dstate, dim), dtype=ct)
         return torch.zeros((len(blocks),) + grouped.shape, dtype=ct)
 
-    du = torch.empty((batch, seqlen, dim), dtype=ct)
+    du = torch.empty((batch, dim, seqlen), dtype=ct)
     ddelta = torch.empty_like(du)
     dz = torch.empty_like(du) if z is not None else torch.empty((1, 1, 1), dtype=ct)
     dA_part = torch.empty((batch, dstate, dim), dtype=ct)
@@ -795,23 +810,23 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dbias_part = torch.empty((batch, dim), dtype=ct)
     has_dlast = dlast_state is not None
     dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
+    (g_k, g_cl), (u_k, u_cl), (delta_k, delta_cl), (z_k, z_cl) = (_kernel_layout(t, ct) for t in (dout, u, delta, z))
     _run_tasks(
         _backward_parallel, batch * len(blocks), width,
-        _channels_last(dout, ct), dlast, has_dlast, _channels_last(u, ct), _channels_last(delta, ct),
-        _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, Cc, Cg,
-        _per_channel(D, dim, ct), _optional(z, ct), z is not None, int(window), chunk_length(window),
-        _np(checkpoints, ct), blocks, _zero(ct), du.numpy(), ddelta.numpy(), dz.numpy(), dA_part.numpy(),
-        dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
+        g_k, dlast, has_dlast, u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct),
+        Bc, Bg, Cc, Cg, _per_channel(D, dim, ct), z_k, z is not None, g_cl, u_cl, delta_cl, z_cl, int(window),
+        chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), du.numpy(), ddelta.numpy(), dz.numpy(),
+        dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
     )
     dD, dbias = dD_part.sum(0), dbias_part.sum(0)
     return (
-        _channels_first(du, u.dtype),
-        _channels_first(ddelta, delta.dtype),
+        du.to(u.dtype),
+        ddelta.to(delta.dtype),
         dA_part.sum(0).t().to(A.dtype),
         _bc_grad(dB_part, B),
         _bc_grad(dC_part, C),
         dD.to(D.dtype) if D is not None else dD.float(),
-        _channels_first(dz, z.dtype) if z is not None else u.new_empty((0,)),
+        dz.to(z.dtype) if z is not None else u.new_empty((0,)),
         dbias.to(delta_bias.dtype) if delta_bias is not None else dbias.float(),
     )
 
