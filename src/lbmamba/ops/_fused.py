@@ -120,7 +120,7 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
     u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
     delta_softplus, window, backend = ctx.scan_options
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = lb_scan_bwd(
-        dout.contiguous(), dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend, checkpoints
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend, checkpoints
     )
     return (
         du,

@@ -746,14 +746,15 @@ def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
 
 def _kernel_layout(t, dtype: torch.dtype):
     """(array, channels_last): a (batch, dim, L) tensor as the kernels read it, in the compute dtype:
-    its (batch, L, dim) view when its memory is laid out that way (as the Mamba mixer's delta is),
-    else (batch, dim, L) contiguous. The kernels transpose blocks as they load them, so neither
-    layout costs a copy of the whole tensor. None (no z): a placeholder of the right rank."""
+    as (batch, L, dim) when channels are its fastest axis (the Mamba mixer's delta and z), else as
+    (batch, dim, L); contiguous, copied only if it is not already. The kernels transpose blocks as
+    they load them, so either layout is read without a transposed copy of the whole tensor. None (no
+    z): a placeholder of the right rank."""
     if t is None:
         return np.zeros((1, 1, 1), dtype=_np_dtype(dtype)), False
     t = t.detach().to(dtype)
-    if t.transpose(1, 2).is_contiguous():
-        return t.transpose(1, 2).numpy(), True
+    if t.stride(1) == 1:
+        return t.transpose(1, 2).contiguous().numpy(), True
     return t.contiguous().numpy(), False
 
 
