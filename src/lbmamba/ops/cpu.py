@@ -493,7 +493,8 @@ def _forward_kernel(
                         # h^R_t = a_t h^R_{t+1} + x_t, with h^R = 0 one past the window's end
                         for ws in range(0, tr, window):
                             we = min(ws + window, tr) - 1
-                            hr[we + 1] = zero
+                            for c in range(width):  # a loop, not a slice assignment: numba's
+                                hr[we + 1, c] = zero  # slice copies run element by element
                             for j in range(we, ws - 1, -1):
                                 bs = zero if b_const else Bg[bb, bg, start + ts + j, n]
                                 for c in range(width):
