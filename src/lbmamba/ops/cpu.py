@@ -430,9 +430,12 @@ def _task_layout(task, blocks, Bg, Cg, dim):
 
 
 @njit(inline="always")
-def _aligned_flat(like, size):
+def _aligned_flat(like, shape):
     # numba aligns arrays to 32 bytes, so half of all 512-bit loads and stores would straddle two
-    # cache lines: measured 5-10 % on the forward
+    # cache lines (measured: forward 5-10 %, backward 20 % slower)
+    size = 1
+    for n in shape:
+        size *= n
     raw = np.empty(size + 64 // like.itemsize, like.dtype)
     skip = ((64 - (raw.ctypes.data & 63)) & 63) // like.itemsize
     return raw[skip:skip + size]
@@ -442,19 +445,14 @@ def _aligned_flat(like, size):
 def aligned_empty(like, shape):
     """An uninitialised C-contiguous array of `like`'s dtype starting on a 64-byte boundary (so are
     its rows when the last axis is a multiple of 16 floats, as the channel blocks are)."""
-    size = 1
-    for n in shape:
-        size *= n
-    return _aligned_flat(like, size).reshape(shape)
+    return _aligned_flat(like, shape).reshape(shape)
 
 
 @njit(inline="always")
 def aligned_zeros(like, shape):
-    size = 1
-    for n in shape:
-        size *= n
-    flat = _aligned_flat(like, size)
-    for i in range(size):
+    """aligned_empty, filled with zeros."""
+    flat = _aligned_flat(like, shape)
+    for i in range(flat.size):
         flat[i] = 0
     return flat.reshape(shape)
 
