@@ -6,9 +6,10 @@ runs parallel loops on the OpenMP runtime PyTorch already uses, and caches compi
 
 Everything per position is fused into the kernels: Δ = softplus(delta + bias), a_t = exp(Δ_t A)
 (a vectorised exponential), both scans, the D skip and the silu gate, and in the backward every
-gradient including those of softplus and the gate. The kernels read and write (batch, L, dim)
-tensors, so that each position's channels are contiguous: the op transposes channel-first inputs
-with torch (several times faster than a strided copy in numba) and its outputs back.
+gradient including those of softplus and the gate. The kernels read each (batch, dim, L) input in
+whichever of the (batch, L, dim) or (batch, dim, L) memory layouts it comes in, transposing blocks
+as they load them into thread-local buffers where each position's channels are contiguous, and
+write (batch, dim, L) outputs the same way: no whole-tensor copies.
 
 Layout of the numba work: each task is one batch element and one block of `width` channels (a block
 never straddles a group of B or C); the innermost loops run over the block's channels, so LLVM turns
@@ -457,8 +458,35 @@ def aligned_zeros(like, shape):
     return flat.reshape(shape)
 
 
+@njit(**_JIT_EXACT)
+def block_params(At, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum):
+    """Copy the block's A (and B / C when they are constant, else None) into Al / Bl / Cl; returns
+    max |A| over the block, inf if any is not finite (for fast_exp_ok)."""
+    Al[:, :lanes] = At[:, d0:d0 + lanes]
+    if Bc is not None:
+        Bl[:, :lanes] = Bc[:, d0:d0 + lanes]
+    if Cc is not None:
+        Cl[:, :lanes] = Cc[:, d0:d0 + lanes]
+    return abs_max_if_finite(Al, Al.shape[0], lanes, acc_max, acc_sum)
+
+
+@njit(**_JIT_EXACT)
+def chunk_inputs(
+    u, u_cl, delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, a_max, dtl, slope, want_slope, ul, dtu,
+    e_float, acc_max, acc_sum,
+):
+    """Δ (dtl; its slope too with want_slope, see step_rows), u (ul) and Δ u (dtu) at the chunk's rows;
+    returns whether the vectorised exponential is exact for exp(Δ A) there (see fast_exp_ok)."""
+    step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, dtl, slope, want_slope, e_float)
+    load_block(u, u_cl, b, d0, lanes, start, rows, ul)
+    for i in range(rows):
+        for c in range(lanes):
+            dtu[i, c] = dtl[i, c] * ul[i, c]
+    return fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
+
+
 # ----------------------------------------------------------------------------------------------
-# Forward: out_t = (C_t . h_t + D u_t) silu(z_t); u, delta, z and out in the (batch, L, dim) layout.
+# Forward: out_t = (C_t . h_t + D u_t) silu(z_t).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -480,8 +508,8 @@ def _forward_kernel(
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
         # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
-        # the per-state tiles (a, x, q of one state over a tile of positions) stay in L1. Lanes past
-        # the block's own stay 0, so the hot loops may run over the whole width.
+        # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
+        # past the block's own stay 0, so the hot loops may run over the whole width.
         a = aligned_empty(u, (tile_max, width))
         hr = aligned_empty(u, (tile_max + 1, width))  # h^R over the tile
         e_float = aligned_empty(u, (width,))  # the exponential's scratch
@@ -497,21 +525,14 @@ def _forward_kernel(
         h = aligned_zeros(u, (n_state, width))
         acc_max = aligned_empty(u, (width,))
         acc_sum = aligned_empty(u, (width,))
-        Al[:, :lanes] = At[:, d0:d1]
-        a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
-        if Bc is not None:
-            Bl[:, :lanes] = Bc[:, d0:d1]
-        if Cc is not None:
-            Cl[:, :lanes] = Cc[:, d0:d1]
+        a_max = block_params(At, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum)
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
-            step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, dtl, dtl, False, e_float)
-            load_block(u, u_cl, b, d0, lanes, start, rows, ul)
-            for i in range(rows):
-                for c in range(lanes):
-                    dtu[i, c] = dtl[i, c] * ul[i, c]
-            fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
+            fast = chunk_inputs(
+                u, u_cl, delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, a_max, dtl, dtl, False, ul, dtu,
+                e_float, acc_max, acc_sum,
+            )
             yl[:rows] = zero
             for ts in range(0, rows, tile):
                 tr = min(tile, rows - ts)
@@ -605,25 +626,18 @@ def _backward_kernel(
         acc_max = aligned_empty(u, (width,))
         acc_sum = aligned_empty(u, (width,))
         D_blk = Dv[d0:d1]
-        Al[:, :lanes] = At[:, d0:d1]
-        a_max = abs_max_if_finite(Al, n_state, lanes, acc_max, acc_sum)
+        a_max = block_params(At, Bc, Cc, d0, lanes, Al, bv, cv, acc_max, acc_sum)
         if has_dlast:
             carry[:, :lanes] = dlast[b, d0:d1, :].T
-        if Bc is not None:
-            bv[:, :lanes] = Bc[:, d0:d1]
-        if Cc is not None:
-            cv[:, :lanes] = Cc[:, d0:d1]
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
             rows = min(chunk, seqlen - start)
-            step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, dtl, slope, True, e_float)
+            fast = chunk_inputs(
+                u, u_cl, delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, a_max, dtl, slope, True, ul, dtu,
+                e_float, acc_max, acc_sum,
+            )
             gate_grad_rows(g, g_cl, z, z_cl, has_z, b, d0, lanes, start, rows, dyl, gz, e_float)
-            load_block(u, u_cl, b, d0, lanes, start, rows, ul)
-            for i in range(rows):
-                for c in range(lanes):
-                    dtu[i, c] = dtl[i, c] * ul[i, c]
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
-            fast = fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
             decay_block(dtl, Al, rows, lanes, a, e_float, fast)
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
             hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
