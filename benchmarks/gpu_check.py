@@ -1,4 +1,4 @@
-"""Check and benchmark the Triton scan backend on a CUDA GPU, in one process (issue 3).
+"""Check and benchmark the Triton scan backend on a CUDA GPU, in one process.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--out PATH]
     PYTHONPATH=src python benchmarks/gpu_check.py --dry-run    # CPU, Triton interpreter, tiny shapes
@@ -49,8 +49,12 @@ if ARGS.dry_run:
 
 import torch  # noqa: E402
 
-from lbmamba.ops import resolve_window, selective_scan_fn, selective_scan_ref  # noqa: E402
-from lbmamba.ops import triton_scan  # noqa: E402
+from lbmamba.ops import (  # noqa: E402
+    resolve_window,
+    selective_scan_fn,
+    selective_scan_ref,
+    triton_scan,
+)
 
 DEVICE = "cpu" if ARGS.dry_run else "cuda"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -334,7 +338,7 @@ def run_models():
     try:
         import timm
 
-        import lbmamba  # noqa: F401  (registers the model families with timm)
+        import lbmamba
         import lbmamba.models  # noqa: F401
 
         timm.create_model("lbvim_tiny_patch16_224")
@@ -352,11 +356,11 @@ def run_models():
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-                def forward():
+                def forward(model=model, autocast=autocast):
                     with torch.no_grad(), autocast:
                         model(images)
 
-                def train_step():
+                def train_step(model=model, autocast=autocast, optimizer=optimizer):
                     with autocast:
                         loss = torch.nn.functional.cross_entropy(model(images), labels)
                     optimizer.zero_grad(set_to_none=True)

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     models = {}
     for name in mixers:
         torch.manual_seed(0)
-        models[name] = create_mil_model(name, in_dim=args.feat_dim, num_classes=2, rate=args.rate, drop_rate=0.0).train()
+        model = create_mil_model(name, in_dim=args.feat_dim, num_classes=2, rate=args.rate, drop_rate=0.0)
+        models[name] = model.train()
 
     times = {name: [] for name in mixers}
     for r in range(args.rounds + 1):  # round 0: warm-up (numba compilation, allocator)
@@ -63,16 +64,17 @@ def main(argv=None) -> int:
         if r > 0:
             for name, dt in this_round.items():
                 times[name].append(dt)
-        print(f"round {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(f"{n} {dt:.2f}s" for n, dt in this_round.items()),
-              file=sys.stderr, flush=True)
+        timings = ", ".join(f"{n} {dt:.2f}s" for n, dt in this_round.items())
+        print(f"round {r}{' (warm-up)' if r == 0 else ''}: {timings}", file=sys.stderr, flush=True)
 
     med = {n: statistics.median(v) for n, v in times.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     cpu = platform.processor() or platform.machine()
     print()
-    print(f"MambaMIL forward+backward, one bag of {args.instances:,} x {args.feat_dim} (2 layers, width 512, d_state 16, "
-          f"SRMamba rate {args.rate}), CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"scan backend {backend!r} (available: {', '.join(available_backends())}), median of {args.rounds} interleaved rounds")
+    print(f"MambaMIL forward+backward, one bag of {args.instances:,} x {args.feat_dim} (2 layers, width 512, "
+          f"d_state 16, SRMamba rate {args.rate}), CPU: {cpu}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}, scan backend {backend!r} (available: {', '.join(available_backends())}), "
+          f"median of {args.rounds} interleaved rounds")
     print()
     print("| mixer | params | fwd+bwd (s) | vs mamba | vs bimamba |")
     print("| --- | ---: | ---: | ---: | ---: |")

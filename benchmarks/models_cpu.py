@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-import timm  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import timm
+from torch.utils.flop_counter import FlopCounterMode
 
-import lbmamba  # noqa: E402,F401  (registers the models)
-from lbmamba.ops import available_backends, choose_backend, resolve_window  # noqa: E402
+import lbmamba  # noqa: F401  (registers the models)
+from lbmamba.ops import available_backends, choose_backend, resolve_window
 
 MODELS = {
     "LBVim-T": "lbvim_tiny_patch16_224",
@@ -84,11 +84,17 @@ def time_train_step(model, optimizer, x, y) -> float:
     return time.perf_counter() - start
 
 
+def _against(ratio: float, target: float) -> str:
+    return f"{ratio:.2f}x (target >= {target}x) {'OK' if ratio >= target else 'MISSED'}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 repeats, 2 warm-ups, batch 8 only: checks that it runs")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 3: the first calls may compile kernels; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per measurement (default 5; 2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed warm-up runs (default 3: the first calls may compile kernels; 2 with --quick)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--infer-batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--train-batch", type=int, default=8)
@@ -110,7 +116,8 @@ def main(argv=None):
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), timm {timm.__version__}, "
         f"Python {platform.python_version()}"
     )
-    print(f"scan backend for float32 CPU tensors: {choose_backend('auto', probe)!r} (available: {available_backends()})")
+    backend = choose_backend("auto", probe)
+    print(f"scan backend for float32 CPU tensors: {backend!r} (available: {available_backends()})")
     print(
         f"img {args.img_size} px, fp32, inference batches {args.infer_batches} (inference_mode), training step at "
         f"batch {args.train_batch} (forward + cross-entropy + backward + AdamW step), {warmup} warm-up, "
@@ -131,7 +138,7 @@ def main(argv=None):
     # inference
     for batch in args.infer_batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
-        for label, model in models.items():
+        for model in models.values():
             model.eval()
             for _ in range(warmup):
                 time_inference(model, x)
@@ -141,7 +148,8 @@ def main(argv=None):
                 times[label].append(time_inference(model, x))
         for label in models:
             rows[label]["infer"][batch] = batch / statistics.median(times[label])
-        print(f"inference batch {batch}: " + ", ".join(f"{k} {rows[k]['infer'][batch]:.1f} img/s" for k in models), flush=True)
+        speeds = ", ".join(f"{k} {rows[k]['infer'][batch]:.1f} img/s" for k in models)
+        print(f"inference batch {batch}: {speeds}", flush=True)
 
     # training step
     batch = args.train_batch
@@ -157,7 +165,8 @@ def main(argv=None):
             times[label].append(time_train_step(model, optimizers[label], x, y))
     for label in models:
         rows[label]["train"] = batch / statistics.median(times[label])
-    print(f"training batch {batch}: " + ", ".join(f"{k} {rows[k]['train']:.1f} img/s" for k in models) + "\n", flush=True)
+    speeds = ", ".join(f"{k} {rows[k]['train']:.1f} img/s" for k in models)
+    print(f"training batch {batch}: {speeds}\n", flush=True)
 
     # table
     header = ["model", "params (M)", "GFLOPs/img (matmul+conv)", "+ scan (analytic)", "GFLOPs/img total"]
@@ -185,13 +194,13 @@ def main(argv=None):
         lb, vim = rows["LBVim-T"], rows["Vim-T"]
         for b in args.infer_batches:
             ratio = lb["infer"][b] / vim["infer"][b]
-            print(f"LBVim-T / Vim-T inference, batch {b}: {ratio:.2f}x (target >= 1.5x) {'OK' if ratio >= 1.5 else 'MISSED'}")
+            print(f"LBVim-T / Vim-T inference, batch {b}: {_against(ratio, 1.5)}")
         if "uVim-T" in rows:
             for b in args.infer_batches:
                 ratio = lb["infer"][b] / rows["uVim-T"]["infer"][b]
-                print(f"LBVim-T / uVim-T inference, batch {b}: {ratio:.2f}x (target >= 0.9x) {'OK' if ratio >= 0.9 else 'MISSED'}")
+                print(f"LBVim-T / uVim-T inference, batch {b}: {_against(ratio, 0.9)}")
         ratio = lb["train"] / vim["train"]
-        print(f"LBVim-T / Vim-T training step, batch {args.train_batch}: {ratio:.2f}x (target >= 1.4x) {'OK' if ratio >= 1.4 else 'MISSED'}")
+        print(f"LBVim-T / Vim-T training step, batch {args.train_batch}: {_against(ratio, 1.4)}")
 
 
 if __name__ == "__main__":

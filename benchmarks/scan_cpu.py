@@ -105,7 +105,8 @@ def have_mambapy():
 
 
 def variants():
-    found = {"lb": lbmamba_scan("auto"), "w1": lbmamba_scan(1), "bi": bidirectional_scan, "seq_ref": mamba_ssm_sequential_ref}
+    found = {"lb": lbmamba_scan("auto"), "w1": lbmamba_scan(1), "bi": bidirectional_scan,
+             "seq_ref": mamba_ssm_sequential_ref}
     if have_mambapy():
         found["mambapy"] = mambapy_scan
     return found

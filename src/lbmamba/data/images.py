@@ -107,7 +107,8 @@ class SafeImageDataset(Dataset):
         mode: PIL mode to convert to ("RGB", "L").
     """
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], transform=None, mode: str = "RGB", classes: Optional[List[str]] = None):
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform=None, mode: str = "RGB",
+                 classes: Optional[List[str]] = None):
         self.samples = list(samples)
         self.targets = [t for _, t in self.samples]
         self.transform = transform
@@ -133,7 +134,8 @@ class SafeImageDataset(Dataset):
                 break
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
                 # PIL raises UnidentifiedImageError (an OSError) / OSError for truncated data / SyntaxError
-                _warn(f"skipped unreadable image {self.samples[i][0]} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                detail = str(exc).splitlines()[0] if str(exc) else ""
+                _warn(f"skipped unreadable image {self.samples[i][0]} ({type(exc).__name__}: {detail})")
                 if attempt == 0:
                     bad = 1
         else:

@@ -1,4 +1,5 @@
-"""Whole-slide-image bags in the CLAM layout, loaded lazily; split files; the digits-bags data set.
+"""Whole-slide-image bags in the CLAM layout, loaded lazily; split files; the digits-bags data set (made in
+memory; `lbmamba.engine.mil` writes it in this layout).
 
 On disk (CLAM's layout, see docs/mil.md):
 
@@ -11,7 +12,7 @@ On disk (CLAM's layout, see docs/mil.md):
 (`MILBagDataset.__getitem__` opens the file; h5 bags are sliced, .pt bags memory-mapped), so data sets
 of thousands of 100k x 1024 bags need no more memory than one bag.
 
-Bad input raises `MILInputError` (a ValueError) with a message that names the file, slide or column.
+Bad input raises `MILInputError` (a `DataError`) with a message that names the file, slide or column.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import csv
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
+
+from .images import DataError
 
 __all__ = [
     "MILInputError",
@@ -35,12 +37,12 @@ __all__ = [
     "read_labels",
     "read_split_file",
     "find_split_files",
-    "write_split_file",
     "make_folds",
     "inspect_bags",
     "balanced_sampler",
     "collate_bag",
-    "make_digits_bags",
+    "DigitsBags",
+    "digits_bags",
     "SPLIT_COLUMNS",
 ]
 
@@ -48,15 +50,8 @@ SPLIT_COLUMNS = ("train", "val", "test")
 _LIST_AT_MOST = 10
 
 
-try:  # the package's common data error, which the command line prints as a one-line message
-    from .images import DataError as _DataError
-except ImportError:  # pragma: no cover
-    _DataError = ValueError
-
-
-class MILInputError(_DataError):
-    """Bad MIL input: a missing file or column, a slide without features, mismatched dimensions...
-    (a ValueError; `lbmamba.data.DataError` when that exists)."""
+class MILInputError(DataError):
+    """Bad MIL input: a missing file or column, a slide without features, mismatched dimensions..."""
 
 
 def _some(items: Sequence, limit: int = _LIST_AT_MOST) -> str:
@@ -181,18 +176,6 @@ def find_split_files(directory: str) -> Dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def write_split_file(path: str, split: Mapping[str, Sequence[str]]) -> None:
-    """Write a CLAM-style split file (columns of different lengths, blank cells at the end)."""
-    columns = [list(split.get(c, [])) for c in SPLIT_COLUMNS]
-    n = max((len(c) for c in columns), default=0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["", *SPLIT_COLUMNS])
-        for i in range(n):
-            writer.writerow([i, *[c[i] if i < len(c) else "" for c in columns]])
-
-
 def make_folds(slide_ids: Sequence[str], labels: Sequence[int], k: int, seed: int = 0) -> List[Dict[str, List[str]]]:
     """Stratified k-fold splits: fold i tests on part i, validates on part i+1 (mod k), trains on the rest.
 
@@ -237,7 +220,8 @@ class FeatureStore:
         self.root = root
         self.prefer = prefer
         self._files: Dict[str, Dict[str, str]] = {}
-        folders = [(os.path.join(root, "pt_files"), ".pt"), (os.path.join(root, "h5_files"), ".h5"), (root, ".pt"), (root, ".h5")]
+        folders = [(os.path.join(root, "pt_files"), ".pt"), (os.path.join(root, "h5_files"), ".h5"), (root, ".pt"),
+                   (root, ".h5")]
         for folder, ext in folders:
             if not os.path.isdir(folder):
                 continue
@@ -278,7 +262,8 @@ class FeatureStore:
         if isinstance(obj, Mapping):
             obj = obj.get("features", obj.get("feats"))
         if not isinstance(obj, torch.Tensor):
-            raise MILInputError(f"feature file {path}: expected a tensor (n_patches, feat_dim), got {type(obj).__name__}")
+            raise MILInputError(f"feature file {path}: expected a tensor (n_patches, feat_dim), "
+                                f"got {type(obj).__name__}")
         return obj
 
     def shape(self, slide_id: str) -> Tuple[int, ...]:
@@ -334,7 +319,8 @@ class FeatureStore:
             return torch.from_numpy(np.asarray(f["coords"][()])) if "coords" in f else None
 
 
-def inspect_bags(store: FeatureStore, slide_ids: Sequence[str], expected_dim: Optional[int] = None) -> Dict[str, Tuple[int, int]]:
+def inspect_bags(store: FeatureStore, slide_ids: Sequence[str],
+                 expected_dim: Optional[int] = None) -> Dict[str, Tuple[int, int]]:
     """{slide: (n_instances, feat_dim)}; raises MILInputError on empty bags, bad shapes, mixed dimensions
     or (with `expected_dim`) a dimension that does not fit the model."""
     shapes = {s: store.shape(s) for s in slide_ids}
@@ -421,12 +407,21 @@ def balanced_sampler(labels: Sequence[int], generator: Optional[torch.Generator]
     labels = np.asarray(labels)
     counts = np.bincount(labels)
     weights = 1.0 / counts[labels]
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True, generator=generator)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True,
+                                 generator=generator)
 
 
 # ---------------------------------------------------------------------- the digits-bags data set
-def make_digits_bags(
-    root: Optional[str] = None,
+@dataclass
+class DigitsBags:
+    """A MIL data set made from scikit-learn's digits: bags, their labels, and k-fold splits."""
+
+    features: Dict[str, np.ndarray]  # slide id -> (n_instances, 64) float32
+    labels: Dict[str, str]  # slide id -> "positive" | "negative"
+    splits: List[Dict[str, List[str]]]  # fold k -> {"train", "val", "test"} slide ids
+
+
+def digits_bags(
     folds: int = 5,
     bags_per_fold: int = 80,
     min_instances: int = 8,
@@ -434,35 +429,27 @@ def make_digits_bags(
     target: int = 9,
     positive_fraction: float = 0.5,
     seed: int = 0,
-) -> Dict[str, str]:
-    """A MIL data set from scikit-learn's bundled 8x8 digits, written in the CLAM layout.
+) -> DigitsBags:
+    """A MIL data set from scikit-learn's bundled 8x8 digits (the same for the same arguments).
 
-    A bag holds 8 to 32 digit images (instance features: the 64 pixel values, standardised per pixel); it is positive
-    (label "positive") iff it holds at least one `target` digit (9). The digit images are divided into
-    `folds` disjoint pools and the bags of part k are drawn from pool k only; `splits_k.csv` tests on
-    part k, validates on part k+1 and trains on the rest, so no image is shared across train/val/test.
-
-    Writes `root/h5_files/*.h5` (features + coords), `root/labels.csv`, `root/splits/splits_k.csv`.
-    Returns {"features": root, "labels": csv path, "splits": splits dir}.
+    A bag holds 8 to 32 digit images (instance features: the 64 pixel values, standardised per pixel); it
+    is positive iff it holds at least one `target` digit (9). The digit images are divided into `folds`
+    disjoint pools and the bags of part k are drawn from pool k only; split k tests on part k, validates
+    on part k+1 and trains on the rest, so no image is shared across train / val / test.
     """
     from sklearn.datasets import load_digits
 
-    if root is None:
-        root = tempfile.mkdtemp(prefix="lbmamba-digits-bags-")
+    if not isinstance(folds, int) or folds < 3:
+        raise MILInputError(f"folds must be an int >= 3 (test, val and train parts), got {folds!r}")
     digits = load_digits()
     pixels = digits.data / 16.0
     # per-pixel standardisation (label-free statistics of all 1797 images; +0.1 keeps rare pixels bounded)
     data = ((pixels - pixels.mean(0)) / (pixels.std(0) + 0.1)).astype(np.float32)
     target_arr = digits.target
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    pools = np.array_split(order, folds)
-
-    import h5py
-
-    h5_dir = os.path.join(root, "h5_files")
-    os.makedirs(h5_dir, exist_ok=True)
-    rows = []
+    pools = np.array_split(rng.permutation(len(data)), folds)
+    features: Dict[str, np.ndarray] = {}
+    labels: Dict[str, str] = {}
     parts: List[List[str]] = [[] for _ in range(folds)]
     for k, pool in enumerate(pools):
         pos_pool = pool[target_arr[pool] == target]
@@ -476,20 +463,9 @@ def make_digits_bags(
                 where = rng.choice(n, size=n_pos, replace=False)
                 idx[where] = rng.choice(pos_pool, size=n_pos, replace=True)
             slide = f"digits_f{k}_b{b:03d}"
-            with h5py.File(os.path.join(h5_dir, slide + ".h5"), "w") as f:
-                f.create_dataset("features", data=data[idx])
-                coords = np.stack([np.arange(n) * 8, np.zeros(n)], axis=1).astype(np.int32)
-                f.create_dataset("coords", data=coords)
-            rows.append((slide, "positive" if positive else "negative"))
+            features[slide] = data[idx]
+            labels[slide] = "positive" if positive else "negative"
             parts[k].append(slide)
-    labels_csv = os.path.join(root, "labels.csv")
-    with open(labels_csv, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["case_id", "slide_id", "label"])
-        for slide, label in rows:
-            writer.writerow([slide, slide, label])
-    splits_dir = os.path.join(root, "splits")
-    for k in range(folds):
-        train = [s for j in range(folds) if j not in (k, (k + 1) % folds) for s in parts[j]]
-        write_split_file(os.path.join(splits_dir, f"splits_{k}.csv"), {"train": train, "val": parts[(k + 1) % folds], "test": parts[k]})
-    return {"features": root, "labels": labels_csv, "splits": splits_dir}
+    splits = [{"train": [s for j in range(folds) if j not in (k, (k + 1) % folds) for s in parts[j]],
+               "val": parts[(k + 1) % folds], "test": parts[k]} for k in range(folds)]
+    return DigitsBags(features, labels, splits)

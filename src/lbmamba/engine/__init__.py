@@ -1,27 +1,38 @@
-"""Training, evaluation and benchmarking loops: plain functions driven by a config dict.
+"""Training, evaluation and benchmarking: one module per task on one set of run helpers.
 
-    from lbmamba.engine import train, evaluate, bench, load_config
-    result = train(load_config(overrides={"epochs": 5}))   # the digits default, 5 epochs
+    from lbmamba.engine import train, evaluate, bench, train_mil, evaluate_mil, extract_features
+    result = train({"epochs": 5})            # the digits default, 5 epochs
+    summary = train_mil({"model": "lb"})     # the digits-bags MIL demo
 
-No argument parsing lives here (that is `lbmamba.cli`). Every entry point returns the final figures as
-a JSON-able dict (None on ranks other than 0 under torchrun) and raises `UserError` for bad input.
+Every command is a plain function `command(overrides=None, config_path=None)` over its config table
+(`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`): the table's defaults <- the YAML file
+at `config_path` <- `overrides`. It returns the final figures as a JSON-able dict (None on ranks other
+than 0 under torchrun) and raises `UserError` for bad input. No argument parsing lives here (that is
+`lbmamba.cli`).
 """
 
-from .errors import TrainingDivergedError, UserError  # first: the modules below import it
-
-from .config import DEFAULTS, apply_overrides, config_fingerprint, load_config, parse_override  # noqa: E402
-from .classification import evaluate, train  # noqa: E402
-from .bench import bench  # noqa: E402
+from .bench import BENCH, bench
+from .classification import EVAL, TRAIN, evaluate, train
+from .config import ConfigTable, Key
+from .errors import TrainingDivergedError, UserError
+from .features import EXTRACT, extract_features
+from .mil import MIL_EVAL, MIL_TRAIN, evaluate_mil, train_mil
 
 __all__ = [
     "UserError",
     "TrainingDivergedError",
-    "DEFAULTS",
-    "load_config",
-    "apply_overrides",
-    "parse_override",
-    "config_fingerprint",
+    "ConfigTable",
+    "Key",
+    "TRAIN",
+    "EVAL",
+    "BENCH",
+    "MIL_TRAIN",
+    "MIL_EVAL",
+    "EXTRACT",
     "train",
     "evaluate",
     "bench",
+    "train_mil",
+    "evaluate_mil",
+    "extract_features",
 ]

@@ -22,11 +22,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .distributed import resolve_device, set_cpu_threads
-from .errors import UserError
+from .classification import check_model_name
+from .config import ConfigTable, Key
+from .errors import UserError, user_errors
+from .files import write_json
 from .plots import plot_throughput
+from .records import progress
+from .runs import Run, note, open_run
 
-__all__ = ["bench", "benchmark_model", "read_accuracies"]
+__all__ = ["BENCH", "bench", "benchmark_model", "read_accuracies"]
 
 
 class _RssPeak:
@@ -120,30 +124,33 @@ class _Memory:
             self.peak_bytes = self.rss.increase
 
 
-def _timed(fn, iters: int, warmup: int, device: torch.device) -> Tuple[float, int]:
+def _timed(fn, iters: int, warmup: int, device: torch.device, desc: str, show: bool) -> Tuple[float, int]:
     """(seconds for `iters` synchronised calls after `warmup` untimed ones, peak memory bytes during the timed
     calls). Warm-up runs first so one-time costs (kernel compilation, allocator growth) are not counted."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    with _Memory(device) as mem:
-        start = time.perf_counter()
-        for _ in range(iters):
+    with progress(total=warmup + iters, desc=desc, enabled=show) as bar:
+        for _ in range(warmup):
             fn()
+            bar.update(1)
         _sync(device)
-        seconds = time.perf_counter() - start
+        with _Memory(device) as mem:
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+                bar.update(1)  # costs microseconds against milliseconds per pass
+            _sync(device)
+            seconds = time.perf_counter() - start
     return seconds, mem.peak_bytes
 
 
 def benchmark_model(model: nn.Module, device: torch.device, batch_size: int, img_size: int, iters: int, warmup: int,
-                    train: bool = True, in_chans: int = 3) -> Dict[str, Any]:
+                    train: bool = True, in_chans: int = 3, name: str = "", show: bool = False) -> Dict[str, Any]:
     """Inference (and training) images/s and peak memory of one model (see the module docstring)."""
     model = model.to(device)
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     row: Dict[str, Any] = {}
     model.eval()
     with torch.no_grad():
-        seconds, peak = _timed(lambda: model(x), iters, warmup, device)
+        seconds, peak = _timed(lambda: model(x), iters, warmup, device, f"{name} inference", show)
     row["infer_img_per_s"] = round(batch_size * iters / seconds, 2)
     row["infer_ms_per_batch"] = round(1000 * seconds / iters, 3)
     row["infer_peak_mem_mb"] = round(peak / 2**20, 1)
@@ -160,7 +167,7 @@ def benchmark_model(model: nn.Module, device: torch.device, batch_size: int, img
             loss.backward()
             optimizer.step()
 
-        seconds, peak = _timed(step, iters, warmup, device)
+        seconds, peak = _timed(step, iters, warmup, device, f"{name} training", show)
         row["train_img_per_s"] = round(batch_size * iters / seconds, 2)
         row["train_peak_mem_mb"] = round(peak / 2**20, 1)
         del optimizer
@@ -214,39 +221,62 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def bench(models: Sequence[str], img_size: int = 224, batch_size: Optional[int] = None, iters: Optional[int] = None,
-          warmup: Optional[int] = None, device: str = "auto", train: bool = True, model_kwargs: Optional[Mapping] = None,
-          num_classes: int = 1000, in_chans: int = 3, output: Optional[str] = None, results: Optional[str] = None,
-          threads: Optional[int] = None, show: bool = True) -> Dict[str, Any]:
-    """Benchmark `models` (timm names); writes bench.json and bench.png into `output`; returns the figures."""
+BENCH = ConfigTable("bench", {
+    "models": Key(None, "comma-separated timm model names", kind="str_list", flag=True),
+    "img_size": Key(224, "input resolution", positive=True, flag=True),
+    "batch_size": Key(None, "batch (null: 128 on a GPU, 8 on the CPU)", kind="int", positive=True, flag=True),
+    "iters": Key(None, "timed passes (null: 100 on a GPU, 10 on the CPU)", kind="int", positive=True, flag=True),
+    "warmup": Key(None, "untimed warm-up passes (null: 10 on a GPU, 2 on the CPU)", kind="int", low=0, flag=True),
+    "train": Key(True, "also measure training throughput", flag=True),
+    "model_kwargs": Key({}, "extra constructor arguments for every model, e.g. {depth: 12}", flag=True),
+    "num_classes": Key(1000, "classifier outputs", positive=True, flag=True),
+    "in_chans": Key(3, "input channels", positive=True, flag=True),
+    "results": Key(None, "accuracies (JSON {model: top1}, list of {model, top1}, or CSV model,top1): plot against "
+                         "accuracy", kind="str", flag=True),
+    "device": Key("auto", "auto | cpu | cuda | cuda:N", flag=True, effect="none"),
+    "threads": Key(None, "CPU threads (null: torch's default)", kind="int", positive=True, flag=True, effect="none"),
+    "output": Key(None, "where bench.json / bench.png go (null: runs/<time>-bench)", kind="str", flag=True,
+                  effect="none"),
+    "overwrite": Key(False, "move an earlier result in `output` aside first", flag=True, effect="once"),
+    "progress": Key(True, "show a progress bar per model and pass", flag=True, effect="none"),
+})
+
+
+def _prepare_bench(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    cfg["models"] = [m.strip() for m in cfg.get("models") or [] if m and m.strip()]
+    if not cfg["models"]:
+        raise UserError("no models given (--models a,b,c)")
+    for name in cfg["models"]:
+        check_model_name(name)
+    if cfg.get("results"):
+        read_accuracies(cfg["results"])
+    return cfg
+
+
+@user_errors()
+def bench(overrides: Optional[Mapping[str, Any]] = None, config_path: Optional[str] = None) -> Dict[str, Any]:
+    """Benchmark `models` (timm names) as the `BENCH` table says; writes bench.json and bench.png into the
+    output folder; returns the figures."""
+    with open_run(BENCH, overrides, config_path, lambda cfg: "bench", _prepare_bench, distributed=False) as run:
+        return _bench(run)
+
+
+def _bench(run: Run) -> Dict[str, Any]:
     import timm
 
-    from .classification import _check_model_name
-
-    models = [m.strip() for m in models if m and m.strip()]
-    if not models:
-        raise UserError("no models given (--models a,b,c)")
-    for name in models:
-        _check_model_name(name)
-    accuracies = read_accuracies(results) if results else {}
-    if img_size <= 0:
-        raise UserError(f"img_size must be > 0, got {img_size}")
-    dev = resolve_device(device)
-    if threads:
-        set_cpu_threads(threads)
+    cfg, dev = run.cfg, run.dist.device
+    accuracies = read_accuracies(cfg["results"]) if cfg.get("results") else {}
     on_gpu = dev.type == "cuda"
-    batch_size = batch_size or (128 if on_gpu else 8)
-    iters = iters or (100 if on_gpu else 10)
-    warmup = warmup if warmup is not None else (10 if on_gpu else 2)
-    if batch_size <= 0 or iters <= 0 or warmup < 0:
-        raise UserError(f"batch_size and iters must be > 0 and warmup >= 0, got {batch_size}, {iters}, {warmup}")
+    batch_size = cfg["batch_size"] or (128 if on_gpu else 8)
+    iters = cfg["iters"] or (100 if on_gpu else 10)
+    warmup = cfg["warmup"] if cfg["warmup"] is not None else (10 if on_gpu else 2)
     if on_gpu:
         torch.backends.cudnn.benchmark = True
     rows: List[Dict[str, Any]] = []
-    for name in models:
-        kwargs = dict(model_kwargs or {})
-        kwargs.setdefault("num_classes", num_classes)
-        kwargs.setdefault("in_chans", in_chans)
+    for name in cfg["models"]:
+        kwargs = dict(cfg["model_kwargs"])
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+        kwargs.setdefault("in_chans", cfg["in_chans"])
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
         except TypeError as exc:
@@ -255,7 +285,8 @@ def bench(models: Sequence[str], img_size: int = 224, batch_size: Optional[int] 
         if name in accuracies:
             row["top1"] = accuracies[name]
         try:
-            row.update(benchmark_model(model, dev, batch_size, img_size, iters, warmup, train, in_chans))
+            row.update(benchmark_model(model, dev, batch_size, cfg["img_size"], iters, warmup, cfg["train"],
+                                       cfg["in_chans"], name, cfg["progress"]))
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
@@ -263,18 +294,12 @@ def bench(models: Sequence[str], img_size: int = 224, batch_size: Optional[int] 
         if on_gpu:
             torch.cuda.empty_cache()
         rows.append(row)
-        if show:
-            print(f"  {name}: {row.get('infer_img_per_s', row.get('error'))} images/s", file=sys.stderr, flush=True)
+        note(f"  {name}: {row.get('infer_img_per_s', row.get('error'))} images/s")
 
-    output = os.path.abspath(output or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S")))
-    try:
-        os.makedirs(output, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the output directory {output}: {exc.strerror}") from exc
     device_name = torch.cuda.get_device_name(dev) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     summary: Dict[str, Any] = {
         "device": device_name,
-        "img_size": img_size,
+        "img_size": cfg["img_size"],
         "batch_size": batch_size,
         "iters": iters,
         "warmup": warmup,
@@ -282,17 +307,16 @@ def bench(models: Sequence[str], img_size: int = 224, batch_size: Optional[int] 
         "torch": torch.__version__,
         "results": rows,
     }
-    json_path = os.path.join(output, "bench.json")
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+    json_path = run.path("bench.json")
+    write_json(json_path, summary)
     x_key = "top1" if accuracies and any("top1" in r for r in rows) else "params_m"
-    plot_path = plot_throughput(rows, os.path.join(output, "bench.png"), x_key=x_key,
-                                title=f"{device_name}, batch {batch_size}, {img_size} px, fp32")
-    if show:
-        columns = ["model", "params_m"] + (["top1"] if accuracies else []) + [
-            "infer_img_per_s", "infer_peak_mem_mb"] + (["train_img_per_s", "train_peak_mem_mb"] if train else [])
-        print(f"throughput on {device_name}: batch {batch_size}, {img_size} px, fp32, {warmup} warm-up + {iters} timed passes")
-        print(_table(rows, columns))
+    plot_path = plot_throughput(rows, run.path("bench.png"), x_key=x_key,
+                                title=f"{device_name}, batch {batch_size}, {cfg['img_size']} px, fp32")
+    columns = ["model", "params_m"] + (["top1"] if accuracies else []) + [
+        "infer_img_per_s", "infer_peak_mem_mb"] + (["train_img_per_s", "train_peak_mem_mb"] if cfg["train"] else [])
+    print(f"throughput on {device_name}: batch {batch_size}, {cfg['img_size']} px, fp32, {warmup} warm-up + {iters} "
+          "timed passes")
+    print(_table(rows, columns))
     summary["json"] = json_path
     summary["plot"] = plot_path
     return summary

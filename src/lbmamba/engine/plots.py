@@ -1,11 +1,15 @@
-"""PNG figures (matplotlib's Agg canvas directly: no pyplot, no global backend switch)."""
+"""PNG figures (matplotlib's Agg canvas directly: no pyplot, no global backend switch), written atomically."""
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["plot_training_curves", "plot_throughput"]
+from .files import atomic_path
+
+__all__ = ["Panel", "plot_curves", "plot_throughput"]
+
+#: one subplot: (title, y-axis label, [(record key, legend label), ...])
+Panel = Tuple[str, str, Sequence[Tuple[str, str]]]
 
 
 def _figure(width: float, height: float):
@@ -18,42 +22,36 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
     return path
 
 
-def plot_training_curves(records: Sequence[Dict], path: str, title: str = "") -> Optional[str]:
-    """Loss (train / val) and accuracy (val top-1 / top-5, EMA, train top-1) against the epoch."""
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str, panels: Sequence[Panel], title: str = "",
+                group: Optional[str] = None) -> Optional[str]:
+    """Per-epoch curves, one subplot per panel; with `group` (e.g. "fold") one line per group value."""
     if not records:
         return None
-    fig = _figure(10, 4)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-
-    def series(key):
-        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        x, y = series(key)
-        if x:
-            ax_loss.plot(x, y, marker="o", markersize=3, label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "val top-1"), ("val_top5", "val top-5"),
-                       ("val_top1_ema", "val top-1 (EMA)")):
-        x, y = series(key)
-        if x:
-            ax_acc.plot(x, y, marker="o", markersize=3, label=label)
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy")
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend()
+    fig = _figure(5 * len(panels), 4)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    groups = sorted({r.get(group) for r in records}, key=str) if group else [None]
+    for ax, (panel_title, ylabel, series) in zip(axes, panels):
+        for i, g in enumerate(groups):
+            for j, (key, label) in enumerate(series):
+                pts = [(r["epoch"], r[key]) for r in records
+                       if r.get(key) is not None and (group is None or r.get(group) == g)]
+                if not pts:
+                    continue
+                # grouped: a colour per group, a line style per series; else a colour per series
+                style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[j % 4]) if group else {}
+                name = label if group is None else f"{label}, {group} {g}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name, **style)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -1,7 +1,9 @@
-"""Loading checkpoints into models: `{'model': state_dict}` .pth files, plain state dicts, .safetensors.
+"""Reading checkpoint files safely and loading them into models.
 
-`load_checkpoint(model, path)` reads the file safely (`torch.load(..., weights_only=True,
-map_location='cpu')` or safetensors), unwraps it, lets the model adapt it (a model that defines
+`read_file(path)` reads a `.safetensors` file or anything `torch.save` wrote with
+`torch.load(..., weights_only=True, map_location='cpu')`: never by unpickling arbitrary objects.
+`load_checkpoint(model, path)` unwraps what it read (`{'model': state_dict}`, `{'state_dict': ...}`,
+DDP / torch.compile prefixes), lets the model adapt it (a model that defines
 `checkpoint_filter(state_dict)` resizes its position embedding there, for instance) and loads it,
 raising `CheckpointMismatchError` with the missing / unexpected / mis-shaped keys when it does not fit.
 """
@@ -12,17 +14,31 @@ import argparse
 import os
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["load_checkpoint", "read_checkpoint", "unwrap_state_dict", "CheckpointMismatchError", "LoadResult"]
+__all__ = [
+    "read_file",
+    "read_checkpoint",
+    "load_checkpoint",
+    "unwrap_state_dict",
+    "compare_state_dict",
+    "CheckpointReadError",
+    "CheckpointMismatchError",
+    "LoadResult",
+]
 
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 20
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is missing, is not one, is truncated, or holds objects `weights_only` refuses."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -45,7 +61,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """The state dict inside `checkpoint`: `{'model': sd}` / `{'state_dict': sd}` unwrapped (repeatedly),
     DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes removed, non-tensor entries dropped."""
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"a checkpoint must be a dict (a state dict or {{'model': state_dict}}), got {type(checkpoint).__name__}")
+        raise CheckpointReadError(
+            f"a checkpoint must be a dict (a state dict or {{'model': state_dict}}), got {type(checkpoint).__name__}"
+        )
     state_dict = checkpoint
     for _ in range(3):
         inner = next((state_dict[k] for k in _WRAPPER_KEYS if isinstance(state_dict.get(k), Mapping)), None)
@@ -66,34 +84,44 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _torch_load(path: str):
-    safe = [argparse.Namespace]  # DeiT-style training scripts save their `args` next to the weights
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_file(path: "str | os.PathLike") -> Any:
+    """What `path` holds, read onto the CPU: a `.safetensors` file, or a `torch.save` file through
+    `torch.load(weights_only=True)` (DeiT-style files that also saved their `argparse.Namespace` of
+    arguments are accepted). Raises `CheckpointReadError` with the reason when it cannot."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"checkpoint not found: {path}")
     try:
-        if safe_globals is None:
-            return torch.load(path, weights_only=True, map_location="cpu")
-        with safe_globals(safe):
-            return torch.load(path, weights_only=True, map_location="cpu")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(
-            f"{path} holds Python objects besides tensors that torch.load(weights_only=True) refuses to "
-            f"unpickle; lbmamba never loads checkpoints with weights_only=False. Re-save only the weights, e.g. "
-            f"torch.save({{'model': ckpt['model']}}, new_path) in a trusted session. Original error: {exc}"
-        ) from exc
+        if zipfile.is_zipfile(path):
+            detail = ("it holds Python objects besides tensors and plain values, which torch.load(weights_only=True) "
+                      "refuses to unpickle; re-save only the weights, e.g. torch.save({'model': ckpt['model']}, "
+                      "new_path), in a trusted session")
+        else:
+            detail = "it is not a file torch.save wrote"
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {detail}") from exc
+    except Exception as exc:  # truncated zip, safetensors header errors, ...: all mean "not a readable checkpoint"
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
 
 
 def read_checkpoint(path: "str | os.PathLike") -> Dict[str, torch.Tensor]:
-    """Read `path` (.safetensors, or anything torch.save wrote) onto the CPU and unwrap its state dict."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        raw = load_file(path, device="cpu")
-    else:
-        raw = _torch_load(path)
-    return unwrap_state_dict(raw)
+    """The state dict in the checkpoint file at `path` (see `read_file` and `unwrap_state_dict`)."""
+    raw = read_file(path)
+    try:
+        return unwrap_state_dict(raw)
+    except CheckpointReadError as exc:
+        raise CheckpointReadError(f"{os.fspath(path)}: {exc}") from exc
 
 
 def _listing(title: str, items: List[str]) -> str:
@@ -115,7 +143,7 @@ def compare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
     return result
 
 
-def mismatch_message(model: nn.Module, source: str, result: LoadResult) -> str:
+def _mismatch_message(model: nn.Module, source: str, result: LoadResult) -> str:
     parts = [f"the checkpoint {source} does not fit {type(model).__name__}:"]
     if result.missing_keys:
         parts.append(_listing("missing keys (in the model, not in the checkpoint)", result.missing_keys))
@@ -131,28 +159,40 @@ def mismatch_message(model: nn.Module, source: str, result: LoadResult) -> str:
 
 def load_checkpoint(
     model: nn.Module,
-    path: "str | os.PathLike",
+    checkpoint: "str | os.PathLike | Mapping[str, Any]",
     strict: bool = True,
     filter_fn: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
+    source: Optional[str] = None,
 ) -> LoadResult:
-    """Load the weights at `path` into `model` and return what did not fit.
+    """Load a checkpoint into `model` and return what did not fit.
 
-    Accepts `torch.save({'model': state_dict, ...})` files (the reference code bases' format), plain
-    state dicts and .safetensors files, always read with `weights_only=True` onto the CPU. The state dict
-    then goes through `filter_fn`, or the model's own `checkpoint_filter` when it has one (VisionMamba
-    resamples `pos_embed` there when the patch grid differs).
+    `checkpoint` is a file (`torch.save({'model': state_dict, ...})` files, the reference code bases'
+    format, plain state dicts and .safetensors files, always read with `weights_only=True` onto the CPU)
+    or what such a file held, already read (`source` then names it in messages). The state dict goes
+    through `filter_fn`, or the model's own `checkpoint_filter` when it has one (VisionMamba resamples
+    `pos_embed` there when the patch grid differs).
 
     Args:
         strict: raise `CheckpointMismatchError`, listing missing / unexpected / mis-shaped keys, unless
             everything fits; with strict=False the fitting keys are loaded, the rest reported (warning).
     """
-    state_dict = read_checkpoint(path)
+    if isinstance(checkpoint, Mapping):
+        source = source or "given"
+        state_dict = unwrap_state_dict(checkpoint)
+    else:
+        source = source or os.fspath(checkpoint)
+        state_dict = read_checkpoint(checkpoint)
     filter_fn = filter_fn or getattr(model, "checkpoint_filter", None)
     if filter_fn is not None:
-        state_dict = filter_fn(state_dict)
+        try:
+            state_dict = filter_fn(state_dict)
+        except (ValueError, RuntimeError) as exc:  # e.g. a position embedding of no grid this model knows
+            raise CheckpointMismatchError(
+                f"the checkpoint {source} does not fit {type(model).__name__}: {_first_line(exc)}"
+            ) from exc
     result = compare_state_dict(model, state_dict)
     if not result.ok:
-        message = mismatch_message(model, os.fspath(path), result)
+        message = _mismatch_message(model, source, result)
         if strict:
             raise CheckpointMismatchError(message)
         warnings.warn(message, stacklevel=2)

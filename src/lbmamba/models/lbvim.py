@@ -24,9 +24,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_, trunc_normal_tf_
+from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -38,10 +37,10 @@ except ImportError:  # pragma: no cover
     def checkpoint(function, *args, **kwargs):
         return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
-from ..nn import Block, Mamba, RMSNorm, add_norm
+from ..nn import AttentionPoolHead, Block, Mamba, RMSNorm, add_norm
 from .checkpoint import unwrap_state_dict
 
-__all__ = ["VisionMamba", "AttentionPoolHead", "checkpoint_filter_fn", "resample_pos_embed"]
+__all__ = ["VisionMamba", "checkpoint_filter_fn", "resample_pos_embed"]
 
 CLASS_TOKEN_POSITIONS = (None, "middle", "head")
 GLOBAL_POOLS = ("", "mean", "token", "attn")
@@ -102,39 +101,6 @@ def resample_pos_embed(
         interpolation=interpolation, antialias=antialias,
     )
     return patches if token is None else _insert_class_token(patches, token, class_token)
-
-
-class AttentionPoolHead(nn.Module):
-    """Attention pooling with one learned query (`latent`), as in lbvim_528_patch16_224_atthead.
-
-    keys / values from one `kv` Linear(dim, 2 dim), `num_heads` heads, scaled dot-product attention,
-    no query mapping and no output projection, then `post_norm` (LayerNorm). (B, L, C) -> (B, C).
-    """
-
-    def __init__(self, dim: int, num_heads: int = 6, qkv_bias: bool = True, norm_layer=nn.LayerNorm):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"AttentionPoolHead: dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.post_norm = norm_layer(dim)
-        self.init_weights()
-
-    def init_weights(self):
-        trunc_normal_tf_(self.latent, std=self.latent.shape[-1] ** -0.5)
-        trunc_normal_(self.kv.weight, std=0.02)
-        if self.kv.bias is not None:
-            nn.init.zeros_(self.kv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q = self.latent.to(x.dtype).expand(B, -1, -1).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, head_dim)
-        x = x.transpose(1, 2).reshape(B, C)
-        return self.post_norm(x)
 
 
 def _norm_layer(norm_layer, eps: float):
@@ -244,7 +210,8 @@ class VisionMamba(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes, global_pool)
         self.feature_info = [
-            dict(module=f"layers.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0]) for i in range(depth)
+            dict(module=f"layers.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
+            for i in range(depth)
         ]
         self.init_weights()
 
@@ -514,7 +481,6 @@ default_cfgs = generate_default_cfgs(
         "vim_tiny_patch16_224": _cfg(**_VIM_PAPER),
         "vim_small_patch16_224": _cfg(**_VIM_PAPER),
         "vim_base_patch16_224": _cfg(**_VIM_PAPER),
-        **{alias: _cfg(**_VIM_PAPER) for alias in VIM_ALIASES},
     }
 )
 
@@ -593,28 +559,17 @@ def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
     return _build("vim_base_patch16_224", dict(VIM_ARGS, embed_dim=768), pretrained, **kwargs)
 
 
-@register_model
-def vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs
-) -> VisionMamba:
-    """The reference code's name for Vim-T (same model as vim_tiny_patch16_224)."""
-    name = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
-    return _build(name, dict(VIM_ARGS, embed_dim=192), pretrained, **kwargs)
+def _register_alias(alias: str, name: str) -> None:
+    """Register the reference code's name `alias` for the model `name` (the same model, no warning)."""
+    model_fn = globals()[name]
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> VisionMamba:
+        return model_fn(pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = alias
+    entrypoint.__doc__ = f"The reference code's name for {name} (the same model)."
+    globals()[alias] = register_model(entrypoint)  # timm lists it in this module's __all__: it must exist here
 
 
-@register_model
-def vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs
-) -> VisionMamba:
-    """The reference code's name for Vim-S (same model as vim_small_patch16_224)."""
-    name = "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
-    return _build(name, dict(VIM_ARGS, embed_dim=384), pretrained, **kwargs)
-
-
-@register_model
-def vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2(
-    pretrained: bool = False, **kwargs
-) -> VisionMamba:
-    """The reference code's name for Vim-B (same model as vim_base_patch16_224)."""
-    name = "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2"
-    return _build(name, dict(VIM_ARGS, embed_dim=768), pretrained, **kwargs)
+for _alias, _name in VIM_ALIASES.items():
+    _register_alias(_alias, _name)

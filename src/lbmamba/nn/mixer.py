@@ -109,35 +109,49 @@ class Mamba(nn.Module):
         self.if_divide_out = if_divide_out
         self.layer_idx = layer_idx
 
+        # what every scan branch is built from (this one and any extra: scan="bi", SRMamba)
+        self._branch_init = dict(conv_bias=conv_bias, dt_min=dt_min, dt_max=dt_max, dt_init=dt_init,
+                                 dt_scale=dt_scale, dt_init_floor=dt_init_floor, factory=factory)
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
-        self.conv1d, self.x_proj, self.dt_proj, A_log, D = self._branch_modules(
-            conv_bias, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory
-        )
-        self.A_log = nn.Parameter(A_log)
-        self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(D)
-        self.D._no_weight_decay = True
+        self.add_branch("")
         if scan == "bi":
-            self.conv1d_b, self.x_proj_b, self.dt_proj_b, A_b_log, D_b = self._branch_modules(
-                conv_bias, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory
-            )
-            self.A_b_log = nn.Parameter(A_b_log)
-            self.A_b_log._no_weight_decay = True
-            self.D_b = nn.Parameter(D_b)
-            self.D_b._no_weight_decay = True
+            self.add_branch("_b")
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def _branch_modules(self, conv_bias, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
+    def add_branch(self, suffix: str) -> None:
+        """Create one scan branch's modules and parameters under the reference names: `conv1d{suffix}`,
+        `x_proj{suffix}`, `dt_proj{suffix}`, `A{suffix}_log`, `D{suffix}` (suffix "" is the main branch;
+        Vim's backward branch and SRMamba's re-ordered one use "_b"), initialised as the main one."""
+        init = self._branch_init
+        factory = init["factory"]
         conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
-            padding=self.d_conv - 1, bias=conv_bias, **factory,
+            padding=self.d_conv - 1, bias=init["conv_bias"], **factory,
         )
         x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
         dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-        _init_dt_proj(dt_proj, self.dt_rank, self.d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
-        A_log = _s4d_real_log(self.d_inner, self.d_state, device=factory["device"])
-        D = torch.ones(self.d_inner, device=factory["device"], dtype=torch.float32)
-        return conv1d, x_proj, dt_proj, A_log, D
+        _init_dt_proj(dt_proj, self.dt_rank, self.d_inner, init["dt_min"], init["dt_max"], init["dt_init"],
+                      init["dt_scale"], init["dt_init_floor"])
+        A_log = nn.Parameter(_s4d_real_log(self.d_inner, self.d_state, device=factory["device"]))
+        D = nn.Parameter(torch.ones(self.d_inner, device=factory["device"], dtype=torch.float32))
+        A_log._no_weight_decay = D._no_weight_decay = True
+        setattr(self, f"conv1d{suffix}", conv1d)
+        setattr(self, f"x_proj{suffix}", x_proj)
+        setattr(self, f"dt_proj{suffix}", dt_proj)
+        setattr(self, f"A{suffix}_log", A_log)
+        setattr(self, f"D{suffix}", D)
+
+    def branch(self, suffix: str = "") -> tuple:
+        """(conv1d, x_proj, dt_proj, A_log, D) of the branch made by `add_branch(suffix)`."""
+        return tuple(getattr(self, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj")) + (
+            getattr(self, f"A{suffix}_log"), getattr(self, f"D{suffix}"))
+
+    def project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj of (batch, L, d_model) hidden states, as xz (batch, 2 d_inner, L) for `ssm_branch`."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__} expects hidden_states of shape (batch, L, {self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        return self.in_proj(hidden_states).transpose(1, 2)
 
     def ssm_branch(self, xz, conv1d, x_proj, dt_proj, A_log, D, window):
         """One direction: conv -> silu -> x_proj -> (dt, B, C) -> scan with the silu(z) gate.
@@ -166,16 +180,10 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (batch, L, d_model) -> (batch, L, d_model)."""
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(
-                f"Mamba expects hidden_states of shape (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}"
-            )
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 d_inner, L)
-        y = self.ssm_branch(xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.window)
+        xz = self.project_in(hidden_states)
+        y = self.ssm_branch(xz, *self.branch(), self.window)
         if self.scan == "bi":
-            y_b = self.ssm_branch(
-                xz.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, 1
-            ).flip(-1)
+            y_b = self.ssm_branch(xz.flip(-1), *self.branch("_b"), 1).flip(-1)
             y = y + y_b
             if self.if_divide_out:
                 y = y / 2

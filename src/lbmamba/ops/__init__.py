@@ -4,4 +4,5 @@ from ._checks import resolve_window
 from .reference import selective_scan_ref
 from .scan import BACKENDS, available_backends, choose_backend, selective_scan_fn
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_window", "available_backends", "choose_backend", "BACKENDS"]
+__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_window", "available_backends", "choose_backend",
+           "BACKENDS"]

@@ -70,25 +70,29 @@ def _bc_form(name: str, t: torch.Tensor, batch: int, dim: int, seqlen: int, dsta
     _check_float(name, t)
     if t.dim() == 2:
         if tuple(t.shape) != (dim, dstate):
-            raise ValueError(f"{name} given as constant (dim, N) must have shape ({dim}, {dstate}), got {tuple(t.shape)}")
+            raise ValueError(f"{name} given as constant (dim, N) must have shape ({dim}, {dstate}), "
+                             f"got {tuple(t.shape)}")
         return "constant", 1
     if t.dim() == 3:
         if tuple(t.shape) != (batch, dstate, seqlen):
             raise ValueError(
-                f"{name} given as variable (batch, N, L) must have shape ({batch}, {dstate}, {seqlen}), got {tuple(t.shape)}"
+                f"{name} given as variable (batch, N, L) must have shape ({batch}, {dstate}, {seqlen}), "
+                f"got {tuple(t.shape)}"
             )
         return "grouped", 1
     if t.dim() == 4:
         b, g, n, l = t.shape
         if (b, n, l) != (batch, dstate, seqlen):
             raise ValueError(
-                f"{name} given as grouped (batch, G, N, L) must have shape ({batch}, G, {dstate}, {seqlen}), got {tuple(t.shape)}"
+                f"{name} given as grouped (batch, G, N, L) must have shape ({batch}, G, {dstate}, {seqlen}), "
+                f"got {tuple(t.shape)}"
             )
         if g < 1 or dim % g != 0:
             raise ValueError(f"{name} has {g} groups, but dim {dim} is not divisible by the number of groups")
         return "grouped", g
     raise ValueError(
-        f"{name} must be constant (dim, N), variable (batch, N, L) or grouped (batch, G, N, L); got rank {t.dim()} with shape {tuple(t.shape)}"
+        f"{name} must be constant (dim, N), variable (batch, N, L) or grouped (batch, G, N, L); "
+        f"got rank {t.dim()} with shape {tuple(t.shape)}"
     )
 
 

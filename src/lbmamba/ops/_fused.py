@@ -41,6 +41,11 @@ def _state_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+#: the backward op's outputs (the gradients of u, delta, A, B, C, D, z, delta_bias), spelled out for its schema
+_EightTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                      torch.Tensor]
+
+
 @torch.library.custom_op("lbmamba::lb_scan_fwd", mutates_args=())
 def lb_scan_fwd(
     u: torch.Tensor,
@@ -87,7 +92,7 @@ def lb_scan_bwd(
     window: int,
     backend: str,
     checkpoints: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _EightTensors:
     return tuple(
         backend_module(backend).backward(
             dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints

@@ -585,7 +585,8 @@ def _forward_kernel(
 @njit(**_JIT)
 def _backward_kernel(
     task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z,
-    g_cl, u_cl, delta_cl, z_cl, window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
+    g_cl, u_cl, delta_cl, z_cl, window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
+    dbias_part,
 ):
     # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
     batch, dim, seqlen = du.shape
@@ -655,7 +656,8 @@ def _backward_kernel(
                                 gr[i, n, c] = dyl[i, c] * (cv[n, c] if c_const else cs)
                         else:
                             for c in range(lanes):
-                                gr[i, n, c] = dyl[i, c] * (cv[n, c] if c_const else cs) + a[i - 1, n, c] * gr[i - 1, n, c]
+                                gr[i, n, c] = (dyl[i, c] * (cv[n, c] if c_const else cs)
+                                               + a[i - 1, n, c] * gr[i - 1, n, c])
             # dh^L right to left, and every gradient of position t:
             # dx = dh^L + dh^R - dy C;  a da = a dh^L h^L_{t-1} + dh^R q_t  (window 1: dh^R = dy C, q = 0)
             for i in range(rows - 1, -1, -1):

@@ -1,6 +1,6 @@
 """The readable, sequential definition of the LB selective scan: the ground truth for every backend.
 
-It follows `shared/docs/lb-scan.md` step by step, with autograd doing the backward. It materialises
+It follows `docs/lb-scan.md` step by step, with autograd doing the backward. It materialises
 (batch, dim, L, N) tensors and loops over positions in Python, so it is for testing and for tiny
 problems, not for training.
 """

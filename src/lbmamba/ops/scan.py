@@ -80,7 +80,8 @@ def selective_scan_fn(
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
     if name == "torch":
-        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    window=window)
     out, last_state, _ = _fused.lb_scan_fwd(
         u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name
     )

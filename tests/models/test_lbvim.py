@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lbmamba
-from lbmamba.models import CheckpointMismatchError, VisionMamba, load_checkpoint
+from lbmamba.models import CheckpointMismatchError, CheckpointReadError, load_checkpoint
 from lbmamba.models.lbvim import class_token_index
 
 # (name, params in millions from docs/models.md)
@@ -35,7 +35,8 @@ MIXER_KEYS = (
     "D",
     "out_proj.weight",
 )
-BI_MIXER_KEYS = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias", "D_b")
+BI_MIXER_KEYS = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
+                 "dt_proj_b.bias", "D_b")
 
 # small shapes used for anything that runs
 SMALL = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_classes=10)
@@ -78,6 +79,16 @@ def test_models_register_with_timm_on_import():
     assert lbmamba.load_checkpoint is load_checkpoint
 
 
+def test_reference_names_build_the_same_models():
+    from lbmamba.models.lbvim import VIM_ALIASES
+
+    for alias, name in VIM_ALIASES.items():
+        with torch.device("meta"):
+            a, b = timm.create_model(alias), timm.create_model(name)
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+        assert a.pretrained_cfg["architecture"] == name
+
+
 @pytest.mark.parametrize("name,millions", PARAM_COUNTS)
 def test_parameter_counts(name, millions):
     with torch.device("meta"):
@@ -88,7 +99,8 @@ def test_parameter_counts(name, millions):
 
 def test_lbvim_tiny_state_dict_keys():
     model = timm.create_model("lbvim_tiny_patch16_224")
-    expected = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm_f.weight", "head.weight", "head.bias"}
+    expected = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm_f.weight", "head.weight",
+                "head.bias"}
     for i in range(24):
         expected |= {
             f"layers.{i}.mixer.in_proj.weight",
@@ -184,7 +196,8 @@ def test_pretrained_cfg_and_data_config():
         assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
         assert cfg["interpolation"] == "bicubic" and cfg["num_classes"] == 1000
         assert cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
-        assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN and tuple(cfg["std"]) == timm.data.IMAGENET_DEFAULT_STD
+        assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
+        assert tuple(cfg["std"]) == timm.data.IMAGENET_DEFAULT_STD
         data = timm.data.resolve_data_config({}, model=model)
         assert data["crop_pct"] == 0.875 and data["interpolation"] == "bicubic"
 
@@ -466,7 +479,7 @@ def test_bad_checkpoint_gives_a_clear_error(tmp_path):
         result = load_checkpoint(model, path, strict=False)
     assert result.missing_keys == ["layers.1.mixer.A_log"]
     assert torch.equal(model.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointReadError, match="checkpoint not found"):
         load_checkpoint(model, tmp_path / "nothing.pth")
 
 
@@ -507,7 +520,7 @@ def test_reduced_model_overfits_8_images(name):
     y = torch.arange(8)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     first = None
-    for step in range(50):
+    for step in range(50):  # noqa: B007  (the message after the loop reports it)
         loss = F.cross_entropy(model(x), y)
         first = loss.item() if first is None else first
         if loss.item() < 0.1 * first:

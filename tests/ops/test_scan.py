@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import lbmamba
+from conftest import check_against_reference, fresh_seed, make_inputs, rel_err, vanilla_mamba_scan
 from lbmamba.ops import available_backends, resolve_window, selective_scan_fn, selective_scan_ref
-from scan_cases import check_against_reference, fresh_seed, make_inputs, rel_err
 
 BACKENDS = ["cpu", "torch"]
 FORMS = ["constant", "variable", "grouped", "mixed"]
@@ -43,7 +43,8 @@ def test_backend_matches_reference(backend, form, seqlen, window):
 @pytest.mark.parametrize("with_D,with_z,with_bias,softplus", list(itertools.product([False, True], repeat=4)))
 def test_optional_inputs(backend, with_D, with_z, with_bias, softplus):
     seed = fresh_seed()
-    inputs = make_inputs(2, 4, 41, 3, bc="variable", with_D=with_D, with_z=with_z, with_bias=with_bias, seed=seed)
+    inputs = make_inputs(2, 4, 41, 3, bc="variable", with_D=with_D, with_z=with_z, with_bias=with_bias,
+                         softplus=softplus, seed=seed)
     check_against_reference(backend, inputs, softplus=softplus, window=4, tol=2e-5, seed=seed)
 
 
@@ -81,18 +82,6 @@ def test_float64_backends_agree_to_rounding():
 
 
 # -- the window rules ---------------------------------------------------------------------------
-
-
-def vanilla_mamba_scan(u, delta, A, B, C, D, z, delta_bias):
-    """Mamba-1's selective scan written out independently (variable B / C, softplus), float64."""
-    dt = F.softplus(delta + delta_bias[:, None])
-    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
-    ys = []
-    for t in range(u.shape[2]):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=2) + D[:, None] * u
-    return y * F.silu(z)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
@@ -211,7 +200,8 @@ def test_cpu_handles_extreme_decays_exactly():
     inputs = make_inputs(1, 4, 20, 3, seed=fresh_seed())
     inputs["A"] = inputs["A"] * 200  # Δ·A far below -87: decays underflow to exactly 0
     out = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
-    ref = selective_scan_ref(**{k: (v.double() if v is not None else None) for k, v in inputs.items()}, delta_softplus=True)
+    as_double = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    ref = selective_scan_ref(**as_double, delta_softplus=True)
     assert rel_err(out, ref) < 1e-5
 
 
@@ -259,10 +249,12 @@ def test_cpu_softplus_and_gate_over_their_whole_range(window):
     out, ref = both()
     # each output is C·B Δ u + D u, gated: bound its error by the size of those terms at that position
     d = {k: v.double() for k, v in inputs.items()}
-    terms = F.softplus(d["delta"] + d["delta_bias"][:, None]) * (d["B"] * d["C"]).abs().sum(1)[:, None] + d["D"][:, None].abs()
+    step = F.softplus(d["delta"] + d["delta_bias"][:, None])
+    terms = step * (d["B"] * d["C"]).abs().sum(1)[:, None] + d["D"][:, None].abs()
     scale = terms * d["u"].abs() * F.silu(d["z"]).abs()
     bad = (out - ref).abs() > 2e-5 * scale + 1e-30
-    assert not bad.any(), f"seed {seed}: out {out[bad][:5]}, reference {ref[bad][:5]}, delta {d['delta'][bad][:5]}, z {d['z'][bad][:5]}"
+    assert not bad.any(), (f"seed {seed}: out {out[bad][:5]}, reference {ref[bad][:5]}, delta {d['delta'][bad][:5]}, "
+                           f"z {d['z'][bad][:5]}")
     inputs["delta"][1, 2, 50] = float("nan")
     inputs["z"][0, 3, 9] = float("nan")
     out, ref = both()
@@ -306,8 +298,9 @@ def test_bad_input(name, mutate, exc, message, fn):
 
 @pytest.mark.parametrize(
     "window,exc,message",
-    [(0, ValueError, "window must be >= 1"), (-3, ValueError, "window must be >= 1"), (2.5, TypeError, "window must be"),
-     ("big", ValueError, "window must be a positive int or 'auto'"), (True, TypeError, "window must be")],
+    [(0, ValueError, "window must be >= 1"), (-3, ValueError, "window must be >= 1"),
+     (2.5, TypeError, "window must be"), ("big", ValueError, "window must be a positive int or 'auto'"),
+     (True, TypeError, "window must be")],
 )
 def test_bad_window(window, exc, message):
     with pytest.raises(exc, match=message):

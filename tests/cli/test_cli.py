@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from PIL import Image
 
 import lbmamba
 from lbmamba import cli
-from lbmamba.engine.checkpointing import capture_rng_state, restore_rng_state
 
 QUIET = ["--no-progress"]
 # a smaller LBVim for the runs that test plumbing rather than accuracy
@@ -25,13 +23,8 @@ SMALL = ["--set", "model_kwargs.depth=2", "--set", "model_kwargs.embed_dim=32"]
 
 
 @pytest.fixture
-def run_cli(capsys):
-    """run(*args) -> (exit code, JSON of the last stdout line or None, stdout, stderr), in this process.
-
-    Restores the thread counts and RNG states the run changes."""
-    import numba
-
-    threads, numba_threads, rng = torch.get_num_threads(), numba.get_num_threads(), capture_rng_state()
+def run_cli(capsys, restore_globals):
+    """run(*args) -> (exit code, JSON of the last stdout line or None, stdout, stderr), in this process."""
 
     def run(*args):
         code = cli.main([str(a) for a in args])
@@ -40,10 +33,7 @@ def run_cli(capsys):
         payload = json.loads(lines[-1]) if code == 0 and lines else None
         return code, payload, out, err
 
-    yield run
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
-    restore_rng_state(rng)
+    return run
 
 
 def _env():
@@ -65,7 +55,8 @@ def _write_digit_folder(root, classes=(0, 1, 2), per_class=(8, 4), broken=0):
             os.makedirs(folder, exist_ok=True)
             for i in idx[offset : offset + count]:
                 img = (x[i].reshape(8, 8) * 255 / 16).astype(np.uint8)
-                Image.fromarray(img).resize((32, 32), Image.BILINEAR).convert("RGB").save(os.path.join(folder, f"{i}.png"))
+                img = Image.fromarray(img).resize((32, 32), Image.BILINEAR).convert("RGB")
+                img.save(os.path.join(folder, f"{i}.png"))
     for b in range(broken):
         with open(os.path.join(root, "train", f"class_{classes[0]}", f"broken_{b}.png"), "wb") as handle:
             handle.write(b"\x89PNG\r\n\x1a\n not really a png")
@@ -85,15 +76,21 @@ def _equal(a, b):
 
 
 # ------------------------------------------------------------------------------------------ help and plumbing
-@pytest.mark.parametrize("command", ["train", "eval", "bench"])
-def test_every_command_has_help(command, capsys):
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["bench"], ["mil", "train"], ["mil", "eval"],
+                                     ["mil", "extract"]], ids=" ".join)
+def test_every_command_has_help_listing_its_keys(command, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main([command, "--help"])
+        cli.main([*command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert f"lbmamba {command}" in out
-    if command == "train":
-        assert "config keys" in out and "max_bad_fraction" in out and "--resume" in out
+    assert f"lbmamba {' '.join(command)}" in out and "config keys" in out and "--config" in out and "--set" in out
+    if command == ["train"]:
+        assert "max_bad_fraction" in out and "--resume" in out and "--threads" in out
+
+
+def test_a_group_without_its_command_shows_its_help(run_cli):
+    code, _, out, _ = run_cli("mil")
+    assert code == 2 and "extract" in out and "train" in out
 
 
 def test_python_dash_m_and_a_user_error_exit_cleanly(tmp_path):
@@ -105,26 +102,6 @@ def test_python_dash_m_and_a_user_error_exit_cleanly(tmp_path):
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == f"lbmamba train: error: data directory not found: {missing}"
-
-
-def test_command_groups_plug_in(monkeypatch, tmp_path, run_cli):
-    (tmp_path / "fake_cli_plugin.py").write_text(textwrap.dedent("""
-        def register(subparsers):
-            p = subparsers.add_parser("fake", help="a fake command group")
-            sub = p.add_subparsers(dest="fake_command")
-            hello = sub.add_parser("hello")
-            hello.add_argument("--n", type=int, default=1)
-            hello.set_defaults(func=lambda args: {"hello": args.n})
-    """))
-    (tmp_path / "broken_cli_plugin.py").write_text("raise ImportError('missing dependency xyz')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "PLUGINS", ["fake_cli_plugin", "broken_cli_plugin"])
-    code, payload, _, _ = run_cli("fake", "hello", "--n", "3")
-    assert code == 0 and payload == {"hello": 3}
-    code, _, out, _ = run_cli("fake")  # a group without its sub-command: its help, exit 2
-    assert code == 2 and "hello" in out
-    code, _, _, err = run_cli("broken_plugin")
-    assert code == 1 and "missing dependency xyz" in err
 
 
 # ------------------------------------------------------------------------------------------ the main job
@@ -207,13 +184,15 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, run_cli):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_cli):
     # 1437 training digits / batch 64 = 22 steps per epoch: global step 30 is in epoch 2
-    code, _, _, err = run_cli("train", "--epochs", 2, *SMALL, "--set", "model_kwargs.depth=1", "--set", "debug_nan_step=30",
+    code, _, _, err = run_cli("train", "--epochs", 2, *SMALL, "--set", "model_kwargs.depth=1",
+                              "--set", "debug_nan_step=30",
                               "--output", tmp_path, *QUIET)
     assert code == 1
     assert "loss became NaN at epoch 2" in err and "last good checkpoint is untouched" in err
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "config.yaml", "curves.png", "last.pth", "metrics.jsonl"]
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == [
+        "best.pth", "config.yaml", "curves.png", "last.pth", "metrics.jsonl"]
 
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
@@ -252,7 +231,8 @@ def test_image_folder_train_and_eval(tmp_path, run_cli):
     code, ev, _, err = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pth", "--data", root, *QUIET)
     assert code == 0, err
     assert ev["images"] == 12 and 0 <= ev["top1"] <= 100 and ev["top5"] == 100.0 and ev["images_per_s"] > 0
-    code, ev_ema, _, err = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pth", "--data", root, "--ema", *QUIET)
+    code, ev_ema, _, err = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pth", "--data", root, "--ema",
+                                   *QUIET)
     assert code == 0 and ev_ema["checkpoint"].endswith("(EMA)"), err
 
     # a reference-style {'model': state_dict} checkpoint: name the model; --data may be the val folder itself
@@ -268,14 +248,16 @@ def test_image_folder_train_and_eval(tmp_path, run_cli):
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(tmp_path / "ref.safetensors"))
-    code, ev_st, _, err = run_cli("eval", "--model", "lbvim_tiny_patch16_224", "--checkpoint", tmp_path / "ref.safetensors",
+    code, ev_st, _, err = run_cli("eval", "--model", "lbvim_tiny_patch16_224", "--checkpoint",
+                                  tmp_path / "ref.safetensors",
                                   "--data", root, "--img-size", 32,
                                   "--set", "model_kwargs={embed_dim: 32, depth: 2, patch_size: 8}", *QUIET)
     assert code == 0 and ev_st["top1"] == ev["top1"] and ev_st["loss"] == ev["loss"], err
 
     # a checkpoint of another shape: one clear line naming the keys
     code, _, _, err = run_cli("eval", "--model", "lbvim_tiny_patch16_224", "--checkpoint", tmp_path / "ref.pth",
-                              "--data", root, "--img-size", 32, "--set", "model_kwargs={embed_dim: 48, depth: 2, patch_size: 8}",
+                              "--data", root, "--img-size", 32,
+                              "--set", "model_kwargs={embed_dim: 48, depth: 2, patch_size: 8}",
                               *QUIET)
     assert code == 1 and "does not fit" in err and len(err.strip().splitlines()) == 1
 

@@ -1,4 +1,4 @@
-"""The Triton backend (issue 3).
+"""The Triton backend.
 
 * Its kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess because the
   variable must be set before the kernels are decorated), through the public
@@ -26,8 +26,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import make_inputs, vanilla_mamba_scan  # noqa: E402  (after the skip when triton is missing)
+
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
+TESTS = ROOT / "tests"
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
@@ -73,50 +76,9 @@ ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def _inputs(case, seed):
-    gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, case["dtype"])
-    batch, dim, seqlen, dstate = case["batch"], case["dim"], case["seqlen"], case["dstate"]
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    def bc(form, groups):
-        if form == "constant":
-            return randn(dim, dstate)
-        if form == "variable":
-            return randn(batch, dstate, seqlen).to(dtype)
-        return randn(batch, groups, dstate, seqlen).to(dtype)
-
-    delta = 0.5 * randn(batch, dim, seqlen)
-    return dict(
-        u=randn(batch, dim, seqlen).to(dtype),
-        delta=(delta if case["softplus"] else delta.abs()).to(dtype),
-        A=-torch.exp(0.5 * randn(dim, dstate)),
-        B=bc(case["B"], case["groups"][0]),
-        C=bc(case["C"], case["groups"][1]),
-        D=randn(dim) if case["D"] else None,
-        z=randn(batch, dim, seqlen).to(dtype) if case["z"] else None,
-        delta_bias=0.3 * randn(dim) if case["bias"] else None,
-    )
-
-
-def _vanilla_mamba(inputs, softplus):
-    """Mamba-1's selective scan (h_t = a_t h_{t-1} + x_t, y_t = C_t h_t + D u_t, gated), float64."""
-    from lbmamba.ops._checks import check_scan_args
-    from lbmamba.ops.reference import discretize, expand_bc
-
-    u, delta, A, B, C, D, z, bias = (None if inputs[k] is None else inputs[k].double() for k in ORDER)
-    shape = check_scan_args(u, delta, A, B, C, D, z, bias, 1)
-    a, x = discretize(u, delta, A, B, bias, softplus, shape, torch.float64)
-    C_t = expand_bc(C, shape, torch.float64).expand_as(x)
-    h, ys = torch.zeros_like(x[:, :, 0]), []
-    for t in range(shape.seqlen):
-        h = a[:, :, t] * h + x[:, :, t]
-        ys.append((h * C_t[:, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D[:, None] * u
-    return y * torch.nn.functional.silu(z) if z is not None else y
+    return make_inputs(case["batch"], case["dim"], case["seqlen"], case["dstate"], B=case["B"], C=case["C"],
+                       groups=case["groups"], with_D=case["D"], with_z=case["z"], with_bias=case["bias"],
+                       softplus=case["softplus"], dtype=getattr(torch, case["dtype"]), seed=seed)
 
 
 def _run_case(case, seed, defaults):
@@ -148,7 +110,7 @@ def _run_case(case, seed, defaults):
         ref = expected[name].double()
         errors[name] = ((value.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
     if case["window"] == 1:  # window 1 is exactly the vanilla Mamba scan
-        vanilla = _vanilla_mamba(inputs, case["softplus"])
+        vanilla = vanilla_mamba_scan(**inputs, softplus=case["softplus"])
         errors["out vs vanilla Mamba"] = ((got["out"].double() - vanilla).norm() / vanilla.norm()).item()
     leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in ORDER if inputs[k] is not None}
     problems = [
@@ -182,7 +144,7 @@ def _case_seed(base_seed, case_id):
 
 def _subprocess_env(**extra):
     env = dict(os.environ, **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), str(TESTS), env.get("PYTHONPATH")]))
     return env
 
 

@@ -1,0 +1,114 @@
+"""timm's model-API contract, run over every model name this package registers (as timm's own
+tests/test_models.py does): create, forward, backward, forward_features / forward_head,
+forward_intermediates, features_only, reset_classifier and a state-dict round trip."""
+
+import pytest
+import timm
+import torch
+
+import lbmamba  # noqa: F401  (registers the models)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _registered():
+    return sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("lbmamba."))
+
+
+MODEL_NAMES = _registered()
+# small versions of each family, and an input for them
+VISION = dict(img_size=32, patch_size=8, embed_dim=24, depth=3, num_classes=5)
+MIL = dict(in_dim=6, num_classes=5, embed_dim=16, attn_dim=8)
+
+
+def _family(name):
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def _create(name, seed=0, **extra):
+    torch.manual_seed(seed)
+    kwargs = dict(VISION if _family(name) == "lbvim" else MIL, **extra)
+    if _family(name) == "mil" and extra.get("features_only"):
+        kwargs.pop("num_classes")
+    return timm.create_model(name, **kwargs)
+
+
+def _input(name):
+    g = torch.Generator().manual_seed(1)
+    if _family(name) == "lbvim":
+        return torch.randn(2, 3, 32, 32, generator=g)
+    return torch.randn(1, 11, 6, generator=g)
+
+
+def test_every_family_is_covered():
+    assert {_family(n) for n in MODEL_NAMES} == {"lbvim", "mil"}
+    assert {"lbvim_tiny_patch16_224", "vim_tiny_patch16_224", "mambamil_lb", "abmil"} <= set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_and_head(name):
+    model = _create(name)
+    x = _input(name)
+    out = model(x)
+    assert out.shape == (x.shape[0], 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad}"
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (x.shape[0], model.num_features)
+    assert isinstance(model.no_weight_decay(), set) and model.group_matcher()["blocks"]
+    model.set_grad_checkpointing(True)
+    assert model.pretrained_cfg["classifier"] and model.get_classifier() is not None
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_intermediates(name):
+    model = _create(name).eval()
+    x = _input(name)
+    fmt = "NCHW" if _family(name) == "lbvim" else "NLC"
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, output_fmt=fmt)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(intermediates) == len(model.feature_info)
+        only = model.forward_intermediates(x, indices=1, output_fmt=fmt, intermediates_only=True)
+        torch.testing.assert_close(only[0], intermediates[-1])
+    for feat, info in zip(intermediates, model.feature_info):
+        channels = feat.shape[1] if fmt == "NCHW" else feat.shape[-1]
+        assert channels == info["num_chs"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_features_only(name):
+    model = _create(name, features_only=True).eval()
+    with torch.no_grad():
+        feats = model(_input(name))
+    channels = model.feature_info.channels()
+    assert len(feats) == len(channels) >= 1
+    axis = 1 if _family(name) == "lbvim" else -1
+    assert [f.shape[axis] for f in feats] == channels
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_reset_classifier(name):
+    model = _create(name).eval()
+    x = _input(name)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (x.shape[0], model.num_features)
+    model.reset_classifier(7)
+    with torch.no_grad():
+        assert model(x).shape == (x.shape[0], 7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_state_dict_round_trip(name):
+    source = _create(name, seed=0).eval()
+    target = _create(name, seed=1).eval()
+    x = _input(name)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
