@@ -150,7 +150,6 @@ def test_resume_keeps_the_runs_config_and_refuses_changes_that_alter_the_result(
     assert table.resume(saved, {"lr": 0.2}, "from run", allow_change=True)["lr"] == 0.2
     with pytest.raises(UserError, match="another model \\(width: run 8 vs now 16\\)"):
         table.resume(saved, {"width": 16}, "from run", allow_change=True)
-    assert table.fingerprint(saved) == {"width": 8, "lr": 0.5}
 
 
 def test_mil_configs_spell_out_the_presets():

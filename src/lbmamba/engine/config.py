@@ -305,10 +305,6 @@ class ConfigTable:
     def keys_with(self, *effects: str) -> List[str]:
         return [name for name, key in self.keys.items() if key.effect in effects]
 
-    def fingerprint(self, cfg: Mapping[str, Any]) -> Dict[str, Any]:
-        """The part of a config that defines the model and the result (stored in checkpoints)."""
-        return {name: copy.deepcopy(cfg.get(name)) for name in self.keys_with("model", "run")}
-
     def resume(self, saved: Mapping[str, Any], given: Mapping[str, Any], source: str,
                allow_change: bool = False) -> Dict[str, Any]:
         """The config to resume a run with: the run's own `saved` config, changed by what the user

@@ -49,10 +49,6 @@ class ScanShape:
     window: int
 
 
-def _describe(t) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def _check_float(name: str, t: torch.Tensor, allowed=SCAN_DTYPES) -> None:
     if t.is_complex():
         raise TypeError(
