@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import __version__
@@ -168,15 +170,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         getattr(args, "group", parser).print_help()
         return 2
     command = args.table.command
+    signals = []
+
+    def terminated(signum, frame):  # what job schedulers send: stop like Ctrl-C (checkpoints stay whole)
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main_thread else None
     try:
         result = args.func(_overrides(args), args.config)
     except UserError as exc:
         print(f"lbmamba {command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr,
               flush=True)
         return 1
-    except KeyboardInterrupt:
-        print(f"lbmamba {command}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"lbmamba {command}: {'terminated' if signals else 'interrupted'}{detail}", file=sys.stderr, flush=True)
+        return 128 + (signals[0] if signals else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if result is not None:
         sys.stdout.flush()
         print(json.dumps(jsonable(result)), flush=True)

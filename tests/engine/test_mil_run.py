@@ -34,8 +34,8 @@ def test_digits_bags_reach_auc(tmp_path):
     assert summary["folds"] == 2 and summary["classes"] == ["negative", "positive"]
     assert summary["auc_mean"] >= 0.9, summary
     files = sorted(f for f in os.listdir(run) if not f.startswith("."))
-    assert files == ["config.yaml", "curves.png", "fold_0.pt", "fold_1.pt", "last.pth", "metrics.jsonl", "summary.csv",
-                     "summary.json"]
+    assert files == ["config.yaml", "curves.png", "fold_0.pt", "fold_1.pt", "last.pth", "metrics.csv", "metrics.jsonl",
+                     "summary.csv", "summary.json"]
     rows = list(csv.reader(open(run / "summary.csv")))
     assert [r[0] for r in rows[1:]] == ["0", "1", "mean", "std", "mean±std"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -180,3 +180,18 @@ def test_inconsistent_arguments(tiny_bags):
     with pytest.raises(UserError, match="'depth' must be >= 0"):
         train_mil(_cfg(tiny_bags, depth=-1))
     assert not (tiny_bags / "run").exists()
+
+
+def test_skip_missing_also_skips_unreadable_files(tiny_bags):
+    (tiny_bags / "feats" / "h5_files" / "s3.h5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(UserError, match="cannot read feature file .*s3.h5"):
+        train_mil(_cfg(tiny_bags))
+    with pytest.warns(UserWarning, match="leaving out 0 slide.* and 1 whose file cannot be read: .*s3.h5"):
+        summary = train_mil(_cfg(tiny_bags, skip_missing=True))
+    assert summary["skipped_unreadable"] == 1 and summary["skipped_missing"] == 0
+
+
+def test_features_with_nan_are_named_not_blamed_on_the_learning_rate(tiny_bags):
+    write_bag(tiny_bags / "feats", "s2", np.array([[1.0, np.nan, 0.0, np.inf]] * 3), "h5")
+    with pytest.raises(UserError, match="slide 's2': its features hold 6 NaN / infinite value.*s2.h5"):
+        train_mil(_cfg(tiny_bags))

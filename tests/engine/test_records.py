@@ -8,7 +8,7 @@ import pytest
 from lbmamba.engine import UserError
 from lbmamba.engine.bench import read_accuracies
 from lbmamba.engine.plots import plot_curves, plot_throughput
-from lbmamba.engine.records import RunRecord
+from lbmamba.engine.records import RunRecord, progress
 
 PANELS = [("loss", "loss", [("train_loss", "train"), ("val_loss", "validation")]),
           ("accuracy", "%", [("val_top1", "top-1")])]
@@ -55,3 +55,42 @@ def test_read_accuracies_formats(tmp_path):
     (tmp_path / "e.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read accuracies"):
         read_accuracies(str(tmp_path / "e.json"))
+
+
+def test_progress_in_a_log_file_is_plain_lines(capsys):
+    from lbmamba.engine.records import _LineProgress
+
+    assert isinstance(progress(range(3), desc="val"), _LineProgress)  # captured stderr is not a terminal
+    assert list(_LineProgress(range(3), None, "val", interval=0.0)) == [0, 1, 2]
+    with _LineProgress(None, 4, "epoch 1/2", interval=0.0) as bar:
+        bar.set_postfix(loss="0.5")
+        bar.update(1)
+    err = capsys.readouterr().err
+    assert "val: 1/3" in err and "epoch 1/2: 1/4" in err and "loss 0.5" in err and "\r" not in err
+    assert "val: 3/3" not in err  # the end is not reported: the epoch's own line follows
+    assert list(progress(range(2), enabled=False)) == [0, 1] and capsys.readouterr().err == ""
+
+
+def test_csv_and_tensorboard_logs(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record = RunRecord(str(tmp_path / "c"), PANELS, log="csv")
+    record.add({"epoch": 1, "train_loss": 0.5})
+    record.add({"epoch": 2, "train_loss": 0.25, "val_top1": 90.0})
+    rows = list(csv.reader(open(tmp_path / "c" / "metrics.csv")))
+    assert rows == [["epoch", "train_loss", "val_top1"], ["1", "0.5", ""], ["2", "0.25", "90.0"]]
+
+    folder = tmp_path / "t"
+    record = RunRecord(str(folder), PANELS, group="fold", log="tensorboard")
+    for fold, epoch in ((0, 1), (0, 2), (1, 1)):
+        record.add({"fold": fold, "epoch": epoch, "val_loss": fold + 1.0 / epoch})
+    record.finish({})
+    resumed = RunRecord(str(folder), PANELS, group="fold", log="tensorboard", keep=lambda r: r["fold"] == 0)
+    resumed.add({"fold": 1, "epoch": 1, "val_loss": 7.0})
+    resumed.finish({})
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("fold0/val_loss")] == [(1, 1.0), (2, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("fold1/val_loss")] == [(3, 7.0)]  # the resumed step replaces it

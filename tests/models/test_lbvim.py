@@ -529,3 +529,11 @@ def test_reduced_model_overfits_8_images(name):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first, f"{name}: loss {first:.3f} -> {loss.item():.3f} after {step + 1} steps"
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_not_a_crash(tmp_path):
+    """A Vim checkpoint (class token: 17 position entries for a 4 x 4 grid) into an LBVim: the position
+    embedding cannot be resampled, which is a mismatch like any other."""
+    torch.save({"model": small("vim_tiny_patch16_224", img_size=32, patch_size=8).state_dict()}, tmp_path / "vim.pth")
+    with pytest.raises(CheckpointMismatchError, match="does not fit VisionMamba: cannot infer the position-embedding"):
+        load_checkpoint(small(img_size=32, patch_size=8), tmp_path / "vim.pth")

@@ -284,6 +284,9 @@ BAD_CASES = [
     ("int dtype", lambda k: k.update(u=k["u"].long()), TypeError, "u must have dtype"),
     ("devices", lambda k: k.update(D=k["D"].to("meta")), ValueError, "all tensors must be on one device"),
     ("not a tensor", lambda k: k.update(u=[1.0]), TypeError, "u must be a torch.Tensor"),
+    ("mixed dtypes", lambda k: k.update(delta=k["delta"].double(), z=k["z"].bfloat16()), TypeError,
+     "u is torch.float32 but delta is torch.float64, z is torch.bfloat16"),
+    ("variable B dtype", lambda k: k.update(B=k["B"].half()), TypeError, "variable B / C must have one dtype"),
 ]
 
 
@@ -313,3 +316,23 @@ def test_bad_backend():
     with pytest.raises(ValueError, match="backend='cpu' is not available"):
         kw = {k: (v.to("meta") if v is not None else None) for k, v in _good().items()}
         selective_scan_fn(**kw, backend="cpu")
+
+
+def test_cpu_backend_says_when_a_first_call_compiles(monkeypatch, capsys):
+    """numba compiles the kernels on first use (about a minute); a first call that takes long says why."""
+    import time
+
+    import numpy as np
+
+    from lbmamba.ops import cpu
+
+    monkeypatch.setattr(cpu, "COMPILE_NOTE_AFTER_S", 0.05)
+    monkeypatch.setattr(cpu, "_RAN", set())
+
+    def slow_kernel(edges, *args):  # stands in for a kernel being compiled
+        time.sleep(0.5)
+
+    cpu._run_tasks(slow_kernel, 4, np.zeros(1, np.float32))
+    assert "compiling the CPU scan kernels, once per machine" in capsys.readouterr().err
+    cpu._run_tasks(slow_kernel, 4, np.zeros(1, np.float32))  # compiled now: no second note
+    assert capsys.readouterr().err == ""

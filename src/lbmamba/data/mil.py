@@ -242,6 +242,17 @@ class FeatureStore:
     def missing(self, slide_ids: Sequence[str]) -> List[str]:
         return [s for s in slide_ids if s not in self._files]
 
+    def unreadable(self, slide_ids: Sequence[str]) -> Dict[str, str]:
+        """{slide: why} for the slides among `slide_ids` whose feature file cannot be read (missing ones aside)."""
+        out = {}
+        for s in slide_ids:
+            if s in self._files:
+                try:
+                    self.shape(s)
+                except MILInputError as exc:
+                    out[s] = str(exc)
+        return out
+
     def path(self, slide_id: str) -> Tuple[str, str]:
         """(format, path) of the slide's feature file."""
         entry = self._files.get(slide_id)
@@ -392,6 +403,10 @@ class MILBagDataset(Dataset):
             raise MILInputError(
                 f"slide {slide!r}: {feats.shape[1]}-d features, the model expects {self.expected_dim}-d"
             )
+        bad = int((~torch.isfinite(feats)).sum())
+        if bad:  # checked here, where the bag is read, so that a NaN loss never has to be explained
+            raise MILInputError(f"slide {slide!r}: its features hold {bad} NaN / infinite value(s) "
+                                f"({self.store.path(slide)[1]}); fix the file or leave the slide out")
         return feats, torch.tensor(self.labels[i], dtype=torch.long), slide
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .classification import check_model_name
 from .config import ConfigTable, Key
+from .device import threads_key
 from .errors import UserError, user_errors
 from .files import write_json
 from .plots import plot_throughput
@@ -234,7 +235,7 @@ BENCH = ConfigTable("bench", {
     "results": Key(None, "accuracies (JSON {model: top1}, list of {model, top1}, or CSV model,top1): plot against "
                          "accuracy", kind="str", flag=True),
     "device": Key("auto", "auto | cpu | cuda | cuda:N", flag=True, effect="none"),
-    "threads": Key(None, "CPU threads (null: torch's default)", kind="int", positive=True, flag=True, effect="none"),
+    "threads": threads_key(),
     "output": Key(None, "where bench.json / bench.png go (null: runs/<time>-bench)", kind="str", flag=True,
                   effect="none"),
     "overwrite": Key(False, "move an earlier result in `output` aside first", flag=True, effect="once"),

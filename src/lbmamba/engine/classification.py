@@ -10,7 +10,8 @@ this module wires them into a loop on the shared run helpers (run folder, exact 
 * `last.pth` / `best.pth` written atomically every epoch (rank 0);
 * the loss is checked every step on every rank: NaN / inf stops the run before any checkpoint is
   touched;
-* unreadable images are skipped and counted; more than `max_bad_fraction` stops the run.
+* unreadable images are skipped and counted; more than `max_bad_images` or `max_bad_fraction` of those drawn
+  (whichever is larger) stops the run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import difflib
 import math
 import os
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -37,12 +39,13 @@ from ..data import (
     load_digits_split,
     resolve_split_dir,
 )
-from ..models import load_checkpoint, unwrap_state_dict
+from ..models import CheckpointMismatchError, load_checkpoint, unwrap_state_dict
 from .config import ConfigTable, Key
+from .device import AMP_MODES, autocast, demo_threads, grad_scaler, threads_key
 from .distributed import DistInfo, all_reduce_sum, barrier, session
 from .errors import TrainingDivergedError, UserError, user_errors
 from .files import atomic_save, jsonable
-from .records import RunRecord, progress
+from .records import LOGS, RunRecord, progress
 from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything, seed_worker
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
 
@@ -55,6 +58,9 @@ def _check_train(cfg: Dict[str, Any]) -> None:
         raise UserError(f"config key 'val_fraction' must be in (0, 1), got {cfg['val_fraction']!r}")
     if not 0.0 <= cfg["max_bad_fraction"] <= 1.0:
         raise UserError(f"config key 'max_bad_fraction' must be in [0, 1], got {cfg['max_bad_fraction']!r}")
+    for key in ("scale", "ratio"):
+        if key in cfg and (len(cfg[key]) != 2 or not 0 < cfg[key][0] <= cfg[key][1]):
+            raise UserError(f"config key {key!r} must be two numbers 0 < low <= high, got {cfg[key]!r}")
 
 
 # The defaults are the shipped run: a small LBVim on scikit-learn's 8x8 digits.
@@ -84,8 +90,10 @@ TRAIN = ConfigTable("train", {
     "digits_shift": Key(2, "digits: random translation in pixels (training only)", low=0),
     "workers": Key(None, "data-loading worker processes per rank (null: 0 for digits, else min(8, cores / local "
                          "processes))", kind="int", low=0, flag=True, effect="none"),
-    "max_bad_fraction": Key(0.01, "fail when more than this fraction of the images drawn are unreadable", flag=True,
-                            effect="none"),
+    "max_bad_fraction": Key(0.01, "fail when more than this fraction of the images drawn, and more than "
+                                  "max_bad_images, are unreadable", flag=True, effect="none"),
+    "max_bad_images": Key(1, "unreadable images tolerated whatever their fraction (small data sets)", low=0,
+                          effect="none"),
     # batch and optimisation
     "batch_size": Key(64, "images per process per step (micro-batch)", positive=True, flag=True),
     "global_batch_size": Key(None, "if set: grad_accum = global_batch_size / (batch_size x world size)", kind="int",
@@ -117,6 +125,10 @@ TRAIN = ConfigTable("train", {
     "mixup_mode": Key("batch", "batch | pair | elem", choices=("batch", "pair", "elem")),
     "aa": Key(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (ImageFolder data)", kind="str"),
     "color_jitter": Key(0.0, "colour jitter strength (ImageFolder data)"),
+    "scale": Key([0.08, 1.0], "random-resized-crop area range (ImageFolder data; digit-like data wants about 0.5,1)"),
+    "ratio": Key([0.75, 4 / 3], "random-resized-crop aspect-ratio range (ImageFolder data)"),
+    "hflip": Key(0.5, "horizontal flip probability (ImageFolder data; 0 for digits, text, ...)", low=0),
+    "vflip": Key(0.0, "vertical flip probability (ImageFolder data)", low=0),
     "reprob": Key(0.0, "random erasing probability (ImageFolder data)"),
     "remode": Key("pixel", "random erasing mode"),
     "recount": Key(1, "random erasing count"),
@@ -129,7 +141,7 @@ TRAIN = ConfigTable("train", {
     "model_ema_decay": Key(0.99996, "EMA decay per optimizer update"),
     # run
     "amp": Key(None, "mixed precision: null (fp32) | bf16 | fp16 (fp16 uses a GradScaler)", kind="str",
-               choices=("bf16", "fp16"), flag=True),
+               choices=AMP_MODES, flag=True),
     "device": Key("auto", "auto | cpu | cuda | cuda:N (under torchrun: LOCAL_RANK's GPU)", flag=True, effect="none"),
     "seed": Key(0, "base seed (data order and augmentation depend on seed + epoch + rank)", flag=True),
     "output": Key(None, "the run folder (null: runs/<time>-<model>); a folder holding a run is refused unless "
@@ -140,8 +152,10 @@ TRAIN = ConfigTable("train", {
                   flag=True, effect="once"),
     "eval_every": Key(1, "validate every N epochs (and always after the last)", positive=True),
     "progress": Key(True, "show a progress bar (rank 0)", flag=True, effect="none"),
-    "threads": Key(1, "CPU threads per process (the small default model runs fastest on one); null: torch's default, "
-                      "under torchrun cores / local processes", nullable=True, positive=True, flag=True, effect="none"),
+    "log": Key("csv", "also keep the per-epoch figures as metrics.csv (csv) or TensorBoard events in "
+                      "<run>/tensorboard (tensorboard; pip install tensorboard); null: metrics.jsonl only",
+               nullable=True, choices=LOGS, flag=True, effect="none"),
+    "threads": threads_key(),
     "allow_config_change": Key(False, "resume although result-changing keys differ (the model must match)",
                                effect="once"),
     "stop_after_epochs": Key(None, "stop after this many epochs of this invocation (for tests and job limits)",
@@ -157,9 +171,10 @@ TRAIN = ConfigTable("train", {
 EVAL = TRAIN.derive(
     "eval",
     ["model", "model_kwargs", "img_size", "in_chans", "num_classes", "data", "val_split", "val_fraction", "batch_size",
-     "workers", "max_bad_fraction", "crop_pct", "interpolation", "amp", "device", "threads", "progress"],
+     "workers", "max_bad_fraction", "max_bad_images", "crop_pct", "interpolation", "amp", "device", "threads",
+     "progress"],
     changes={"model": dict(default=None), "model_kwargs": dict(default={}), "img_size": dict(default=None),
-             "data": dict(default=None), "threads": dict(default=None), "interpolation": dict(flag=True),
+             "data": dict(default=None), "interpolation": dict(flag=True),
              "crop_pct": dict(flag=True)},
     extra={"checkpoint": Key(None, "weights to evaluate (.pth / .safetensors)", kind="str", flag=True),
            "ema": Key(False, "evaluate the EMA weights of one of our checkpoints", flag=True)},
@@ -237,13 +252,6 @@ class _ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------------------------- data
 def _data_classes(cfg: Mapping[str, Any], need_train: bool = True) -> Dict[str, Any]:
     """Where the data is and which classes it has (no images read yet)."""
@@ -316,11 +324,16 @@ def _val_loader(ds: Dataset, cfg: Mapping[str, Any], dist: DistInfo, batch_size:
     )
 
 
+def _bad_image_limit(cfg: Mapping[str, Any], total: float) -> float:
+    """Unreadable images tolerated among `total`: a count or a fraction, whichever is larger."""
+    return max(cfg["max_bad_images"], cfg["max_bad_fraction"] * total)
+
+
 def _check_bad_images(bad: int, total: int, cfg: Mapping[str, Any], what: str) -> None:
-    if bad > cfg["max_bad_fraction"] * total:
+    if bad > _bad_image_limit(cfg, total):
         raise UserError(
-            f"too many unreadable images{what}: {bad} of {total} (more than max_bad_fraction "
-            f"{cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction"
+            f"too many unreadable images{what}: {bad} of {total} (more than max_bad_images {cfg['max_bad_images']} "
+            f"and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction"
         )
 
 
@@ -340,7 +353,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, dist: DistInfo, amp: Op
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         keep = (bad == 0).to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images)
         logits = logits.float()[keep]
         targets = targets[keep]
@@ -423,6 +436,7 @@ def _prepare_train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if info["kind"] == "digits":
         cfg["img_size"] = cfg.get("img_size") or 32
     cfg["in_chans"] = cfg.get("in_chans") or (1 if info["kind"] == "digits" else 3)
+    cfg["threads"] = demo_threads(cfg["threads"], info["kind"] == "digits")
     return cfg
 
 
@@ -501,7 +515,7 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
         updates_per_epoch=updates_per_epoch,
     )
     ema = ModelEmaV3(model, decay=cfg["model_ema_decay"]) if cfg["model_ema"] else None
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    scaler = grad_scaler(device, cfg["amp"])
     mixup_fn, loss_fn = _loss_functions(cfg, num_classes)
 
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
@@ -520,7 +534,7 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
         run.checkpoint = ckpt = None  # the weights are in the model now
 
     last_path, best_path = run.path(LAST), run.path("best.pth")
-    record = RunRecord(run.dir, _CURVES, _run_title(cfg), shown=_SHOWN, enabled=dist.is_main,
+    record = RunRecord(run.dir, _CURVES, _run_title(cfg), shown=_SHOWN, enabled=dist.is_main, log=cfg["log"],
                        keep=(lambda r: r.get("epoch", 0) <= start_epoch) if run.resumed else None)
     if dist.is_main:
         note(
@@ -645,12 +659,21 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
 
 def _load_initial_weights(model: nn.Module, cfg: Mapping[str, Any]) -> None:
     """init_checkpoint into the new model: all of it, or (init_partial) what fits, saying what did not."""
-    result = load_checkpoint(model, cfg["init_checkpoint"], strict=not cfg["init_partial"])
+    try:
+        with warnings.catch_warnings():  # a partial load is reported below, in a few lines
+            warnings.simplefilter("ignore")
+            result = load_checkpoint(model, cfg["init_checkpoint"], strict=not cfg["init_partial"])
+    except CheckpointMismatchError as exc:
+        raise UserError(f"init_checkpoint: {exc}; set init_partial=true to load only what fits") from exc
     if not result.ok:
-        skipped = len(result.missing_keys) + len(result.mismatched_keys)
-        note(f"init_checkpoint: {len(model.state_dict()) - skipped} of {len(model.state_dict())} model tensors loaded "
-             f"from {cfg['init_checkpoint']}; {skipped} keep their initialisation, "
-             f"{len(result.unexpected_keys)} checkpoint tensors unused")
+        kept = result.missing_keys + [k for k, _, _ in result.mismatched_keys]
+
+        def some(keys):
+            return ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+        note(f"init_checkpoint: {len(model.state_dict()) - len(kept)} of {len(model.state_dict())} model tensors "
+             f"loaded from {cfg['init_checkpoint']}; {len(kept)} keep their initialisation ({some(kept)}), "
+             f"{len(result.unexpected_keys)} checkpoint tensors unused ({some(result.unexpected_keys)})")
 
 
 def _run_title(cfg: Mapping[str, Any]) -> str:
@@ -665,7 +688,7 @@ def _train_one_epoch(cfg, dist, model, ddp_model, loader, optimizer, scheduler, 
     model.train()
     steps = updates_per_epoch * accum
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, images, bad, correct
-    max_bad = cfg["max_bad_fraction"] * samples_per_epoch * dist.world_size
+    max_bad = _bad_image_limit(cfg, samples_per_epoch * dist.world_size)
     nan_step = cfg.get("debug_nan_step")
     optimizer.zero_grad(set_to_none=True)
     show = cfg["progress"] and dist.is_main
@@ -681,7 +704,7 @@ def _train_one_epoch(cfg, dist, model, ddp_model, loader, optimizer, scheduler, 
             is_update = (step + 1) % accum == 0
             sync = ddp_model.no_sync() if (dist.distributed and not is_update) else contextlib.nullcontext()
             with sync:
-                with _autocast(device, cfg["amp"]):
+                with autocast(device, cfg["amp"]):
                     logits = ddp_model(images)
                     loss = loss_fn(logits, targets)
                 global_step = epoch * steps + step
@@ -710,9 +733,9 @@ def _train_one_epoch(cfg, dist, model, ddp_model, loader, optimizer, scheduler, 
             if totals[2].item() > max_bad:
                 raise UserError(
                     f"too many unreadable images: {int(totals[2].item())} in epoch {epoch + 1} (more than "
-                    f"max_bad_fraction {cfg['max_bad_fraction']} of {samples_per_epoch * dist.world_size} drawn per "
-                    "epoch); "
-                    "fix or remove them, or raise max_bad_fraction"
+                    f"max_bad_images {cfg['max_bad_images']} and max_bad_fraction {cfg['max_bad_fraction']} of "
+                    f"{samples_per_epoch * dist.world_size} drawn per epoch); fix or remove them, or raise "
+                    "max_bad_fraction"
                 )
             if is_update:
                 if cfg.get("clip_grad"):
@@ -752,7 +775,8 @@ def evaluate(overrides: Optional[Mapping[str, Any]] = None,
     cfg = EVAL.apply(EVAL.defaults(), {k: saved[k] for k in _EVAL_FROM_CHECKPOINT if k in saved},
                      source=f"checkpoint {checkpoint}")
     cfg = EVAL.validate(EVAL.apply(cfg, given))
-    with session(cfg["device"], cfg["threads"], "eval") as dist:
+    threads = demo_threads(cfg["threads"], str(cfg.get("data")).lower() == "digits")
+    with session(cfg["device"], threads, "eval") as dist:
         return _evaluate(cfg, dist, ckpt)
 
 

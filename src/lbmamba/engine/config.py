@@ -30,7 +30,7 @@ from .errors import UserError
 
 __all__ = ["Key", "ConfigTable", "yaml_load", "read_yaml", "parse_override"]
 
-KINDS = ("bool", "int", "float", "str", "dict", "window", "int_list", "str_list")
+KINDS = ("bool", "int", "float", "str", "dict", "window", "int_list", "float_list", "str_list")
 EFFECTS = ("model", "run", "none", "once")
 
 
@@ -111,8 +111,8 @@ class Key:
     Args:
         default: the value when nobody sets it.
         help: one line for `--help`.
-        kind: one of KINDS; by default the default's type ("window": a positive int or "auto";
-            "int_list" / "str_list" also read "0,3" / "a,b" from text).
+        kind: one of KINDS; by default the default's type ("window": a positive int or "auto"; the
+            lists also read "0,3" / "0.08,1" / "a,b" from text).
         nullable: null is allowed (always when the default is null).
         choices: the allowed values.
         positive: must be > 0.  low: must be >= low.
@@ -151,7 +151,7 @@ def _kind_of(default: Any) -> str:
         if isinstance(default, types):
             return kind
     if isinstance(default, (list, tuple)):
-        return "str_list"
+        return "float_list" if default and all(_is_number(v) for v in default) else "str_list"
     raise ValueError(f"give the kind of a config key whose default is {default!r}")
 
 
@@ -200,6 +200,11 @@ def _coerce(name: str, key: Key, value: Any) -> Any:
             return [int(t) if _is_int(t) else int(str(t)) for t in items]
         except ValueError:
             raise UserError(f"config key {name!r} expects integers like 0,2,3{null}, got {value!r}") from None
+    if kind == "float_list":
+        try:
+            return [float(t) if _is_number(t) else float(str(t)) for t in items]
+        except ValueError:
+            raise UserError(f"config key {name!r} expects numbers like 0.08,1.0{null}, got {value!r}") from None
     if all(isinstance(t, str) or _is_number(t) for t in items):
         return [str(t) for t in items]
     raise UserError(f"config key {name!r} expects names like a,b,c{null}, got {value!r}")

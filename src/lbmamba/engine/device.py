@@ -7,9 +7,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from .config import Key
 from .errors import UserError
 
-__all__ = ["resolve_device", "set_cpu_threads", "cpu_threads"]
+__all__ = ["resolve_device", "set_cpu_threads", "cpu_threads", "threads_key", "demo_threads", "autocast",
+           "grad_scaler", "AMP_MODES"]
+
+#: mixed-precision settings every training command takes (null: fp32)
+AMP_MODES = ("bf16", "fp16")
 
 
 def resolve_device(name: Optional[str] = "auto", local_rank: int = 0) -> torch.device:
@@ -31,6 +36,20 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0) -> torch.d
             raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
     return device
+
+
+def threads_key() -> Key:
+    """The `threads` key every command has."""
+    return Key(None, "CPU threads per process; null: 1 for the bundled demos (digits, digits-bags), else torch's "
+                     "default (under torchrun on the CPU: cores / local processes)", kind="int", positive=True,
+               flag=True, effect="none")
+
+
+def demo_threads(threads: Optional[int], demo: bool) -> Optional[int]:
+    """`threads` as given, or for null: 1 on the bundled demos. Their models are tiny: one thread ran them as
+    fast as two on an idle 2-core machine and faster on a busy one (benchmarks/RESULTS.md); real data
+    keeps torch's default."""
+    return threads or (1 if demo else None)
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -57,3 +76,15 @@ def cpu_threads(threads: Optional[int]) -> Iterator[None]:
         yield
     finally:
         set_cpu_threads(before)
+
+
+def autocast(device: torch.device, amp: Optional[str]):
+    """torch.autocast to bf16 / fp16 on `device`, or nothing for amp=None (fp32)."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, amp: Optional[str]) -> "torch.amp.GradScaler":
+    """A loss scaler, enabled for fp16 only (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")

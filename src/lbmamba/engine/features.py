@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.mil import MILInputError
 from ..models.checkpoint import compare_state_dict, read_checkpoint
 from .config import ConfigTable, Key
+from .device import threads_key
 from .distributed import session
 from .errors import UserError, user_errors
 from .files import atomic_save, write_h5
@@ -43,7 +44,7 @@ EXTRACT = ConfigTable("mil extract", {
     "pt_files": Key(False, "also write pt_files/<slide>.pt", flag=True, aliases=("--pt",)),
     "workers": Key(0, "data-loading worker processes", low=0, flag=True),
     "device": Key("auto", "auto | cpu | cuda | cuda:N", flag=True),
-    "threads": Key(None, "CPU threads (null: torch's default)", kind="int", positive=True, flag=True),
+    "threads": threads_key(),
     "progress": Key(True, "show progress bars", flag=True),
 })
 

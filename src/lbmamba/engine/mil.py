@@ -45,11 +45,12 @@ from ..data.mil import (
 )
 from ..models.mil import MODEL_NAMES, create_mil_model
 from .config import ConfigTable, Key
+from .device import AMP_MODES, autocast, demo_threads, grad_scaler, threads_key
 from .distributed import DistInfo, session
 from .errors import TrainingDivergedError, UserError, user_errors
 from .files import atomic_save, jsonable, write_csv, write_h5
 from .metrics import classification_metrics, mean_std
-from .records import RunRecord, progress
+from .records import LOGS, RunRecord, progress
 from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything, seed_worker
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
 
@@ -86,8 +87,8 @@ MIL_TRAIN = ConfigTable("mil train", {
     "max_instances": Key(None, "randomly sub-sample training bags larger than N instances (kept in order)",
                          kind="int", positive=True, flag=True),
     "balanced": Key(False, "class-balanced sampling of training bags (with replacement)", flag=True),
-    "skip_missing": Key(False, "leave out (and count) labelled slides without a feature file instead of stopping",
-                        flag=True),
+    "skip_missing": Key(False, "leave out (and count) labelled slides without a readable feature file instead of "
+                               "stopping", flag=True),
     "prefer": Key("pt", "which file to read when a slide has both", choices=("pt", "h5"), flag=True),
     # model
     "model": Key("lb", "MambaMIL mixer (lb: one LB scan; lb-srmamba: LB scans in SRMamba) or the ABMIL baseline",
@@ -101,6 +102,8 @@ MIL_TRAIN = ConfigTable("mil train", {
     "drop_rate": _preset_key("drop_rate", "dropout after the input projection", "float", aliases=("--dropout",),
                              effect="model"),
     "grad_checkpointing": Key(False, "recompute mixer layers in the backward (huge bags)", flag=True, effect="none"),
+    "amp": Key(None, "mixed precision: null (fp32) | bf16 | fp16 (fp16 uses a GradScaler)", kind="str",
+               choices=AMP_MODES, flag=True),
     # optimisation
     "lr": _preset_key("lr", "AdamW learning rate", "float"),
     "weight_decay": Key(1e-5, "AdamW weight decay", low=0, flag=True),
@@ -119,8 +122,11 @@ MIL_TRAIN = ConfigTable("mil train", {
                                effect="once"),
     "device": Key("auto", "auto | cpu | cuda | cuda:N", flag=True, effect="none"),
     "workers": Key(0, "data-loading worker processes", low=0, flag=True, effect="none"),
-    "threads": Key(None, "CPU threads (null: torch's default)", kind="int", positive=True, flag=True, effect="none"),
+    "threads": threads_key(),
     "progress": Key(True, "show progress bars", flag=True, effect="none"),
+    "log": Key("csv", "also keep the per-epoch figures as metrics.csv (csv) or TensorBoard events in "
+                      "<run>/tensorboard (tensorboard; pip install tensorboard); null: metrics.jsonl only",
+               nullable=True, choices=LOGS, flag=True, effect="none"),
 })
 
 MIL_EVAL = ConfigTable("mil eval", {
@@ -132,6 +138,7 @@ MIL_EVAL = ConfigTable("mil eval", {
     "split": Key("test", "which split of the fold", choices=SPLIT_COLUMNS, flag=True),
     "skip_missing": MIL_TRAIN.keys["skip_missing"],
     "prefer": MIL_TRAIN.keys["prefer"],
+    "amp": MIL_TRAIN.keys["amp"],
     "device": MIL_TRAIN.keys["device"],
     "workers": MIL_TRAIN.keys["workers"],
     "threads": MIL_TRAIN.keys["threads"],
@@ -172,8 +179,9 @@ class _Bags:
     """A run's data: the feature store, the labels, the folds' splits and the bags' shapes."""
 
     def __init__(self, store: FeatureStore, table: LabelTable, splits: Dict[int, Dict[str, List[str]]],
-                 shapes: Dict[str, Tuple[int, int]], missing: List[str]):
-        self.store, self.table, self.splits, self.shapes, self.missing = store, table, splits, shapes, missing
+                 shapes: Dict[str, Tuple[int, int]], missing: List[str], unreadable: List[str]):
+        self.store, self.table, self.splits, self.shapes = store, table, splits, shapes
+        self.missing, self.unreadable = missing, unreadable
         self.label_of = table.as_dict()
         self.in_dim = next(iter(shapes.values()))[1]
 
@@ -209,9 +217,12 @@ def _load_bags(cfg: Mapping[str, Any]) -> _Bags:
             f"{len(missing)} slide(s) in {cfg['labels']} have no feature file under {cfg['features']}: "
             f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''} (set skip_missing to leave them out)"
         )
-    if missing:
-        warnings.warn(f"skip_missing: leaving out {len(missing)} slide(s) without a feature file", stacklevel=2)
-    missing_set = set(missing)
+    unreadable = store.unreadable(table.slide_ids) if cfg["skip_missing"] else {}
+    if missing or unreadable:
+        warnings.warn(f"skip_missing: leaving out {len(missing)} slide(s) without a feature file and "
+                      f"{len(unreadable)} whose file cannot be read{': ' if unreadable else ''}"
+                      f"{'; '.join(list(unreadable.values())[:3])}", stacklevel=2)
+    missing_set = set(missing) | set(unreadable)
     kept = [(s, y) for s, y in zip(table.slide_ids, table.labels) if s not in missing_set]
     table.slide_ids, table.labels = [s for s, _ in kept], [y for _, y in kept]
     if not table.slide_ids:
@@ -240,19 +251,20 @@ def _load_bags(cfg: Mapping[str, Any]) -> _Bags:
                 f"{len(split['train'])} slides); each training split needs at least two classes"
             )
     used = sorted({s for split in splits.values() for c in SPLIT_COLUMNS for s in split[c]})
-    return _Bags(store, table, splits, inspect_bags(store, used), missing)
+    return _Bags(store, table, splits, inspect_bags(store, used), missing, sorted(unreadable))
 
 
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_bags(model: nn.Module, dataset: Dataset, device: torch.device, show_progress: bool = False,
-                  desc: str = "eval", num_workers: int = 0) -> Dict[str, Any]:
+                  desc: str = "eval", num_workers: int = 0, amp: Optional[str] = None) -> Dict[str, Any]:
     """Mean cross-entropy, AUC, macro F1, accuracy over a data set of bags (+ labels, probs, slide ids)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_bag, num_workers=num_workers)
     losses, probs, labels, slides = [], [], [], []
     for feats, label, slide in progress(loader, desc=desc, enabled=show_progress):
-        logits = model(feats.to(device, non_blocking=True)).float()
+        with autocast(device, amp):
+            logits = model(feats.to(device, non_blocking=True)).float()
         losses.append(float(F.cross_entropy(logits, label.view(1).to(device))))
         probs.append(torch.softmax(logits, dim=-1)[0].cpu().numpy())
         labels.append(int(label))
@@ -312,6 +324,7 @@ def train_mil(overrides: Optional[Mapping[str, Any]] = None, config_path: Option
     def prepare(cfg: Dict[str, Any]) -> Dict[str, Any]:
         """Everything that can be checked is checked before the run folder exists."""
         cfg = _resolve_preset(cfg)
+        cfg["threads"] = demo_threads(cfg["threads"], cfg["features"] is None)
         _model_config(cfg, in_dim=8, num_classes=2)
         if cfg["features"] is not None:
             checked["bags"] = _load_bags(cfg)
@@ -354,7 +367,7 @@ def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
         return saved
     at_fold, at_epoch = state.get("fold"), int(state.get("epoch", 0))
     record = RunRecord(run.dir, _CURVES, f"MIL {cfg['model']} on {os.path.basename(dataset_name)}", group="fold",
-                       shown=_SHOWN,
+                       shown=_SHOWN, log=cfg["log"],
                        keep=(lambda r: r["fold"] in done or (r["fold"] == at_fold and r["epoch"] <= at_epoch))
                        if run.resumed else None)
     for k, split in bags.splits.items():
@@ -378,7 +391,8 @@ def _summary(cfg, rows, bags: _Bags, dataset_name: str, run: Run, start: float) 
     result.update(
         per_fold=[{"fold": r["fold"], "auc": r["test_auc"], "f1": r["test_f1"], "acc": r["test_acc"],
                    "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"]} for r in rows],
-        skipped_missing=len(bags.missing), output=run.dir, summary_csv=run.path("summary.csv"),
+        skipped_missing=len(bags.missing), skipped_unreadable=len(bags.unreadable),
+        output=run.dir, summary_csv=run.path("summary.csv"),
         device=str(run.dist.device), wall_s=round(time.time() - start, 1),
     )
     return jsonable(result)
@@ -421,6 +435,7 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     optimizer = _optimizer(model, cfg["lr"], cfg["weight_decay"])
+    scaler = grad_scaler(device, cfg["amp"])
     gen = torch.Generator()
     sampler = balanced_sampler(train_ds.labels, generator=gen) if cfg["balanced"] else None
     loader = DataLoader(train_ds, batch_size=1, shuffle=sampler is None, sampler=sampler,
@@ -432,6 +447,8 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
         early = dict(resume["early"])
         restore_rng_state(resume.get("rng"))
     while early["epoch"] < cfg["epochs"] and not _should_stop(early, cfg, len(val_ds)):
@@ -439,9 +456,9 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
         seed_everything(cfg["seed"], fold, epoch + 1)
         gen.manual_seed(derive_seed(cfg["seed"], fold, epoch, 1))
         epoch_start = time.perf_counter()
-        train_loss = _train_epoch(model, loader, optimizer, device, fold, epoch, cfg["progress"])
+        train_loss = _train_epoch(model, loader, optimizer, scaler, device, fold, epoch, cfg)
         if len(val_ds):
-            val = evaluate_bags(model, val_ds, device, cfg["progress"], "val", cfg["workers"])
+            val = evaluate_bags(model, val_ds, device, cfg["progress"], "val", cfg["workers"], cfg["amp"])
             monitor = val["loss"]
         else:  # no validation split: keep the last epoch
             val, monitor = {"loss": float("nan"), "auc": float("nan")}, -float(epoch)
@@ -454,12 +471,12 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
         else:
             early["bad_epochs"] += 1
         atomic_save({"config": jsonable(cfg), "finished": jsonable(finished), "fold": fold, "epoch": epoch + 1,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "early": early,
-                     "rng": capture_rng_state()}, run.path(LAST))
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "early": early, "rng": capture_rng_state()}, run.path(LAST))
         record.add({"fold": fold, "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                     "val_auc": val["auc"], "epoch_seconds": time.perf_counter() - epoch_start})
     model.load_state_dict(load_training_checkpoint(best_path)["model"])
-    test = evaluate_bags(model, test_ds, device, cfg["progress"], "test", cfg["workers"])
+    test = evaluate_bags(model, test_ds, device, cfg["progress"], "test", cfg["workers"], cfg["amp"])
     return {"fold": fold, "test_auc": test["auc"], "test_f1": test["f1"], "test_acc": test["acc"],
             "test_loss": test["loss"], "val_loss": early["best_val_loss"], "best_epoch": early["best_epoch"],
             "epochs_run": early["epoch"], "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
@@ -471,20 +488,25 @@ def _should_stop(early: Mapping[str, Any], cfg: Mapping[str, Any], n_val: int) -
     return bool(n_val) and early["epoch"] >= cfg["min_epochs"] and early["bad_epochs"] >= cfg["patience"]
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                 fold: int, epoch: int, show_progress: bool) -> float:
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 scaler: "torch.amp.GradScaler", device: torch.device, fold: int, epoch: int,
+                 cfg: Mapping[str, Any]) -> float:
     model.train()
     total, count = 0.0, 0
-    for feats, label, slide in progress(loader, desc=f"fold {fold} epoch {epoch + 1}", enabled=show_progress):
-        logits = model(feats.to(device, non_blocking=True))
+    for feats, label, slide in progress(loader, desc=f"fold {fold} epoch {epoch + 1}", enabled=cfg["progress"]):
+        with autocast(device, cfg["amp"]):
+            logits = model(feats.to(device, non_blocking=True))
         loss = F.cross_entropy(logits.float(), label.view(1).to(device))
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # the features were checked when the bag was read: the training diverged
             raise TrainingDivergedError(
-                f"fold {fold}, epoch {epoch + 1}: the loss became {float(loss)} on slide {slide!r}; try a lower lr"
+                f"fold {fold}, epoch {epoch + 1}: the loss became {float(loss)} on slide {slide!r}; the last good "
+                "epoch's state is kept. Lower lr (resume with allow_config_change=true), or use amp=bf16 instead "
+                "of fp16"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += float(loss.detach())
         count += 1
     return total / max(count, 1)
@@ -534,7 +556,7 @@ def _evaluate_mil(cfg: Mapping[str, Any], dist: DistInfo) -> Dict[str, Any]:
         raise UserError(f"the {split} split has no slides to score")
     inspect_bags(store, slide_ids, expected_dim=model.in_dim)
     ds = MILBagDataset(store, slide_ids, [label_of[s] for s in slide_ids], expected_dim=model.in_dim)
-    res = evaluate_bags(model, ds, dist.device, cfg["progress"], split, cfg["workers"])
+    res = evaluate_bags(model, ds, dist.device, cfg["progress"], split, cfg["workers"], cfg["amp"])
     return jsonable({
         "command": "mil eval", "checkpoint": os.path.abspath(cfg["checkpoint"]), "model": meta["config"].get("model"),
         "fold": fold, "split": split if cfg["splits"] is not None else "all", "n": res["n"],

@@ -30,11 +30,15 @@ from .distributed import DistInfo, barrier, broadcast_object, session
 from .errors import UserError, user_errors
 from .files import write_yaml
 
-__all__ = ["Run", "open_run", "load_training_checkpoint", "note", "LAST", "CONFIG", "SUMMARY"]
+__all__ = ["Run", "Interrupted", "open_run", "load_training_checkpoint", "note", "LAST", "CONFIG", "SUMMARY"]
 
 LAST, CONFIG, SUMMARY, LOCK = "last.pth", "config.yaml", "summary.json", ".lock"
 #: files whose presence means a folder holds a run
 _RUN_MARKERS = (CONFIG, LAST, "best.pth", "metrics.jsonl", SUMMARY, "summary.csv")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM; the message says where it is kept and how to resume it."""
 
 
 @dataclass
@@ -194,7 +198,11 @@ def open_run(table: ConfigTable, overrides: Optional[Mapping[str, Any]], config_
                 _claim(folder, bool(cfg.get("overwrite")))
                 write_yaml(os.path.join(folder, CONFIG), cfg)
             barrier(dist)
-            yield Run(cfg=cfg, dir=folder, dist=dist, checkpoint=checkpoint)
+            try:
+                yield Run(cfg=cfg, dir=folder, dist=dist, checkpoint=checkpoint)
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say where the run is and how to go on
+                raise Interrupted(f"the run in {folder} is kept as of its last saved state; continue it with "
+                                  f"`lbmamba {table.command} --resume {folder}`") from exc
 
 
 def note(message: str) -> None:

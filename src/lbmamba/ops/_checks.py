@@ -130,6 +130,12 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, window="
         _check_float("z", z)
         if tuple(z.shape) != tuple(u.shape):
             raise ValueError(f"z must have the same shape as u {tuple(u.shape)}, got {tuple(z.shape)}")
+    # the per-position tensors share u's dtype (as mamba_ssm requires): a silent cast would change what is computed
+    per_position = [("delta", delta), ("z", z)] + [(n, t) for n, t in (("B", B), ("C", C)) if t.dim() >= 3]
+    others = [f"{n} is {t.dtype}" for n, t in per_position if t is not None and t.dtype != u.dtype]
+    if others:
+        raise TypeError(f"u, delta, z and variable B / C must have one dtype: u is {u.dtype} but {', '.join(others)}; "
+                        "convert them first, e.g. delta.to(u.dtype)")
     tensors = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)]
     devices = {name: t.device for name, t in tensors if t is not None}
     if len(set(devices.values())) > 1:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import threading
 
 import numba
 import numpy as np
@@ -777,6 +779,17 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(dtype).contiguous()
 
 
+#: (kernel, compute dtype) pairs that ran in this process; the first call of each may compile
+_RAN: set = set()
+#: a first call that takes longer than this is compiling: say so (a cached kernel loads in well under it)
+COMPILE_NOTE_AFTER_S = 3.0
+
+
+def _note_compiling() -> None:
+    print("lbmamba: compiling the CPU scan kernels, once per machine (about a minute per dtype; numba caches them "
+          "on disk)", file=sys.stderr, flush=True)
+
+
 def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
     """Run n_tasks tasks on torch.get_num_threads() threads, a few task ranges per thread (handed
     out dynamically by OpenMP, so a slow thread does not hold up the rest)."""
@@ -785,9 +798,18 @@ def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
     edges = np.asarray([n_tasks * k // n_ranges for k in range(n_ranges + 1)], dtype=np.int64)
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
+    key = (parallel_kernel, args[-1].dtype)  # the last argument is always a compute-dtype array
+    timer = None
+    if key not in _RAN:  # nothing would tell the user why the first call takes a minute
+        timer = threading.Timer(COMPILE_NOTE_AFTER_S, _note_compiling)
+        timer.daemon = True
+        timer.start()
     try:
         parallel_kernel(edges, *args)
+        _RAN.add(key)
     finally:
+        if timer is not None:
+            timer.cancel()
         numba.set_num_threads(previous)
 
 

@@ -1,0 +1,23 @@
+"""The user documentation against the code: every model name it mentions exists."""
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+
+import lbmamba  # noqa: F401  (registers the models)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# a model name of ours; one followed by a file extension (lbvim_tiny.yaml, lbvim_tiny.pth) names a file
+NAME = re.compile(r"\b((?:lb|u)?vim_\w+|mambamil_\w+|abmil)\b(?!\.(?:yaml|pth|safetensors))")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_model_name_in_the_docs_creates(doc):
+    names = set(NAME.findall(doc.read_text()))
+    unknown = sorted(n for n in names if not timm.is_model(n))
+    assert not unknown, f"{doc.name} names models that do not exist: {unknown}"
+    if doc.name in ("README.md", "models.md"):
+        assert "lbvim_tiny_patch16_224" in names
