@@ -91,6 +91,8 @@ def test_every_command_answers_bad_files_in_one_line(bad_files, tiny_bags, tmp_p
         _one_line_error(code, err, " ".join(command[:2]) if command[0] == "mil" else command[0], "is a file")
     code, _, err = run_cli("bench", "--models", "lbvim_tiny_patch16_224", "--results", f["garbage"], *QUIET)
     _one_line_error(code, err, "bench", "cannot read accuracies")
+    code, _, err = run_cli("bench", "--models", "lbvim_tiny_patch16_224", "--batch-size", 0, *QUIET)
+    _one_line_error(code, err, "bench", "'batch_size' must be > 0, got 0")
     assert f["a_file"].read_text() == "not a folder"
 
 

@@ -52,3 +52,20 @@ def test_image_folder_checks(tmp_path):
     (tmp_path / "train" / "b").mkdir()
     with pytest.raises(DataError, match="empty class folder.*b"):
         check_image_folder(str(tmp_path / "train"))
+
+
+def test_augmentation_keys_reach_timms_transforms():
+    from torchvision import transforms as T
+
+    from lbmamba.data import build_transforms
+    from lbmamba.engine import TRAIN
+
+    cfg = TRAIN.load(overrides={"data": "x", "img_size": 32, "in_chans": 3, "scale": "0.5,1", "ratio": [0.9, 1.1],
+                                "hflip": 0.0, "vflip": 0.25})
+    steps = build_transforms(cfg, None, is_training=True).transforms
+    crop = next(t for t in steps if type(t).__name__.startswith("RandomResizedCrop"))
+    assert tuple(crop.scale) == (0.5, 1.0) and tuple(crop.ratio) == (0.9, 1.1)
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in steps)
+    assert [t.p for t in steps if isinstance(t, T.RandomVerticalFlip)] == [0.25]
+    defaults = build_transforms(TRAIN.load(overrides={"data": "x", "img_size": 32}), None, is_training=True).transforms
+    assert [t.p for t in defaults if isinstance(t, T.RandomHorizontalFlip)] == [0.5]

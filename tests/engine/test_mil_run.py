@@ -92,6 +92,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert straight.wait() == 0, straight.stderr.read()[-3000:]
     stopped = torch.load(killed / "last.pth", weights_only=True)
     assert [r["fold"] for r in stopped["finished"]] == [0] and stopped.get("fold") == 1  # mid fold 1
+    assert [r[0] for r in csv.reader(open(killed / "summary.csv"))][:2] == ["fold", "0"]  # fold 0's results kept
     resumed = _mil_train("--resume", str(killed), "--no-progress")
     assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
     a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b"))
