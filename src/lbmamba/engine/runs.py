@@ -108,10 +108,10 @@ def _claim(folder: str, overwrite: bool) -> None:
 def _resume_target(resume: str) -> tuple:
     """(run folder, its last.pth) from `resume` = a run folder or its last.pth."""
     path = os.path.abspath(os.path.expanduser(resume))
-    if os.path.isdir(path):
-        folder = path
-    elif os.path.basename(path) == LAST or not os.path.exists(path):
+    if os.path.basename(path) == LAST:
         folder = os.path.dirname(path)
+    elif os.path.isdir(path) or not os.path.exists(path):
+        folder = path
     else:
         raise UserError(
             f"cannot resume from {path}: resume takes a run folder or its {LAST} (the latest state); "
