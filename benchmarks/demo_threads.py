@@ -37,7 +37,7 @@ def main(argv=None) -> None:
             for r in range(args.repeats):
                 for threads in ("1", "2"):
                     ev = _lbmamba("eval", "--checkpoint", checkpoint, "--threads", threads)
-                    mil = _lbmamba("mil", "train", "--fold-indices", "0", "--epochs", "4", "--min-epochs", "4",
+                    mil = _lbmamba("mil", "train", "--fold-indices", "0", "--epochs", "4", "--stop-epoch", "4",
                                    "--threads", threads, "--output", os.path.join(work, f"mil-{load}-{r}-{threads}"))
                     results.setdefault((load, threads), []).append((ev["images_per_s"], mil["wall_s"]))
         finally:

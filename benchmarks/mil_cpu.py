@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--feat-dim", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--rate", type=int, default=10)
+    p.add_argument("--rate", type=int, default=5)
     p.add_argument("--mixers", default=",".join(MIXERS))
     args = p.parse_args(argv)
     if args.threads:

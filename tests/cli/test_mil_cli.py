@@ -21,7 +21,7 @@ def test_train_eval_and_clean_errors(tiny_bags, capsys):
     (tiny_bags / "mil.yaml").write_text("model: lb\nembed_dim: 8\nepochs: 2\n")
     code, out, err = _cli(["mil", "train", "--config", tiny_bags / "mil.yaml", "--features", tiny_bags / "feats",
                            "--labels", tiny_bags / "labels.csv", "--folds", "4", "--fold-indices", "1",
-                           "--layers", "1", "--set", "min_epochs=1", "--out", tiny_bags / "cli", "--no-progress",
+                           "--layers", "1", "--set", "stop_epoch=0", "--out", tiny_bags / "cli", "--no-progress",
                            "--device", "cpu"], capsys)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -30,7 +30,7 @@ def test_train_eval_and_clean_errors(tiny_bags, capsys):
     import yaml
 
     saved = yaml.safe_load((tiny_bags / "cli" / "config.yaml").read_text())
-    assert (saved["depth"], saved["embed_dim"], saved["epochs"], saved["min_epochs"]) == (1, 8, 2, 1)
+    assert (saved["depth"], saved["embed_dim"], saved["epochs"], saved["stop_epoch"]) == (1, 8, 2, 0)
     code, out, err = _cli(["mil", "eval", "--checkpoint", tiny_bags / "cli" / "fold_1.pt", "--features",
                            tiny_bags / "feats", "--labels", tiny_bags / "labels.csv", "--splits",
                            tiny_bags / "cli" / "splits", "--fold", "1", "--no-progress", "--device", "cpu"], capsys)

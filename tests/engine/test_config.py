@@ -94,33 +94,40 @@ def test_every_table_is_consistent(table):
         assert table.flag(name).startswith("--")
 
 
-@pytest.mark.parametrize("name, model, global_batch", [
-    ("lbvim_tiny", "lbvim_tiny_patch16_224", 1024),
-    ("lbvim_300", "lbvim_300_patch16_224", 1024),
-    ("lbvim_small", "lbvim_small_patch16_224", 512),
-    ("lbvim_528", "lbvim_528_patch16_224_atthead", 512),
-    ("vim_tiny", "vim_tiny_patch16_224", 1024),
-    ("vim_small", "vim_small_patch16_224", 512),
-])
-def test_recipe_configs_hold_the_paper_recipe(name, model, global_batch):
+# each recipe's resolved values: model, global batch, peak lr (base lr x global batch / 512), weight decay, drop path
+RECIPE_TABLE = [
+    ("lbvim_tiny", "lbvim_tiny_patch16_224", 1024, 2e-3, 0.05, 0.05),
+    ("lbvim_300", "lbvim_300_patch16_224", 1024, 2e-3, 0.05, 0.05),
+    ("lbvim_small", "lbvim_small_patch16_224", 512, 1e-3, 0.05, 0.05),
+    ("lbvim_528", "lbvim_528_patch16_224_atthead", 512, 1e-3, 0.05, 0.05),
+    ("vim_tiny", "vim_tiny_patch16_224", 1024, 1e-3, 0.1, 0.0),  # the Vim repository's Vim-T script
+    ("vim_small", "vim_small_patch16_224", 512, 1e-3, 0.05, 0.05),
+]
+
+
+@pytest.mark.parametrize("name, model, global_batch, lr, weight_decay, drop_path", RECIPE_TABLE,
+                         ids=[r[0] for r in RECIPE_TABLE])
+def test_recipe_configs_hold_the_reference_recipes(name, model, global_batch, lr, weight_decay, drop_path):
     import timm
 
     cfg = TRAIN.load(os.path.join(RECIPES, f"{name}.yaml"))
     assert cfg["model"] == model and timm.is_model(model)
     assert cfg["global_batch_size"] == global_batch and cfg["model_kwargs"] == {}
+    assert (cfg["weight_decay"], cfg["drop_path"]) == (weight_decay, drop_path)
     expected = dict(
-        opt="adamw", opt_eps=1e-8, weight_decay=0.05, lr=None, base_lr=1e-3, lr_base_size=512, sched="cosine",
-        warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, epochs=300, drop_path=0.05, aa="rand-m9-mstd0.5-inc1",
+        opt="adamw", opt_eps=1e-8, lr=None, lr_base_size=512, sched="cosine", sched_on_updates=False,
+        warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, epochs=300, aa="rand-m9-mstd0.5-inc1",
         color_jitter=0.3, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1, reprob=0.25,
         repeated_aug=True, model_ema=True, model_ema_decay=0.99996, crop_pct=0.875, interpolation="bicubic",
-        train_interpolation="bicubic", img_size=224, in_chans=3, amp=None,
+        train_interpolation="bicubic", img_size=224, in_chans=3, amp=None, no_decay_ssm=False, scale=[0.08, 1.0],
+        hflip=0.5,
     )
     assert {k: cfg[k] for k in expected} == expected
-    # lr = 1e-3 x global batch / 512 on 8 GPUs and on 2 (gradient accumulation keeps the global batch)
+    # the same global batch and lr on 8 GPUs and on 2 (gradient accumulation keeps the global batch)
     for world in (8, 2):
-        accum, gb, lr = batch_plan(cfg, world)
+        accum, gb, peak = batch_plan(cfg, world)
         assert gb == global_batch and accum == global_batch // (cfg["batch_size"] * world)
-        assert lr == pytest.approx(1e-3 * global_batch / 512)
+        assert peak == pytest.approx(lr)
 
 
 def test_digits_config_matches_the_defaults():
@@ -159,4 +166,7 @@ def test_mil_configs_spell_out_the_presets():
     assert {k: paper[k] for k in PAPER_PRESET} == PAPER_PRESET and paper["model"] == "lb"
     demo = MIL_TRAIN.load(os.path.join(CONFIGS, "mil", "digits_bags.yaml"))
     assert {k: demo[k] for k in DIGITS_PRESET} == DIGITS_PRESET
-    assert demo == dict(MIL_TRAIN.load(), **DIGITS_PRESET, folds=5)  # the defaults, with the demo's preset
+    assert demo == dict(MIL_TRAIN.load(), **DIGITS_PRESET)  # the defaults, with the demo's preset
+    for name in ("tcga_nsclc", "bracs"):  # MambaMIL's scripts for these data sets sample class-balanced
+        cfg = MIL_TRAIN.load(os.path.join(CONFIGS, "mil", f"{name}.yaml"))
+        assert cfg["balanced"] and dict(cfg, balanced=False) == paper

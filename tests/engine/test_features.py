@@ -35,7 +35,7 @@ def test_extract_h5_with_coords(tmp_path):
     assert res["slides_written"] == 2 and res["feat_dim"] == 512 and res["random_weights"]
     with h5py.File(tmp_path / "out" / "h5_files" / "slideA.h5") as f:
         assert f["features"].shape == (3, 512) and f["features"].dtype == np.float32
-        assert f["coords"][()].tolist() == [[0, 0], [512, 0], [0, 256]]  # row by row
+        assert f["coords"][()].tolist() == [[0, 0], [0, 256], [512, 0]]  # x-major, as CLAM writes them
     with h5py.File(tmp_path / "out" / "h5_files" / "slideB.h5") as f:
         assert f["coords"][()].tolist() == [[0, 0], [1, 0], [2, 0]] and f.attrs["coords_source"] == "index"
     # the output is a valid CLAM feature folder

@@ -49,6 +49,12 @@ def test_f1_and_accuracy():
     assert classification_metrics([1, 0], np.array([[0.3, 0.7], [0.9, 0.1]])) == {"auc": 1.0, "f1": 1.0, "acc": 1.0}
 
 
-def test_mean_std_skips_undefined_values():
-    assert mean_std([0.5, float("nan"), 1.0, None]) == {"mean": 0.75, "std": 0.25}
+def test_fold_mean_and_sample_std_skip_undefined_values():
+    import statistics
+
+    folds = [0.91, float("nan"), 0.87, None, 0.95, 0.9]
+    got = mean_std(folds)
+    assert got["mean"] == pytest.approx(statistics.mean([0.91, 0.87, 0.95, 0.9]))
+    assert got["std"] == pytest.approx(statistics.stdev([0.91, 0.87, 0.95, 0.9]))  # ddof 1, as pandas .std()
+    assert math.isnan(mean_std([0.8])["std"]) and mean_std([0.8])["mean"] == 0.8
     assert all(math.isnan(v) for v in mean_std([float("nan")]).values())

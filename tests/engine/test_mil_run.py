@@ -30,7 +30,7 @@ def test_digits_bags_reach_auc(tmp_path):
     run = tmp_path / "run"
     summary = train_mil(dict(features=paths["features"], labels=paths["labels"], splits=paths["splits"],
                              fold_indices=[0, 1], model="lb", depth=2, embed_dim=64, drop_rate=0.25, lr=5e-4, epochs=6,
-                             patience=2, min_epochs=3, output=str(run), progress=False, device="cpu"))
+                             patience=2, stop_epoch=1, output=str(run), progress=False, device="cpu"))
     assert summary["folds"] == 2 and summary["classes"] == ["negative", "positive"]
     assert summary["auc_mean"] >= 0.9, summary
     files = sorted(f for f in os.listdir(run) if not f.startswith("."))
@@ -51,7 +51,7 @@ def test_digits_bags_reach_auc(tmp_path):
 
 def test_the_demo_keeps_its_data_in_the_run_folder(tmp_path):
     run = tmp_path / "demo"
-    summary = train_mil(dict(folds=3, fold_indices=[2], epochs=1, min_epochs=1, embed_dim=8, depth=1,
+    summary = train_mil(dict(folds=3, fold_indices=[2], epochs=1, stop_epoch=0, embed_dim=8, depth=1,
                              output=str(run), progress=False, device="cpu"))
     assert summary["dataset"] == "digits-bags" and summary["folds"] == 1
     assert {"h5_files", "labels.csv", "splits"} <= set(os.listdir(run / "data"))
@@ -61,7 +61,7 @@ def test_the_demo_keeps_its_data_in_the_run_folder(tmp_path):
     assert res["auc"] == pytest.approx(summary["per_fold"][0]["auc"])
 
 
-RESUME_ARGS = ["--folds", "3", "--fold-indices", "0,1", "--epochs", "4", "--min-epochs", "4", "--embed-dim", "16",
+RESUME_ARGS = ["--folds", "3", "--fold-indices", "0,1", "--epochs", "4", "--stop-epoch", "4", "--embed-dim", "16",
                "--depth", "1", "--no-progress", "--device", "cpu", "--threads", "1"]
 
 
@@ -112,7 +112,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
 # ---------------------------------------------------------------------- bad input
 def _cfg(tmp_path, **kw):
     base = dict(features=str(tmp_path / "feats"), labels=str(tmp_path / "labels.csv"), folds=4, model="abmil",
-                embed_dim=8, epochs=1, patience=1, min_epochs=1, output=str(tmp_path / "run"), progress=False,
+                embed_dim=8, epochs=1, patience=1, stop_epoch=0, output=str(tmp_path / "run"), progress=False,
                 device="cpu")
     base.update(kw)
     return base
@@ -196,3 +196,26 @@ def test_features_with_nan_are_named_not_blamed_on_the_learning_rate(tiny_bags):
     write_bag(tiny_bags / "feats", "s2", np.array([[1.0, np.nan, 0.0, np.inf]] * 3), "h5")
     with pytest.raises(UserError, match="slide 's2': its features hold 6 NaN / infinite value.*s2.h5"):
         train_mil(_cfg(tiny_bags))
+
+
+def _epochs_run(val_losses, patience, stop_epoch):
+    """Epochs a fold runs on a made-up sequence of validation losses, as the training loop counts them."""
+    from lbmamba.engine.mil import early_stopping_state, early_stopping_step, should_stop
+
+    early = early_stopping_state()
+    for loss in val_losses:
+        early_stopping_step(early, loss)
+        if should_stop(early["epoch"], early["bad_epochs"], patience, stop_epoch):
+            break
+    return early["epoch"], early["best_epoch"]
+
+
+def test_early_stopping_counts_epochs_as_clam_does():
+    # improves twice, then never: the counter reaches 20 at epoch index 21, but a fold stops only once the
+    # 0-based epoch is past stop_epoch 50, so 52 epochs run; the best stays epoch 2 (1-based)
+    assert _epochs_run([1.0, 0.9] + [0.95] * 200, patience=20, stop_epoch=50) == (52, 2)
+    # improves until epoch index 59, then worse: stops at index 59 + 20
+    assert _epochs_run([1.0 - 0.01 * i for i in range(60)] + [0.5] * 100, 20, 50) == (80, 60)
+    # the demo's preset (patience 4, stop_epoch 4): at least 6 epochs
+    assert _epochs_run([0.5] * 30, patience=4, stop_epoch=4) == (6, 1)  # ties are no improvement
+    assert _epochs_run([0.5] * 3, patience=4, stop_epoch=4) == (3, 1)  # the epochs ran out first

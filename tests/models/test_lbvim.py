@@ -537,3 +537,13 @@ def test_a_checkpoint_of_another_model_is_a_mismatch_not_a_crash(tmp_path):
     torch.save({"model": small("vim_tiny_patch16_224", img_size=32, patch_size=8).state_dict()}, tmp_path / "vim.pth")
     with pytest.raises(CheckpointMismatchError, match="does not fit VisionMamba: cannot infer the position-embedding"):
         load_checkpoint(small(img_size=32, patch_size=8), tmp_path / "vim.pth")
+
+
+def test_vims_backward_step_sizes_start_at_softplus_zero():
+    """Vim's model-wide init zeroes every Linear bias but the forward dt_proj's (the only one mamba_ssm marks),
+    so the backward branch's steps start at softplus(0); LBVim has no backward branch."""
+    vim = small("vim_tiny_patch16_224")
+    for layer in vim.layers:
+        assert torch.count_nonzero(layer.mixer.dt_proj_b.bias) == 0
+        dt = F.softplus(layer.mixer.dt_proj.bias)
+        assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6

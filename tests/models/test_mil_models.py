@@ -71,3 +71,34 @@ def test_grad_checkpointing_gives_the_same_gradients():
     model.set_grad_checkpointing(True)
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", [m for m in MODEL_NAMES if not m.startswith("abmil")])
+def test_mambamil_initialises_every_linear_layer_as_mambamil_does(name):
+    model = create_mil_model(name, in_dim=12, **TINY)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears if m.bias is not None)
+    mixers = [layer[1] for layer in model.layers]
+    for mixer in mixers:
+        for suffix in ("", "_b") if hasattr(mixer, "dt_proj_b") else ("",):
+            dt_proj = getattr(mixer, f"dt_proj{suffix}")
+            # every step size starts at softplus(0 + the xavier-initialised dt projection)
+            assert torch.count_nonzero(dt_proj.bias) == 0
+        weight = mixer.in_proj.weight  # xavier-normal: std sqrt(2 / (fan_in + fan_out))
+        assert abs(weight.std().item() - (2 / sum(weight.shape)) ** 0.5) < 0.2 * (2 / sum(weight.shape)) ** 0.5
+    kept = create_mil_model(name, in_dim=12, init="mamba", **TINY)
+    dt = torch.nn.functional.softplus(kept.layers[0][1].dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6  # Mamba's own: log-uniform in [dt_min, dt_max]
+
+
+def test_abmil_is_ungated_attention_mil_and_the_gated_one_is_kept():
+    plain = create_mil_model("abmil", in_dim=12, embed_dim=16, attn_dim=8)
+    assert {n for n, _ in plain.named_parameters()} == {
+        "fc.0.weight", "fc.0.bias", "attention.0.weight", "attention.0.bias", "attention.2.weight", "attention.2.bias",
+        "classifier.weight", "classifier.bias"}
+    assert torch.count_nonzero(plain.fc[0].bias) > 0  # PyTorch's default initialisation, not CLAM's
+    assert [type(m).__name__ for m in plain.attention] == ["Linear", "Tanh", "Linear"]
+    gated = create_mil_model("abmil-gated", in_dim=12, embed_dim=16, attn_dim=8)
+    names = {n for n, _ in gated.named_parameters()}
+    assert {"attention_a.0.weight", "attention_b.0.weight", "attention_c.weight"} <= names
+    assert torch.count_nonzero(gated.fc[0].bias) == 0

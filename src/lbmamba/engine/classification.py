@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .. import __version__
 from ..data import (
@@ -50,7 +50,7 @@ from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everyth
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
 
 __all__ = ["TRAIN", "EVAL", "train", "evaluate", "create_classifier", "evaluate_model", "check_model_name",
-           "suggest_model_names", "batch_plan"]
+           "suggest_model_names", "batch_plan", "weight_decay_groups"]
 
 
 def _check_train(cfg: Dict[str, Any]) -> None:
@@ -104,7 +104,9 @@ TRAIN = ConfigTable("train", {
     "opt": Key("adamw", "timm optimizer name (create_optimizer_v2)"),
     "opt_eps": Key(1e-8, "optimizer epsilon"),
     "momentum": Key(0.9, "momentum for opt=sgd / momentum / lamb ... (AdamW ignores it)"),
-    "weight_decay": Key(0.05, "weight decay (not on biases, norms, pos_embed, A_log, D)", low=0),
+    "weight_decay": Key(0.05, "weight decay (not on biases, 1-d parameters, pos_embed, cls_token)", low=0),
+    "no_decay_ssm": Key(False, "also exempt the SSM matrices A_log / A_b_log from weight decay (the reference "
+                               "decays them)"),
     "lr": Key(2e-3, "peak learning rate; null: base_lr x global batch / lr_base_size", nullable=True, positive=True,
               flag=True),
     "base_lr": Key(1e-3, "learning rate per lr_base_size images of global batch (used when lr is null)"),
@@ -406,6 +408,19 @@ def batch_plan(cfg: Mapping[str, Any], world_size: int) -> Tuple[int, int, float
     return accum, global_batch, lr
 
 
+def weight_decay_groups(model: nn.Module, weight_decay: float, no_decay_ssm: bool = False) -> List[Dict[str, Any]]:
+    """The optimizer's parameter groups, by the reference code's rule (timm's `add_weight_decay`): no decay
+    for 1-d parameters, biases and the model's `no_weight_decay()` names (pos_embed, cls_token). The SSM
+    matrices A_log / A_b_log are 2-d and so decayed, as in the reference; `no_decay_ssm` exempts them too."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if not no_decay_ssm:
+        ssm = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False) and p.ndim > 1}
+        skip -= ssm
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
 def _loss_functions(cfg: Mapping[str, Any], num_classes: int):
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -488,13 +503,15 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
     batch = cfg["batch_size"]
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and batch % 2:
         raise UserError(f"mixup / cutmix need an even batch_size, got {batch}")
-    if cfg["repeated_aug"]:
+    generator = torch.Generator()  # reseeded every epoch: the data order of an epoch depends on (seed, epoch)
+    if cfg["repeated_aug"] and dist.distributed:
         sampler = RepeatAugSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                    num_repeats=cfg["num_repeats"])
+    elif cfg["repeated_aug"]:  # the reference repeats augmentations across processes only; one process shuffles
+        sampler = RandomSampler(train_ds, generator=generator)
     else:
         sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                      seed=cfg["seed"], drop_last=False)
-    generator = torch.Generator()
     train_loader = DataLoader(
         train_ds, batch_size=batch, sampler=sampler, num_workers=_workers(cfg, dist), pin_memory=device.type == "cuda",
         drop_last=True, generator=generator, worker_init_fn=seed_worker, persistent_workers=False,
@@ -507,7 +524,8 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
             f"(batch_size {batch} x grad_accum {accum}); lower batch_size"
         )
 
-    optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"],
+    groups = weight_decay_groups(model, cfg["weight_decay"], cfg["no_decay_ssm"])
+    optimizer = create_optimizer_v2(groups, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"],
                                     momentum=cfg["momentum"], eps=cfg["opt_eps"])
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg["sched"], num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
@@ -556,14 +574,15 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
     train_loss, train_images_per_s, total_bad, epochs_run, stopped_early = float("nan"), 0.0, 0, 0, False
     for epoch in range(start_epoch, cfg["epochs"]):
         seed_everything(cfg["seed"], epoch + 1, dist.rank)
-        sampler.set_epoch(epoch + cfg["seed"] * 100_003 if cfg["repeated_aug"] else epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch + cfg["seed"] * 100_003 if cfg["repeated_aug"] else epoch)
         generator.manual_seed(derive_seed(cfg["seed"], epoch, dist.rank, 1))
         epoch_start = time.perf_counter()
         stats, num_updates = _train_one_epoch(
             cfg, dist, model, ddp_model, train_loader, optimizer, scheduler, loss_fn, mixup_fn, ema, scaler,
             dispatch_clip_grad, epoch, accum, updates_per_epoch, num_updates, len(sampler),
         )
-        scheduler.step(epoch + 1)
+        scheduler.step(epoch)  # as the reference loops do after each epoch: epoch e + 1 runs at the lr of e
         train_seconds = time.perf_counter() - epoch_start
         train_loss = stats["loss"]
         total_bad += stats["bad_images"]

@@ -151,10 +151,12 @@ def _collate_images(batch):
 
 def _patch_order(names: List[str]) -> Tuple[List[int], np.ndarray, str]:
     """(order of the files, coords (n, 2), where the coords came from): `<x>_<y>` file names give the
-    coordinates (row by row); otherwise natural name order and (running index, 0)."""
+    coordinates, in CLAM's order (x-major: column by column, as its patching walks the grid with
+    np.meshgrid(..., indexing="ij"); the order is the sequence a scan reads); otherwise natural name order
+    and (running index, 0)."""
     xy = [_parse_xy(os.path.splitext(n)[0]) for n in names]
     if all(p is not None for p in xy):
-        order = sorted(range(len(names)), key=lambda i: (xy[i][1], xy[i][0], names[i]))
+        order = sorted(range(len(names)), key=lambda i: (xy[i][0], xy[i][1], names[i]))
         return order, np.array([xy[i] for i in order], dtype=np.int32), "filename"
     order = sorted(range(len(names)), key=lambda i: _natural_key(names[i]))
     return order, np.stack([np.arange(len(names)), np.zeros(len(names))], axis=1).astype(np.int32), "index"
@@ -165,7 +167,7 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
                      config_path: Optional[str] = None) -> Dict[str, Any]:
     """Encode every patch image (the `EXTRACT` table's config) into `output/h5_files/<slide>.h5`.
 
-    Coordinates come from file names ending in `<x>_<y>` (e.g. `1024_2048.png`, ordered row by row);
+    Coordinates come from file names ending in `<x>_<y>` (e.g. `1024_2048.png`, in CLAM's x-major order);
     when a slide's names do not all carry them, files keep their natural name order and `coords` is
     (running index, 0). Slides already extracted are skipped unless `overwrite`.
     """

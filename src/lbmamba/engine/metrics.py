@@ -53,8 +53,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray) -> Dict[str
 
 
 def mean_std(values: Iterable[float]) -> Dict[str, float]:
-    """Mean and standard deviation (ddof=0) of the finite values; NaN when there are none."""
+    """Mean and sample standard deviation (ddof=1, as pandas' `.std()` in the reference code) of the finite
+    values; NaN where undefined (no values; one value for the deviation)."""
     good = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if not good.size:
-        return {"mean": float("nan"), "std": float("nan")}
-    return {"mean": float(good.mean()), "std": float(good.std())}
+    return {"mean": float(good.mean()) if good.size else float("nan"),
+            "std": float(good.std(ddof=1)) if good.size > 1 else float("nan")}

@@ -3,11 +3,12 @@
     from lbmamba.engine.mil import train_mil
     summary = train_mil({"model": "lb"})     # no data given: the digits-bags demo
 
-Training follows MambaMIL: one bag per step, AdamW, cross-entropy, early stopping on the validation
-loss (patience, not before `min_epochs`); the best epoch's weights are written atomically to
+Training follows MambaMIL: one bag per step, Adam with L2 weight decay, cross-entropy, early stopping on
+the validation loss as CLAM's EarlyStopping (stop once `patience` epochs passed without improvement and
+the 0-based epoch is past `stop_epoch`); the best epoch's weights are written atomically to
 `<run>/fold_<k>.pt` and scored on the fold's test split. Metrics: ROC AUC (binary: of the positive
 class's probability; multi-class: one-vs-rest macro), macro F1 and accuracy, per fold and as mean ± std
-(ddof=0) over folds, in `<run>/summary.csv`, `<run>/summary.json` and the returned dict.
+(ddof=1, as pandas) over folds, in `<run>/summary.csv`, `<run>/summary.json` and the returned dict.
 
 A run lives in its folder like every training run (see `lbmamba.engine.runs`): `config.yaml`,
 `last.pth` after every epoch (the fold, the epoch, the weights, optimizer, early-stopping state, RNG and
@@ -43,7 +44,7 @@ from ..data.mil import (
     read_labels,
     read_split_file,
 )
-from ..models.mil import MODEL_NAMES, create_mil_model
+from ..models.mil import MIL_INITS, MODEL_NAMES, create_mil_model
 from .config import ConfigTable, Key
 from .device import AMP_MODES, autocast, demo_threads, grad_scaler, threads_key
 from .distributed import DistInfo, session
@@ -55,21 +56,22 @@ from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everyth
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
 
 __all__ = ["MIL_TRAIN", "MIL_EVAL", "PAPER_PRESET", "DIGITS_PRESET", "train_mil", "evaluate_mil", "evaluate_bags",
+           "early_stopping_state", "early_stopping_step", "should_stop",
            "load_mil_checkpoint", "write_digits_bags", "write_split_file"]
 
 CHECKPOINT_FORMAT = "lbmamba-mil"
 DIGITS = "digits-bags"
 
 #: the paper's / MambaMIL's recipe: what real data gets for the keys left at null
-PAPER_PRESET = dict(depth=2, embed_dim=512, drop_rate=0.25, lr=2e-4, epochs=200, patience=20, min_epochs=50)
+PAPER_PRESET = dict(folds=10, depth=2, embed_dim=512, drop_rate=0.0, lr=2e-4, epochs=200, patience=20, stop_epoch=50)
 #: the shipped digits-bags demo: a narrower model and a short schedule (5 folds in a few CPU minutes)
-DIGITS_PRESET = dict(depth=2, embed_dim=64, drop_rate=0.25, lr=5e-4, epochs=12, patience=4, min_epochs=6)
+DIGITS_PRESET = dict(folds=5, depth=2, embed_dim=64, drop_rate=0.25, lr=5e-4, epochs=12, patience=4, stop_epoch=4)
 _PRESET = "null: the paper's recipe ({paper}; digits-bags demo: {demo})"
 
 
 def _preset_key(name: str, help_text: str, kind: str, **kwargs) -> Key:
     text = f"{help_text} ({_PRESET.format(paper=PAPER_PRESET[name], demo=DIGITS_PRESET[name])})"
-    zero_allowed = name in ("depth", "drop_rate", "min_epochs")
+    zero_allowed = name in ("depth", "drop_rate", "stop_epoch")
     return Key(None, text, kind=kind, positive=not zero_allowed, low=0 if zero_allowed else None, flag=True, **kwargs)
 
 
@@ -81,8 +83,8 @@ MIL_TRAIN = ConfigTable("mil train", {
     "labels": Key(None, "CSV with slide_id,label columns (string labels map to sorted classes)", kind="str", flag=True),
     "splits": Key(None, "folder of splits_<k>.csv (train,val,test columns); null: generated stratified folds",
                   kind="str", flag=True),
-    "folds": Key(None, "generated folds (null: 5), or with splits: use the first K split files", kind="int", low=1,
-                 flag=True),
+    "folds": _preset_key("folds", "generated stratified folds (fold k tests on part k, validates on part k+1: "
+                                  "10 folds are 80/10/10), or with splits: use the first K split files", "int"),
     "fold_indices": Key(None, "run only these folds, e.g. 0,3", kind="int_list", flag=True),
     "max_instances": Key(None, "randomly sub-sample training bags larger than N instances (kept in order)",
                          kind="int", positive=True, flag=True),
@@ -96,7 +98,10 @@ MIL_TRAIN = ConfigTable("mil train", {
     "depth": _preset_key("depth", "mixer layers", "int", aliases=("--layers",), effect="model"),
     "embed_dim": _preset_key("embed_dim", "width after the input projection", "int", effect="model"),
     "d_state": Key(16, "SSM state size", positive=True, flag=True, effect="model"),
-    "rate": Key(10, "SRMamba re-ordering stride", positive=True, flag=True, effect="model"),
+    "rate": Key(5, "SRMamba re-ordering stride", positive=True, flag=True, effect="model"),
+    "init": Key("mambamil", "mambamil: xavier-normal weights and zero biases for every Linear layer, the mixers' "
+                            "included (MambaMIL's); mamba: the mixers keep Mamba's own initialisation",
+                choices=MIL_INITS, flag=True, effect="model"),
     "window": Key("auto", "LB window: a positive int or auto (4 / 8 / 16 by length)", kind="window", flag=True,
                   effect="model"),
     "drop_rate": _preset_key("drop_rate", "dropout after the input projection", "float", aliases=("--dropout",),
@@ -105,11 +110,14 @@ MIL_TRAIN = ConfigTable("mil train", {
     "amp": Key(None, "mixed precision: null (fp32) | bf16 | fp16 (fp16 uses a GradScaler)", kind="str",
                choices=AMP_MODES, flag=True),
     # optimisation
-    "lr": _preset_key("lr", "AdamW learning rate", "float"),
-    "weight_decay": Key(1e-5, "AdamW weight decay", low=0, flag=True),
+    "opt": Key("adam", "adam: Adam with L2 weight decay on every parameter (MambaMIL's); adamw: decoupled decay, "
+                       "none on biases, norms, A_log and D", choices=("adam", "adamw"), flag=True),
+    "lr": _preset_key("lr", "learning rate", "float"),
+    "weight_decay": Key(1e-5, "weight decay", low=0, flag=True),
     "epochs": _preset_key("epochs", "maximum epochs per fold", "int"),
     "patience": _preset_key("patience", "early-stopping patience on the validation loss", "int"),
-    "min_epochs": _preset_key("min_epochs", "never stop a fold before this many epochs", "int"),
+    "stop_epoch": _preset_key("stop_epoch", "early stopping may stop a fold only after the 0-based epoch "
+                                            "stop_epoch: at least stop_epoch + 2 epochs run", "int"),
     "seed": Key(0, "seed of the generated folds, initialisation and shuffling", flag=True),
     # run
     "output": Key(None, "the run folder (null: runs/<time>-mil-<model>)", kind="str", flag=True, aliases=("--out",),
@@ -198,7 +206,7 @@ def _read_splits(cfg: Mapping[str, Any], table: LabelTable) -> Dict[int, Dict[st
         if cfg["folds"] is not None and cfg["folds"] < len(splits):
             splits = dict(list(splits.items())[: cfg["folds"]])
     else:
-        splits = dict(enumerate(make_folds(table.slide_ids, table.labels, int(cfg["folds"] or 5), cfg["seed"])))
+        splits = dict(enumerate(make_folds(table.slide_ids, table.labels, int(cfg["folds"]), cfg["seed"])))
     if cfg["fold_indices"]:
         unknown = sorted(set(cfg["fold_indices"]) - set(splits))
         if unknown:
@@ -306,7 +314,7 @@ def _model_config(cfg: Mapping[str, Any], in_dim: int, num_classes: int) -> Dict
     """The MIL model's constructor arguments; UserError when the model options do not build a model."""
     config = dict(model=cfg["model"], in_dim=in_dim, num_classes=num_classes, depth=cfg["depth"],
                   embed_dim=cfg["embed_dim"], drop_rate=cfg["drop_rate"], d_state=cfg["d_state"], rate=cfg["rate"],
-                  window=cfg["window"])
+                  window=cfg["window"], init=cfg["init"])
     try:
         with torch.device("meta"):
             create_mil_model(**config)
@@ -343,7 +351,7 @@ def _run_data(run: Run, bags: Optional[_Bags]) -> Tuple[_Bags, str]:
     if cfg["features"] is None:
         root = run.path("data")
         if not os.path.isdir(root):
-            write_digits_bags(root, folds=int(cfg["folds"] or 5), seed=cfg["seed"])
+            write_digits_bags(root, folds=int(cfg["folds"]), seed=cfg["seed"])
         demo = dict(cfg, features=root, labels=os.path.join(root, "labels.csv"), splits=os.path.join(root, "splits"),
                     folds=None)
         return _load_bags(demo), DIGITS
@@ -410,7 +418,10 @@ def _write_summary_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     write_csv(path, out)
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    lr, weight_decay = cfg["lr"], cfg["weight_decay"]
+    if cfg["opt"] == "adam":  # MambaMIL's: torch.optim.Adam, L2 on every parameter
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     skip = model.no_weight_decay()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
@@ -434,7 +445,7 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
     model = create_mil_model(**model_config).to(device)
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
-    optimizer = _optimizer(model, cfg["lr"], cfg["weight_decay"])
+    optimizer = _optimizer(model, cfg)
     scaler = grad_scaler(device, cfg["amp"])
     gen = torch.Generator()
     sampler = balanced_sampler(train_ds.labels, generator=gen) if cfg["balanced"] else None
@@ -442,8 +453,7 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
                         generator=gen if sampler is None else None, collate_fn=collate_bag, num_workers=cfg["workers"],
                         worker_init_fn=seed_worker)
     best_path = run.path(f"fold_{fold}.pt")
-    # early stopping: the best monitored value, its (1-based) epoch, epochs since it improved, epochs done
-    early = {"best": float("inf"), "best_epoch": 0, "bad_epochs": 0, "epoch": 0, "best_val_loss": float("nan")}
+    early = early_stopping_state()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -451,7 +461,8 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
             scaler.load_state_dict(resume["scaler"])
         early = dict(resume["early"])
         restore_rng_state(resume.get("rng"))
-    while early["epoch"] < cfg["epochs"] and not _should_stop(early, cfg, len(val_ds)):
+    while early["epoch"] < cfg["epochs"] and not (
+            len(val_ds) and should_stop(early["epoch"], early["bad_epochs"], cfg["patience"], cfg["stop_epoch"])):
         epoch = early["epoch"]
         seed_everything(cfg["seed"], fold, epoch + 1)
         gen.manual_seed(derive_seed(cfg["seed"], fold, epoch, 1))
@@ -462,14 +473,11 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
             monitor = val["loss"]
         else:  # no validation split: keep the last epoch
             val, monitor = {"loss": float("nan"), "auc": float("nan")}, -float(epoch)
-        early["epoch"] = epoch + 1
-        if monitor < early["best"]:
-            early.update(best=monitor, best_epoch=epoch + 1, bad_epochs=0, best_val_loss=val["loss"])
+        if early_stopping_step(early, monitor):
+            early["best_val_loss"] = val["loss"]
             atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
                          "config": jsonable(model.config), "class_names": list(bags.table.class_names), "fold": fold,
                          "epoch": epoch + 1, "val_loss": float(val["loss"]), "seed": cfg["seed"]}, best_path)
-        else:
-            early["bad_epochs"] += 1
         atomic_save({"config": jsonable(cfg), "finished": jsonable(finished), "fold": fold, "epoch": epoch + 1,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "early": early, "rng": capture_rng_state()}, run.path(LAST))
@@ -483,9 +491,27 @@ def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, m
             "checkpoint": best_path}
 
 
-def _should_stop(early: Mapping[str, Any], cfg: Mapping[str, Any], n_val: int) -> bool:
-    """Early stopping: a validation split, at least min_epochs done, and `patience` epochs without improvement."""
-    return bool(n_val) and early["epoch"] >= cfg["min_epochs"] and early["bad_epochs"] >= cfg["patience"]
+def early_stopping_state() -> Dict[str, Any]:
+    """A fold's early-stopping state (plain values: it goes into last.pth): the best monitored value, its
+    1-based epoch, epochs since it improved, epochs done, the best epoch's validation loss."""
+    return {"best": float("inf"), "best_epoch": 0, "bad_epochs": 0, "epoch": 0, "best_val_loss": float("nan")}
+
+
+def early_stopping_step(early: Dict[str, Any], monitor: float) -> bool:
+    """Count one epoch with validation value `monitor`; True when it is the best so far (strictly lower, as
+    CLAM's EarlyStopping: a tie counts as no improvement)."""
+    early["epoch"] += 1
+    if monitor < early["best"]:
+        early.update(best=monitor, best_epoch=early["epoch"], bad_epochs=0)
+        return True
+    early["bad_epochs"] += 1
+    return False
+
+
+def should_stop(epochs_done: int, bad_epochs: int, patience: int, stop_epoch: int) -> bool:
+    """CLAM's / MambaMIL's early stopping after an epoch: `patience` epochs without a lower validation loss,
+    and the epoch just done (0-based: epochs_done - 1) past `stop_epoch`."""
+    return bad_epochs >= patience and epochs_done - 1 > stop_epoch
 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

@@ -1,4 +1,4 @@
-"""Multiple-instance learning on whole-slide images: MambaMIL with the LB scan, and an ABMIL baseline.
+"""Multiple-instance learning on whole-slide images: MambaMIL with the LB scan, and attention-MIL baselines.
 
 A bag is the set of patch features of one slide, (n_instances, feat_dim) or (1, n_instances, feat_dim);
 the models return bag logits (1, n_classes) and, on request, one attention score per instance.
@@ -22,8 +22,12 @@ The mixer (`mixer=`):
 With window=1 the LB scan is the plain scan, so "lb" equals "mamba" and "lb-srmamba" equals "srmamba"
 for the same weights (parameter names are shared, so state dicts move between them).
 
-ABMIL (Ilse et al., 2018; CLAM's gated attention): fc -> ReLU -> Dropout, gated attention
-(tanh branch * sigmoid branch -> Linear(., 1)), softmax pooling, classifier; no Mamba layers.
+MambaMIL initialises every Linear layer xavier-normal with a zero bias, the mixers' included (`init=
+"mambamil"`; `init="mamba"` keeps Mamba's own initialisation in the mixers).
+
+ABMIL ("abmil", Ilse et al., 2018, as MambaMIL's `att_mil`): fc -> ReLU -> Dropout, attention pooling
+Linear -> Tanh -> Linear, classifier; PyTorch's default initialisation. "abmil-gated" is CLAM's gated
+variant (tanh branch * sigmoid branch -> Linear(., 1)). Neither has Mamba layers.
 
 Every model is registered with timm under the name in `MIL_MODELS` (`timm.create_model("mambamil_lb",
 in_dim=1024, num_classes=2)`), with timm's model API (`forward_features`, `forward_head`,
@@ -44,7 +48,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from ..nn import Mamba, SRMamba
 
-__all__ = ["MIL_MODELS", "MIXERS", "MODEL_NAMES", "MambaMIL", "ABMIL", "create_mil_model"]
+__all__ = ["MIL_MODELS", "MIXERS", "MODEL_NAMES", "MIL_INITS", "MambaMIL", "ABMIL", "GatedABMIL", "create_mil_model"]
 
 #: the MambaMIL mixers: name -> (mixer class, its arguments)
 _MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
@@ -56,7 +60,10 @@ _MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
 }
 MIXERS = tuple(_MIXERS)
 #: every MIL model: short name (as `lbmamba mil train --model` takes it) -> timm model name
-MIL_MODELS = {**{mixer: "mambamil_" + mixer.replace("-", "_") for mixer in MIXERS}, "abmil": "abmil"}
+MIL_MODELS = {**{mixer: "mambamil_" + mixer.replace("-", "_") for mixer in MIXERS}, "abmil": "abmil",
+              "abmil-gated": "abmil_gated"}
+#: how MambaMIL initialises (see MambaMIL's `init`)
+MIL_INITS = ("mambamil", "mamba")
 MODEL_NAMES = tuple(MIL_MODELS)
 
 
@@ -239,10 +246,14 @@ class MambaMIL(_MILBase):
         drop_rate: dropout after the first projection.
         act: "gelu" or "relu" after the first projection.
         d_state, d_conv, expand: mixer sizes (16, 4, 2).
-        rate: SRMamba's stride ("srmamba", "lb-srmamba").
+        rate: SRMamba's stride ("srmamba", "lb-srmamba"; MambaMIL's scripts: 5).
         window: the LB window ("lb", "lb-srmamba"): a positive int or "auto".
         attn_dim: hidden size of the attention pooling (128).
         ssm_cfg: further `lbmamba.nn.Mamba` kwargs (dt_rank, dt_min, ...).
+        init: "mambamil" (MambaMIL's: xavier-normal weights and zero biases for every Linear layer, the
+            mixers' in_proj / x_proj / dt_proj / out_proj included, so every step size starts at
+            softplus(0)) or "mamba" (the mixers keep Mamba's own initialisation, step sizes log-uniform
+            in [dt_min, dt_max], as LBVim / Vim do).
     """
 
     def __init__(
@@ -252,15 +263,16 @@ class MambaMIL(_MILBase):
         mixer: str = "lb",
         depth: int = 2,
         embed_dim: int = 512,
-        drop_rate: float = 0.25,
+        drop_rate: float = 0.0,
         act: str = "gelu",
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
-        rate: int = 10,
+        rate: int = 5,
         window: Union[int, str] = "auto",
         attn_dim: int = 128,
         ssm_cfg: Optional[Dict[str, Any]] = None,
+        init: str = "mambamil",
     ):
         super().__init__()
         if mixer not in _MIXERS:
@@ -268,6 +280,8 @@ class MambaMIL(_MILBase):
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         _check_common(in_dim, act)
+        if init not in MIL_INITS:
+            raise ValueError(f"init must be one of {MIL_INITS}, got {init!r}")
         self._config = dict(model=mixer, **_constructor_args(MambaMIL, locals()))
         del self._config["mixer"]
         self._config["ssm_cfg"] = dict(ssm_cfg or {})
@@ -286,21 +300,58 @@ class MambaMIL(_MILBase):
         self.norm = nn.LayerNorm(embed_dim)
         self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))
         self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        # xavier for the projections / pooling / classifier; the mixers keep Mamba's own init
-        for part in (self.fc, self.norm, self.attention, self.classifier):
-            _xavier_linear_init(part)
-        for layer in self.layers:
-            _xavier_linear_init(layer[0])
+        if init == "mambamil":
+            _xavier_linear_init(self)
+        else:  # the mixers keep Mamba's own initialisation; xavier for the rest
+            for part in (self.fc, self.norm, self.attention, self.classifier, *(layer[0] for layer in self.layers)):
+                _xavier_linear_init(part)
 
     def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
         return self.attention(h).squeeze(-1)
 
 
 class ABMIL(_MILBase):
-    """Gated-attention MIL (Ilse et al., 2018, as in CLAM's Attn_Net_Gated), no Mamba layers.
+    """Attention MIL (Ilse et al., 2018) as MambaMIL's `att_mil` baseline: fc -> ReLU (-> Dropout), attention
+    pooling Linear -> Tanh -> Linear with softmax over the instances, a linear classifier; PyTorch's default
+    initialisation.
 
     Args:
-        in_dim, num_classes, embed_dim, drop_rate, attn_dim: as MambaMIL (act is ReLU, as CLAM).
+        in_dim, num_classes, embed_dim, drop_rate, attn_dim, act: as MambaMIL (act ReLU; dropout after the
+            first layer only, none when 0).
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 1024,
+        num_classes: int = 2,
+        embed_dim: int = 512,
+        drop_rate: float = 0.0,
+        attn_dim: int = 128,
+        act: str = "relu",
+    ):
+        super().__init__()
+        _check_common(in_dim, act)
+        self._config = dict(model="abmil", **_constructor_args(ABMIL, locals()))
+        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
+        self.fc = nn.Sequential(
+            nn.Linear(in_dim, embed_dim), nn.ReLU() if act == "relu" else nn.GELU(), nn.Dropout(drop_rate)
+        )
+        self.layers = nn.ModuleList()
+        self.norm = nn.Identity()
+        self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))
+        self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attention(h).squeeze(-1)
+
+
+class GatedABMIL(_MILBase):
+    """Gated-attention MIL (Ilse et al., 2018, as in CLAM's Attn_Net_Gated), no Mamba layers: the tanh branch
+    times a sigmoid branch gives the attention; xavier-normal Linear weights, zero biases (CLAM's init).
+
+    Args:
+        in_dim, num_classes, embed_dim, drop_rate, attn_dim, act: as MambaMIL (act is ReLU, as CLAM; dropout
+            after the first layer and in both attention branches).
     """
 
     def __init__(
@@ -314,7 +365,7 @@ class ABMIL(_MILBase):
     ):
         super().__init__()
         _check_common(in_dim, act)
-        self._config = dict(model="abmil", **_constructor_args(ABMIL, locals()))
+        self._config = dict(model="abmil-gated", **_constructor_args(GatedABMIL, locals()))
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
         self.fc = nn.Sequential(
             nn.Linear(in_dim, embed_dim), nn.ReLU() if act == "relu" else nn.GELU(), nn.Dropout(drop_rate)
@@ -331,23 +382,28 @@ class ABMIL(_MILBase):
         return self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(-1)
 
 
+_ATTENTION_MIL = {"abmil": ABMIL, "abmil-gated": GatedABMIL}
+
+
 def _model_class(model: str) -> type:
     if model not in MIL_MODELS:
         raise ValueError(f"model must be one of {MODEL_NAMES}, got {model!r}")
-    return ABMIL if model == "abmil" else MambaMIL
+    return _ATTENTION_MIL.get(model, MambaMIL)
 
 
 def create_mil_model(model: str = "lb", **config) -> _MILBase:
     """A MIL model by short name (one of MODEL_NAMES). Options the chosen model does not take are ignored
-    when another MIL model takes them (depth, rate, window... for "abmil"); others raise TypeError."""
+    when another MIL model takes them (depth, rate, window... for the attention-MIL ones); others raise
+    TypeError."""
     cls = _model_class(model)
-    known = {name for c in (MambaMIL, ABMIL) for name in inspect.signature(c.__init__).parameters} - {"self", "mixer"}
+    known = {name for c in (MambaMIL, ABMIL, GatedABMIL) for name in inspect.signature(c.__init__).parameters}
+    known -= {"self", "mixer"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise TypeError(f"unknown MIL model options {unknown}; expected some of {sorted(known)}")
     takes = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in config.items() if k in takes}
-    return cls(**kwargs) if cls is ABMIL else cls(mixer=model, **kwargs)
+    return cls(mixer=model, **kwargs) if cls is MambaMIL else cls(**kwargs)
 
 
 # ---------------------------------------------------------------------- timm registration
@@ -366,13 +422,14 @@ _DOCS = {
     "lb-srmamba": "MambaMIL-SRMamba with LB scans in both scans.",
     "mamba": "MambaMIL with the plain (forward) Mamba mixer.",
     "bimamba": "MambaMIL with the bidirectional (Vim v2) mixer.",
-    "srmamba": "MambaMIL with the sequence-reordering mixer (SRMamba, rate 10).",
-    "abmil": "Gated-attention MIL baseline (no Mamba layers).",
+    "srmamba": "MambaMIL with the sequence-reordering mixer (SRMamba, rate 5).",
+    "abmil": "Attention MIL baseline (MambaMIL's att_mil; no Mamba layers).",
+    "abmil-gated": "Gated-attention MIL baseline (CLAM's; no Mamba layers).",
 }
 
 
 def _paper(model: str) -> Dict[str, str]:
-    return _PAPERS["abmil" if model == "abmil" else "lb" if model.startswith("lb") else "mambamil"]
+    return _PAPERS["abmil" if model.startswith("abmil") else "lb" if model.startswith("lb") else "mambamil"]
 
 
 default_cfgs = generate_default_cfgs({name: _cfg(**_paper(model)) for model, name in MIL_MODELS.items()})
@@ -381,7 +438,7 @@ default_cfgs = generate_default_cfgs({name: _cfg(**_paper(model)) for model, nam
 def _register(model: str, variant: str) -> None:
     """Register the timm entry point `variant` for the MIL model `model`."""
     cls = _model_class(model)
-    fixed = {} if cls is ABMIL else {"mixer": model}
+    fixed = {"mixer": model} if cls is MambaMIL else {}
 
     def entrypoint(pretrained: bool = False, **kwargs) -> _MILBase:
         out_indices = kwargs.pop("out_indices", None)  # every embedding layer

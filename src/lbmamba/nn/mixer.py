@@ -43,8 +43,6 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, d_inner: int, dt_min, dt_max
         ).clamp(min=dt_init_floor)
         inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
         dt_proj.bias.copy_(inv_dt)
-    # a model-wide init that zeroes Linear biases must leave this one alone (mamba_ssm's convention)
-    dt_proj.bias._no_reinit = True
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +135,11 @@ class Mamba(nn.Module):
         A_log._no_weight_decay = D._no_weight_decay = True
         setattr(self, f"conv1d{suffix}", conv1d)
         setattr(self, f"x_proj{suffix}", x_proj)
+        if not suffix:
+            # a model-wide init that zeroes Linear biases leaves this one alone (mamba_ssm's mark); Vim's
+            # backward branch carries no mark, so Vim's init zeroes its bias (backward step sizes start at
+            # softplus(0))
+            dt_proj.bias._no_reinit = True
         setattr(self, f"dt_proj{suffix}", dt_proj)
         setattr(self, f"A{suffix}_log", A_log)
         setattr(self, f"D{suffix}", D)
