@@ -159,11 +159,12 @@ def open_run(table: ConfigTable, overrides: Optional[Mapping[str, Any]], config_
     """Start or resume a run of `table`'s command: its config, its process (`session`), its folder, and
     the folder's lock for as long as the block runs.
 
-    A new run: config = defaults <- `config_path` <- `overrides`, then `prepare(cfg)` (what the task
-    checks and decides before anything is written, e.g. the data's classes), then the folder (`name(cfg)`
-    names the default one) and its config.yaml. A resumed run (`resume` set): the folder's own config,
-    with the given keys checked by `table.resume`, and the contents of its last.pth when there is one
-    (none yet: the run starts over in its folder). The config's `output` is the run folder in both cases.
+    A new run: config = defaults <- `config_path` <- `overrides`, then the folder (`name(cfg)` names the
+    default one) and its config.yaml. A resumed run (`resume` set): the folder's own config, with the given
+    keys checked by `table.resume`, and the contents of its last.pth when there is one (none yet: the run
+    starts over in its folder). Both then go through `prepare(cfg)`, what the task checks and decides
+    before anything is written (e.g. the data's classes; it leaves set keys as they are). The config's
+    `output` is the run folder in both cases.
     `distributed=False`: a task that runs in one process only.
     """
     given = dict(table.given(config_path, overrides))
@@ -186,8 +187,8 @@ def open_run(table: ConfigTable, overrides: Optional[Mapping[str, Any]], config_
         cfg["resume"] = folder
     else:
         cfg = table.validate(table.apply(table.defaults(), given))
-        if prepare is not None:
-            cfg = prepare(cfg)
+    if prepare is not None:  # a resumed run too: its data is checked again, keys a later version added are filled
+        cfg = prepare(cfg)
     with session(cfg.get("device"), cfg.get("threads"), table.command, distributed) as dist:
         if not resume:
             folder = broadcast_object(_new_run_dir(cfg.get("output"), name(cfg)) if dist.is_main else None, dist)
