@@ -99,6 +99,10 @@ def _as_bag(x: torch.Tensor, in_dim: int, name: str) -> torch.Tensor:
     return x
 
 
+def _classifier(embed_dim: int, num_classes: int) -> nn.Module:
+    return nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
 def _xavier_linear_init(module: nn.Module) -> None:
     """MambaMIL / CLAM init for the non-mixer layers: xavier-normal Linear weights, zero biases."""
     for m in module.modules():
@@ -156,7 +160,18 @@ class _MILBase(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self._config["num_classes"] = num_classes
-        self.classifier = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = _classifier(self.embed_dim, num_classes)
+
+    def _projection_only(self, name: str, cls: type, args: Mapping[str, Any]) -> None:
+        """The parts of an attention-MIL model without mixers: `fc` (Linear, activation, dropout), no layers, no
+        final norm; `args` are the constructor's locals()."""
+        _check_common(args["in_dim"], args["act"])
+        self._config = dict(model=name, **_constructor_args(cls, args))
+        self.in_dim, self.num_classes, self.embed_dim = args["in_dim"], args["num_classes"], args["embed_dim"]
+        self.fc = nn.Sequential(nn.Linear(self.in_dim, self.embed_dim),
+                                nn.ReLU() if args["act"] == "relu" else nn.GELU(), nn.Dropout(args["drop_rate"]))
+        self.layers = nn.ModuleList()
+        self.norm = nn.Identity()
 
     def _layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -299,7 +314,7 @@ class MambaMIL(_MILBase):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))
-        self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = _classifier(embed_dim, num_classes)
         if init == "mambamil":
             _xavier_linear_init(self)
         else:  # the mixers keep Mamba's own initialisation; xavier for the rest
@@ -330,16 +345,9 @@ class ABMIL(_MILBase):
         act: str = "relu",
     ):
         super().__init__()
-        _check_common(in_dim, act)
-        self._config = dict(model="abmil", **_constructor_args(ABMIL, locals()))
-        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
-        self.fc = nn.Sequential(
-            nn.Linear(in_dim, embed_dim), nn.ReLU() if act == "relu" else nn.GELU(), nn.Dropout(drop_rate)
-        )
-        self.layers = nn.ModuleList()
-        self.norm = nn.Identity()
+        self._projection_only("abmil", ABMIL, locals())
         self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))
-        self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = _classifier(embed_dim, num_classes)
 
     def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
         return self.attention(h).squeeze(-1)
@@ -364,18 +372,11 @@ class GatedABMIL(_MILBase):
         act: str = "relu",
     ):
         super().__init__()
-        _check_common(in_dim, act)
-        self._config = dict(model="abmil-gated", **_constructor_args(GatedABMIL, locals()))
-        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
-        self.fc = nn.Sequential(
-            nn.Linear(in_dim, embed_dim), nn.ReLU() if act == "relu" else nn.GELU(), nn.Dropout(drop_rate)
-        )
-        self.layers = nn.ModuleList()
-        self.norm = nn.Identity()
+        self._projection_only("abmil-gated", GatedABMIL, locals())
         self.attention_a = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Dropout(drop_rate))
         self.attention_b = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Sigmoid(), nn.Dropout(drop_rate))
         self.attention_c = nn.Linear(attn_dim, 1)
-        self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = _classifier(embed_dim, num_classes)
         _xavier_linear_init(self)
 
     def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
