@@ -243,14 +243,15 @@ BENCH = ConfigTable("bench", {
 })
 
 
-def _prepare_bench(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _prepare_bench(cfg: Dict[str, Any], accuracies: Dict[str, float]) -> Dict[str, Any]:
+    """Check the models and read the accuracies (into `accuracies`) before the output folder exists."""
     cfg["models"] = [m.strip() for m in cfg.get("models") or [] if m and m.strip()]
     if not cfg["models"]:
         raise UserError("no models given (--models a,b,c)")
     for name in cfg["models"]:
         check_model_name(name)
     if cfg.get("results"):
-        read_accuracies(cfg["results"])
+        accuracies.update(read_accuracies(cfg["results"]))
     return cfg
 
 
@@ -258,15 +259,16 @@ def _prepare_bench(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def bench(overrides: Optional[Mapping[str, Any]] = None, config_path: Optional[str] = None) -> Dict[str, Any]:
     """Benchmark `models` (timm names) as the `BENCH` table says; writes bench.json and bench.png into the
     output folder; returns the figures."""
-    with open_run(BENCH, overrides, config_path, lambda cfg: "bench", _prepare_bench, distributed=False) as run:
-        return _bench(run)
+    accuracies: Dict[str, float] = {}
+    with open_run(BENCH, overrides, config_path, lambda cfg: "bench", lambda cfg: _prepare_bench(cfg, accuracies),
+                  distributed=False) as run:
+        return _bench(run, accuracies)
 
 
-def _bench(run: Run) -> Dict[str, Any]:
+def _bench(run: Run, accuracies: Mapping[str, float]) -> Dict[str, Any]:
     import timm
 
     cfg, dev = run.cfg, run.dist.device
-    accuracies = read_accuracies(cfg["results"]) if cfg.get("results") else {}
     on_gpu = dev.type == "cuda"
     batch_size = cfg["batch_size"] or (128 if on_gpu else 8)
     iters = cfg["iters"] or (100 if on_gpu else 10)

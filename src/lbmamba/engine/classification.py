@@ -441,10 +441,11 @@ def _run_name(cfg: Mapping[str, Any]) -> str:
     return str(cfg["model"])
 
 
-def _prepare_train(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Check the model and the data, and fill in what the data decides, before the run folder exists."""
+def _prepare_train(cfg: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
+    """Check the model and the data (found into `info`), and fill in what the data decides, before the run
+    folder exists."""
     check_model_name(cfg["model"])
-    info = _data_classes(cfg)
+    info.update(_data_classes(cfg))
     if cfg.get("num_classes") and cfg["num_classes"] != len(info["classes"]):
         raise UserError(f"num_classes is {cfg['num_classes']} but the data has {len(info['classes'])} classes")
     cfg["num_classes"] = len(info["classes"])
@@ -462,11 +463,12 @@ def train(overrides: Optional[Mapping[str, Any]] = None, config_path: Optional[s
     Returns the final figures on rank 0 (None on other ranks): val_top1, val_top5, val_loss,
     best_val_top1, best_epoch, epochs, train_loss, checkpoint (best.pth), last_checkpoint, output, ...
     """
-    with open_run(TRAIN, overrides, config_path, _run_name, _prepare_train) as run:
-        return _train(run)
+    info: Dict[str, Any] = {}  # where the data is and its classes, found once by the prepare step
+    with open_run(TRAIN, overrides, config_path, _run_name, lambda cfg: _prepare_train(cfg, info)) as run:
+        return _train(run, info)
 
 
-def _train(run: Run) -> Optional[Dict[str, Any]]:
+def _train(run: Run, info: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     from timm.data.distributed_sampler import RepeatAugSampler
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -475,7 +477,6 @@ def _train(run: Run) -> Optional[Dict[str, Any]]:
 
     cfg, dist, device = run.cfg, run.dist, run.dist.device
     wall_start = time.perf_counter()
-    info = _data_classes(cfg)
     class_names = info["classes"]
     num_classes = cfg["num_classes"]
     ckpt = run.checkpoint

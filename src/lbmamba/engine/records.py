@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from .errors import UserError
 from .files import jsonable, write_csv, write_json, write_jsonl
 from .plots import Panel, plot_curves
+from .runs import SUMMARY
 
 __all__ = ["RunRecord", "LOGS", "progress", "read_jsonl"]
 
@@ -104,7 +105,7 @@ class RunRecord:
         self.metrics_path = os.path.join(folder, "metrics.jsonl")
         self.csv_path = os.path.join(folder, "metrics.csv")
         self.plot_path = os.path.join(folder, "curves.png")
-        self.summary_path = os.path.join(folder, "summary.json")
+        self.summary_path = os.path.join(folder, SUMMARY)
         self.panels, self.title, self.group, self.shown, self.enabled = panels, title, group, tuple(shown), enabled
         self.log = log
         self.records: List[Dict[str, Any]] = [r for r in read_jsonl(self.metrics_path) if keep(r)] if keep else []
