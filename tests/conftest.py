@@ -12,7 +12,6 @@ import csv
 import os
 
 import h5py
-import numba
 import numpy as np
 import pytest
 import torch
@@ -199,9 +198,8 @@ def one_thread():
 
 @pytest.fixture
 def restore_globals():
-    """Put back what a run in this process changes: torch's and numba's thread counts and every RNG."""
-    threads, numba_threads, rng = torch.get_num_threads(), numba.get_num_threads(), capture_rng_state()
+    """Put back what a run in this process changes: torch's thread count and every RNG."""
+    threads, rng = torch.get_num_threads(), capture_rng_state()
     yield
     torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
     restore_rng_state(rng)

@@ -178,8 +178,11 @@ def test_last_state_matches_reference_and_carries_gradient():
     assert g.abs().sum() > 0
 
 
-def test_cpu_backend_threads_agree():
+def test_cpu_backend_threads_agree(monkeypatch):
     """The result does not depend on how many threads ran it (no races in the reductions)."""
+    from lbmamba.ops import cpu
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)  # helpers even for this small call
     inputs = make_inputs(3, 70, 90, 4, bc="grouped", groups=2, seed=fresh_seed())
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     threads = torch.get_num_threads()
@@ -329,10 +332,47 @@ def test_cpu_backend_says_when_a_first_call_compiles(monkeypatch, capsys):
     monkeypatch.setattr(cpu, "COMPILE_NOTE_AFTER_S", 0.05)
     monkeypatch.setattr(cpu, "_RAN", set())
 
-    def slow_kernel(edges, *args):  # stands in for a kernel being compiled
+    def slow_kernel(*args):  # stands in for a kernel being compiled
         time.sleep(0.5)
 
-    cpu._run_tasks(slow_kernel, 4, np.zeros(1, np.float32))
+    cpu._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))
     assert "compiling the CPU scan kernels, once per machine" in capsys.readouterr().err
-    cpu._run_tasks(slow_kernel, 4, np.zeros(1, np.float32))  # compiled now: no second note
+    cpu._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))  # compiled now: no second note
     assert capsys.readouterr().err == ""
+
+
+def test_cpu_call_never_waits_for_a_helper_that_does_not_come(monkeypatch):
+    """The calling thread takes every task itself when no helper turns up (a busy machine)."""
+    from lbmamba.ops import cpu
+
+    class NoHelpers(cpu._TaskPool):
+        def _ensure(self, helpers):  # helpers are asked for, but none ever runs
+            pass
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(cpu, "_POOL", NoHelpers())
+    inputs = make_inputs(2, 300, 40, 4, bc="variable", seed=fresh_seed())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        out = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, selective_scan_fn(**inputs, delta_softplus=True, backend="reference"),
+                               rtol=2e-5, atol=1e-5)
+
+
+def test_cpu_helper_errors_reach_the_caller():
+    """An exception in a helper thread is raised in the caller, which does not hang waiting for it."""
+    import threading
+
+    from lbmamba.ops import cpu
+
+    def loop(counters, n_tasks):  # the caller takes no task; the helper fails in the one it takes
+        if threading.current_thread().name == "lbmamba-scan":
+            counters[0] += 1
+            raise RuntimeError("helper failed")
+        return False
+
+    with pytest.raises(RuntimeError, match="helper failed"):
+        cpu._TaskPool().run(loop, 1, 1, ())

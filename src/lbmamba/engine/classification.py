@@ -41,7 +41,7 @@ from ..data import (
 )
 from ..models import CheckpointMismatchError, load_checkpoint, unwrap_state_dict
 from .config import ConfigTable, Key
-from .device import AMP_MODES, autocast, demo_threads, grad_scaler, threads_key
+from .device import AMP_MODES, autocast, grad_scaler, threads_key
 from .distributed import DistInfo, all_reduce_sum, barrier, session
 from .errors import TrainingDivergedError, UserError, user_errors
 from .files import atomic_save, jsonable
@@ -452,7 +452,6 @@ def _prepare_train(cfg: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
     if info["kind"] == "digits":
         cfg["img_size"] = cfg.get("img_size") or 32
     cfg["in_chans"] = cfg.get("in_chans") or (1 if info["kind"] == "digits" else 3)
-    cfg["threads"] = demo_threads(cfg["threads"], info["kind"] == "digits")
     return cfg
 
 
@@ -795,8 +794,7 @@ def evaluate(overrides: Optional[Mapping[str, Any]] = None,
     cfg = EVAL.apply(EVAL.defaults(), {k: saved[k] for k in _EVAL_FROM_CHECKPOINT if k in saved},
                      source=f"checkpoint {checkpoint}")
     cfg = EVAL.validate(EVAL.apply(cfg, given))
-    threads = demo_threads(cfg["threads"], str(cfg.get("data")).lower() == "digits")
-    with session(cfg["device"], threads, "eval") as dist:
+    with session(cfg["device"], cfg["threads"], "eval") as dist:
         return _evaluate(cfg, dist, ckpt)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import os
+import time
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from .config import Key
 from .errors import UserError
 
-__all__ = ["resolve_device", "set_cpu_threads", "cpu_threads", "threads_key", "demo_threads", "autocast",
+__all__ = ["resolve_device", "set_cpu_threads", "cpu_threads", "threads_key", "default_threads", "autocast",
            "grad_scaler", "AMP_MODES"]
 
 #: mixed-precision settings every training command takes (null: fp32)
@@ -40,28 +42,78 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0) -> torch.d
 
 def threads_key() -> Key:
     """The `threads` key every command has."""
-    return Key(None, "CPU threads per process; null: 1 for the bundled demos (digits, digits-bags), else torch's "
-                     "default (under torchrun on the CPU: cores / local processes)", kind="int", positive=True,
-               flag=True, effect="none")
+    return Key(None, "CPU threads per process; null: the cores other processes leave idle when the command starts "
+                     "(watched for 0.2 s; under torchrun: cores / local processes), at least 1", kind="int",
+               positive=True, flag=True, effect="none")
 
 
-def demo_threads(threads: Optional[int], demo: bool) -> Optional[int]:
-    """`threads` as given, or for null: 1 on the bundled demos. Their models are tiny: one thread ran them as
-    fast as two on an idle 2-core machine and faster on a busy one (benchmarks/RESULTS.md); real data
-    keeps torch's default."""
-    return threads or (1 if demo else None)
+#: how long a command watches the machine's load before it chooses its thread count
+LOAD_SAMPLE_S = 0.2
+
+
+def _cpu_times(cpus) -> Optional[Dict[int, Tuple[int, int]]]:
+    """{cpu: (busy, total) jiffies} from /proc/stat for these CPUs; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        busy = user + nice + system + irq + softirq + steal
+        times[int(name[3:])] = (busy, busy + idle + iowait)
+    return times or None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def idle_cores(sample_s: float = LOAD_SAMPLE_S) -> Optional[float]:
+    """How many of this process's cores other processes leave idle, watched for `sample_s` seconds (this
+    process sleeps meanwhile); None where the load cannot be read (no /proc/stat)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = os.sched_getaffinity(0)
+    before = _cpu_times(cpus)
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after = _cpu_times(cpus) or {}
+    idle = 0.0
+    for cpu, (busy0, total0) in before.items():
+        busy1, total1 = after.get(cpu, (busy0, total0))
+        elapsed = total1 - total0
+        idle += 1.0 - (busy1 - busy0) / elapsed if elapsed > 0 else 1.0
+    return idle
+
+
+def default_threads(local_processes: int = 1) -> int:
+    """The thread count of `threads: null`, for every command: the cores that other processes leave idle
+    when the command starts, at least 1; under torchrun, the cores shared among the local processes
+    (they start together, so each would see the others as load).
+
+    Why (benchmarks/RESULTS.md, 2-core machine): on an idle machine two threads ran the LBVim-T training
+    step faster than one; beside another CPU-bound job one thread was faster than two (torch's own
+    ops wait for a thread that has to share its core), for the demos and the big models alike.
+    """
+    cores = usable_cores()
+    if local_processes > 1:
+        return max(1, cores // local_processes)
+    idle = idle_cores()
+    return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
 
 
 def set_cpu_threads(threads: int) -> None:
-    """Threads for torch's CPU kernels and for numba's parallel regions (the cpu scan backend follows
-    torch's count on every call)."""
+    """Threads for torch's CPU kernels; the cpu scan backend follows torch's count on every call."""
     torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except (ImportError, ValueError):  # numba missing, or its pool smaller than asked: torch's setting stands
-        pass
 
 
 @contextlib.contextmanager

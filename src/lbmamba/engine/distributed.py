@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .device import cpu_threads, resolve_device
+from .device import cpu_threads, default_threads, resolve_device
 from .errors import UserError
 
 __all__ = ["DistInfo", "session", "all_reduce_sum", "broadcast_object", "barrier"]
@@ -53,9 +53,9 @@ def session(device: Optional[str] = "auto", threads: Optional[int] = None, comma
             distributed: bool = True) -> Iterator[DistInfo]:
     """The process's place in a torchrun job, its device and CPU threads, for the length of a command.
 
-    Joins the process group when WORLD_SIZE > 1 (and leaves it after), uses `threads` CPU threads (under
-    torchrun on the CPU with neither `threads` nor OMP_NUM_THREADS set: cores / local processes) and
-    restores the thread count after. `distributed=False`: a command that runs in one process only.
+    Joins the process group when WORLD_SIZE > 1 (and leaves it after), uses `threads` CPU threads (on the
+    CPU with neither `threads` nor OMP_NUM_THREADS set: `default_threads`) and restores the thread count
+    after. `distributed=False`: a command that runs in one process only.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size > 1 and not distributed:
@@ -63,8 +63,8 @@ def session(device: Optional[str] = "auto", threads: Optional[int] = None, comma
     info = DistInfo(_env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0),
                     _env_int("LOCAL_WORLD_SIZE", world_size))
     info.device = resolve_device(device, info.local_rank)
-    if not threads and world_size > 1 and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // max(info.local_world_size, 1))
+    if not threads and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = default_threads(max(info.local_world_size, 1))
     joined = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if info.device.type == "cuda" else "gloo"

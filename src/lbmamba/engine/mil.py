@@ -46,7 +46,7 @@ from ..data.mil import (
 )
 from ..models.mil import MIL_INITS, MODEL_NAMES, create_mil_model
 from .config import ConfigTable, Key
-from .device import AMP_MODES, autocast, demo_threads, grad_scaler, threads_key
+from .device import AMP_MODES, autocast, grad_scaler, threads_key
 from .distributed import DistInfo, session
 from .errors import TrainingDivergedError, UserError, user_errors
 from .files import atomic_save, jsonable, write_csv, write_h5
@@ -332,7 +332,6 @@ def train_mil(overrides: Optional[Mapping[str, Any]] = None, config_path: Option
     def prepare(cfg: Dict[str, Any]) -> Dict[str, Any]:
         """Everything that can be checked is checked before the run folder exists."""
         cfg = _resolve_preset(cfg)
-        cfg["threads"] = demo_threads(cfg["threads"], cfg["features"] is None)
         _model_config(cfg, in_dim=8, num_classes=2)
         if cfg["features"] is not None:
             checked["bags"] = _load_bags(cfg)

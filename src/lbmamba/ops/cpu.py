@@ -2,7 +2,7 @@
 
 Why numba: it ships as a wheel on every platform PyTorch's CPU build runs on, needs no compiler at
 install time, compiles to vectorised machine code for the host CPU (AVX2 / AVX-512 where present),
-runs parallel loops on the OpenMP runtime PyTorch already uses, and caches compiled kernels on disk.
+releases the GIL inside the kernels, and caches compiled kernels on disk.
 
 Everything per position is fused into the kernels: Δ = softplus(delta + bias), a_t = exp(Δ_t A)
 (a vectorised exponential), both scans, the D skip and the silu gate, and in the backward every
@@ -15,33 +15,40 @@ Layout of the numba work: each task is one batch element and one block of `width
 never straddles a group of B or C); the innermost loops run over the block's channels, so LLVM turns
 them into SIMD code with no sums across SIMD lanes and no short loops over the N states.
 - forward: chunks of `chunk_length(W)` positions (whole windows) in order; h^L is saved at the start
-  of every chunk: these checkpoints are all the backward needs. Within a chunk, tiles of whole
-  windows, one state n at a time (the tile's buffers stay in L1): a pass right to left inside each
-  window computes a_t and the local backward state h^R_t = a_t h^R_{t+1} + x_t, then a pass left to
-  right runs h^L and accumulates y_t += C_t (h^L_t + h^R_t - x_t). Window 1 is a single pass.
+  of every chunk after the first: these checkpoints are all the backward needs. Within a chunk,
+  tiles of whole windows, one state n at a time (the tile's buffers stay in L1): a pass right to
+  left inside each window computes a_t and the local backward state h^R_t = a_t h^R_{t+1} + x_t,
+  then a pass left to right runs h^L and accumulates y_t += C_t (h^L_t + h^R_t - x_t), computed as
+  C_t (a_t h^L_{t-1} + h^R_t). Window 1 is a single pass.
 - backward: chunks are visited last to first; each is recomputed from its checkpoint into
   thread-local buffers (chunk x N x width), then dh^R runs left to right (reset at each window
   start) and dh^L right to left (carried across chunks), and every gradient is accumulated in the
   same sweep.
+Threads: the calling thread runs the tasks, helped by pool threads for calls big enough to gain from
+them (see _TaskPool: no fork-join, so a busy core never holds a call up). Per-call set-up is kept
+small (no whole-tensor copies, cached block tables, no 2-d slice copies in the kernels), so that a
+call's cost follows batch x dim x L x N down to short sequences.
 Nothing of size (batch, dim, L, N) is ever allocated. Reductions over batch (A, D, delta_bias,
 constant B / C) or over the channels of a group (variable B / C) go to small per-task partial
-buffers summed afterwards, so the parallel loops never race.
+buffers summed afterwards, so threads never race.
 
 Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for float64 inputs.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import os
+import queue
 import sys
 import threading
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 
 def _prefer_512_bit_vectors() -> bool:
@@ -69,29 +76,6 @@ def _prefer_512_bit_vectors() -> bool:
 
 
 WIDE_VECTORS = _prefer_512_bit_vectors()
-
-
-def _share_torchs_openmp_threads() -> bool:
-    """Run numba's parallel loops on the OpenMP runtime PyTorch already uses.
-
-    PyTorch's CPU ops run on GNU OpenMP, whose idle threads keep spinning for milliseconds after
-    every op. Threads of any other pool (Python's, numba's TBB or workqueue layers) then share the
-    cores with those spinning threads, and the scan right after a torch op ran at about half speed.
-    numba's "omp" layer links the same libgomp (one copy per process, found by its soname), so the
-    scan's tasks and torch's ops take turns on one set of threads. Applies only when the user has
-    not chosen a threading layer; returns whether it did.
-    """
-    if numba.config.THREADING_LAYER != "default":
-        return False
-    try:  # fails if no OpenMP runtime can be loaded
-        importlib.import_module("numba.np.ufunc.omppool")
-    except ImportError:
-        return False
-    numba.config.THREADING_LAYER = "omp"
-    return True
-
-
-SHARED_OPENMP = _share_torchs_openmp_threads()
 
 
 # Reassociation lets LLVM vectorise the sums across lanes; no 'nnan'/'ninf', which would break the
@@ -140,11 +124,11 @@ def tile_length(window):
 
 
 def num_checkpoints(seqlen: int, window: int) -> int:
-    return -(-seqlen // chunk_length(window))
+    return -(-seqlen // chunk_length(window)) - 1
 
 
 def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int) -> tuple:
-    """h^L at the start of every chunk, channels last as the kernels use them."""
+    """h^L at the start of every chunk but the first (where it is 0), channels last as the kernels use them."""
     return (batch, num_checkpoints(seqlen, window), dstate, dim)
 
 
@@ -228,6 +212,37 @@ def abs_max_if_finite(x, rows, lanes, acc_max, acc_sum):
 
 
 @njit(inline="always")
+def copy_rows(dst, dst_col, src, src_col, lanes):
+    """dst[i, dst_col + c] = src[i, src_col + c] for every row i of src and c < lanes. Explicit loops over
+    row slices: numba runs 2-d slice assignments through a generic element iterator, about 8x slower,
+    which at short lengths was most of a task's cost."""
+    for i in range(src.shape[0]):
+        s = src[i, src_col:src_col + lanes]
+        d = dst[i, dst_col:dst_col + lanes]
+        for c in range(lanes):
+            d[c] = s[c]
+
+
+@njit(inline="always")
+def copy_transposed(dst, src, d0, lanes):
+    """dst[n, c] = src[d0 + c, n]: a (dim, N) parameter into a block's states-first buffer."""
+    block = src[d0:d0 + lanes]
+    for n in range(dst.shape[0]):
+        d = dst[n]
+        for c in range(lanes):
+            d[c] = block[c, n]
+
+
+@njit(inline="always")
+def fill_rows(dst, rows, lanes, value):
+    """dst[i, c] = value for i < rows, c < lanes (see copy_rows for why not a slice assignment)."""
+    for i in range(rows):
+        d = dst[i]
+        for c in range(lanes):
+            d[c] = value
+
+
+@njit(inline="always")
 def fast_exp_ok(dt_max, a_max):
     """Whether the vectorised exponential is exact for exp(Δ A): |Δ A| <= 87.3 keeps 2^k normal."""
     return dt_max * a_max <= 87.3
@@ -253,20 +268,20 @@ def load_block(src, src_cl, b, d0, lanes, start, rows, dst):
             row = src[b, start + i, d0:d0 + lanes]  # 1-d slices: numba's handling of possibly
             for c in range(lanes):                  # negative indices would turn loads into gathers
                 dst[i, c] = row[c]
-    else:
-        for c in range(lanes):
-            row = src[b, d0 + c, start:start + rows]
-            for i in range(rows):
-                dst[i, c] = row[i]
+    else:  # a strided gather per row: 1.3x (L = 196) to 9x (L = 1) faster than a slice per channel
+        block = src[b, d0:d0 + lanes, start:start + rows]
+        for i in range(rows):
+            for c in range(lanes):
+                dst[i, c] = block[c, i]
 
 
 @njit(**_JIT_EXACT)
 def store_block(dst, b, d0, lanes, start, rows, src):
     """The inverse of load_block into a (batch, dim, L) tensor: dst[b, d0 + c, start + i] = src[i, c]."""
-    for c in range(lanes):
-        row = dst[b, d0 + c, start:start + rows]
-        for i in range(rows):
-            row[i] = src[i, c]
+    block = dst[b, d0:d0 + lanes, start:start + rows]
+    for i in range(rows):
+        for c in range(lanes):
+            block[c, i] = src[i, c]
 
 
 def step_rows(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, out, slope, want_slope, e_float):
@@ -291,7 +306,7 @@ def _step_rows_impl(delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, 
                 out[i, c] += bias_blk[c]
         if not softplus:
             if want_slope:
-                slope[:rows] = 1
+                fill_rows(slope, rows, slope.shape[1], 1)
             return None
         if not vectorised:
             for i in range(rows):
@@ -396,7 +411,7 @@ def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, win
     """
     n_state = a.shape[1]
     for ws in range(0, rows, window):
-        r[:, :lanes] = 0
+        fill_rows(r, r.shape[0], lanes, 0)
         for i in range(min(ws + window, rows) - 1, ws - 1, -1):
             for n in range(n_state):
                 bs = Bl[0, 0] if b_const else Bg[bb, bg, start + i, n]
@@ -408,6 +423,7 @@ def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, win
                     r[n, c] = qv + xv
 
 
+@functools.lru_cache(maxsize=256)
 def _blocks(dim: int, width: int, *group_counts: int) -> np.ndarray:
     """(start, length) of channel blocks of at most `width` channels that never straddle a group."""
     edges = {0, dim}
@@ -417,7 +433,7 @@ def _blocks(dim: int, width: int, *group_counts: int) -> np.ndarray:
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         out.extend((s, min(width, hi - s)) for s in range(lo, hi, width))
-    return np.asarray(out, dtype=np.int64)
+    return np.asarray(out, dtype=np.int64)  # cached and shared between calls: never written
 
 
 @njit(**_JIT)
@@ -461,14 +477,14 @@ def aligned_zeros(like, shape):
 
 
 @njit(**_JIT_EXACT)
-def block_params(At, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum):
-    """Copy the block's A (and B / C when they are constant, else None) into Al / Bl / Cl; returns
-    max |A| over the block, inf if any is not finite (for fast_exp_ok)."""
-    Al[:, :lanes] = At[:, d0:d0 + lanes]
+def block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum):
+    """Copy the block's A (and B / C when they are constant (dim, N), else None) into Al / Bl / Cl, states
+    first; returns max |A| over the block, inf if any is not finite (for fast_exp_ok)."""
+    copy_transposed(Al, A, d0, lanes)
     if Bc is not None:
-        Bl[:, :lanes] = Bc[:, d0:d0 + lanes]
+        copy_transposed(Bl, Bc, d0, lanes)
     if Cc is not None:
-        Cl[:, :lanes] = Cc[:, d0:d0 + lanes]
+        copy_transposed(Cl, Cc, d0, lanes)
     return abs_max_if_finite(Al, Al.shape[0], lanes, acc_max, acc_sum)
 
 
@@ -487,6 +503,17 @@ def chunk_inputs(
     return fast_exp_ok(abs_max_if_finite(dtl, rows, lanes, acc_max, acc_sum), a_max)
 
 
+@intrinsic
+def _fetch_add(typingctx, counters, index, value):
+    """counters[index] += value, atomically; returns the value before (counters: a 1-d int64 array)."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        slot = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
+        return builder.atomic_rmw("add", slot, args[2], "seq_cst")
+
+    return types.int64(counters, types.intp, types.int64), codegen
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: out_t = (C_t . h_t + D u_t) silu(z_t).
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +521,7 @@ def chunk_inputs(
 
 @njit(**_JIT_EXACT)  # no sums across lanes to vectorise; the inlined exponential needs exact flags
 def _forward_kernel(
-    task_lo, task_hi, width, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z, u_cl, delta_cl, z_cl, window,
+    counters, n_tasks, width, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z, u_cl, delta_cl, z_cl, window,
     chunk, blocks, zero, out, last, ckpt,
 ):
     # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
@@ -502,40 +529,46 @@ def _forward_kernel(
     # None for B / C given per position: numba compiles a kernel per case, with no branch on it
     b_const = Bc is not None
     c_const = Cc is not None
-    n_state = At.shape[0]
+    n_state = A.shape[1]
     rows_max = min(chunk, seqlen)
     tile = tile_length(window)
     tile_max = min(tile, rows_max)
-    for task in range(task_lo, task_hi):
+    # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
+    # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
+    # past a block's own hold zeros, so the hot loops may run over the whole width.
+    a = aligned_empty(u, (tile_max, width))
+    hr = aligned_empty(u, (tile_max, width))  # h^R over the tile
+    e_float = aligned_empty(u, (width,))  # the exponential's scratch
+    e_bits = e_float.view(np.int32)
+    dtl = aligned_zeros(u, (rows_max, width))
+    ul = aligned_zeros(u, (rows_max, width))
+    dtu = aligned_zeros(u, (rows_max, width))
+    yl = aligned_empty(u, (rows_max, width))
+    zl = aligned_empty(u, (rows_max, width))
+    Al = aligned_zeros(u, (n_state, width))
+    Bl = aligned_zeros(u, (n_state, width))
+    Cl = aligned_zeros(u, (n_state, width))
+    h = aligned_zeros(u, (n_state, width))
+    acc_max = aligned_empty(u, (width,))
+    acc_sum = aligned_empty(u, (width,))
+    finished_last = False
+    task = _fetch_add(counters, 0, 1)
+    while task < n_tasks:  # take tasks until none is left (see _TaskPool)
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
-        d1 = d0 + lanes
-        # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
-        # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
-        # past the block's own stay 0, so the hot loops may run over the whole width.
-        a = aligned_empty(u, (tile_max, width))
-        hr = aligned_empty(u, (tile_max + 1, width))  # h^R over the tile
-        e_float = aligned_empty(u, (width,))  # the exponential's scratch
-        e_bits = e_float.view(np.int32)
-        dtl = aligned_zeros(u, (rows_max, width))
-        ul = aligned_zeros(u, (rows_max, width))
-        dtu = aligned_zeros(u, (rows_max, width))
-        yl = aligned_empty(u, (rows_max, width))
-        zl = aligned_empty(u, (rows_max, width))
-        Al = aligned_zeros(u, (n_state, width))
-        Bl = aligned_zeros(u, (n_state, width))
-        Cl = aligned_zeros(u, (n_state, width))
-        h = aligned_zeros(u, (n_state, width))
-        acc_max = aligned_empty(u, (width,))
-        acc_sum = aligned_empty(u, (width,))
-        a_max = block_params(At, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum)
+        fill_rows(h, n_state, width, zero)
+        if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
+            for buffer in (dtl, ul, dtu, Al, Bl, Cl):
+                fill_rows(buffer, buffer.shape[0], width, zero)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc_max, acc_sum)
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
-            ckpt[b, start // chunk, :, d0:d1] = h[:, :lanes]
+            if start > 0:  # h^L is 0 at the first chunk's start: no checkpoint for it
+                copy_rows(ckpt[b, start // chunk - 1], d0, h, 0, lanes)
             fast = chunk_inputs(
                 u, u_cl, delta, delta_cl, b, d0, lanes, start, rows, bias, softplus, a_max, dtl, dtl, False, ul, dtu,
                 e_float, acc_max, acc_sum,
             )
-            yl[:rows] = zero
+            fill_rows(yl, rows, width, zero)
             for ts in range(0, rows, tile):
                 tr = min(tile, rows - ts)
                 # this tile's rows of B and C: indexed by range() variables, which numba knows are not
@@ -546,26 +579,26 @@ def _forward_kernel(
                     if window > 1:
                         # right to left inside each window: a_t = exp(Δ_t A), x_t = Δ_t u_t B_t and
                         # h^R_t = a_t h^R_{t+1} + x_t, with h^R = 0 one past the window's end
-                        for ws in range(0, tr, window):
-                            we = min(ws + window, tr) - 1
-                            for c in range(width):  # a loop, not a slice assignment: numba's
-                                hr[we + 1, c] = zero  # slice copies run element by element
-                            for j in range(we, ws - 1, -1):
-                                bs = zero if b_const else Bt[j, n]
+                        for j in range(tr - 1, -1, -1):
+                            bs = zero if b_const else Bt[j, n]
+                            if (j + 1) % window == 0 or j == tr - 1:  # a window's last position
+                                for c in range(width):
+                                    a[j, c] = _decay(dtl[ts + j, c] * Al[n, c], fast, e_bits, e_float, c)
+                                    hr[j, c] = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                            else:
                                 for c in range(width):
                                     av = _decay(dtl[ts + j, c] * Al[n, c], fast, e_bits, e_float, c)
                                     a[j, c] = av
                                     hr[j, c] = av * hr[j + 1, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
-                        # left to right: h^L, and y_t += C_t (h^L_t + h^R_t - x_t), x recomputed (cheaper
-                        # than storing it)
+                        # left to right: h^L_t = a_t h^L_{t-1} + x_t (x recomputed: cheaper than storing it)
+                        # and y_t += C_t (h^L_t + h^R_t - x_t) = C_t (a_t h^L_{t-1} + h^R_t)
                         for j in range(tr):
                             bs = zero if b_const else Bt[j, n]
                             cs = zero if c_const else Ct[j, n]
                             for c in range(width):
-                                xv = dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
-                                hv = a[j, c] * h[n, c] + xv
-                                h[n, c] = hv
-                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (hv + hr[j, c] - xv)
+                                carried = a[j, c] * h[n, c]
+                                h[n, c] = carried + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
+                                yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (carried + hr[j, c])
                     else:  # vanilla scan: a and x formed on the fly, no local backward state
                         for j in range(tr):
                             bs = zero if b_const else Bt[j, n]
@@ -576,7 +609,13 @@ def _forward_kernel(
                                 h[n, c] = hv
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * hv
             output_rows(yl, ul, zl, Dv, z, z_cl, has_z, b, d0, lanes, start, rows, out, e_float)
-        last[b, d0:d1, :] = h[:, :lanes].T
+        for c in range(lanes):
+            row = last[b, d0 + c]
+            for n in range(n_state):
+                row[n] = h[n, c]
+        finished_last = _fetch_add(counters, 1, 1) == n_tasks - 1
+        task = _fetch_add(counters, 0, 1)
+    return finished_last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +625,7 @@ def _forward_kernel(
 
 @njit(**_JIT)
 def _backward_kernel(
-    task_lo, task_hi, width, g, dlast, has_dlast, u, delta, bias, softplus, At, Bc, Bg, Cc, Cg, Dv, z, has_z,
+    counters, n_tasks, width, g, dlast, has_dlast, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z,
     g_cl, u_cl, delta_cl, z_cl, window, chunk, ckpt, blocks, zero, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
     dbias_part,
 ):
@@ -595,43 +634,58 @@ def _backward_kernel(
     # None for B / C given per position: numba compiles a kernel per case, with no branch on it
     b_const = Bc is not None
     c_const = Cc is not None
-    n_state = At.shape[0]
-    n_chunks = ckpt.shape[1]
+    n_state = A.shape[1]
+    n_chunks = ckpt.shape[1] + 1  # no checkpoint for the first chunk
     rows_max = min(chunk, seqlen)
-    for task in range(task_lo, task_hi):
+    a = aligned_empty(u, (rows_max, n_state, width))
+    x = aligned_empty(u, (rows_max, n_state, width))
+    q = aligned_zeros(u, (rows_max, n_state, width))
+    hl = aligned_empty(u, (rows_max + 1, n_state, width))  # row i holds h^L_{i-1}
+    gr = aligned_empty(u, (rows_max, n_state, width))
+    e_float = aligned_empty(u, (width,))  # the exponential's scratch
+    dtl = aligned_empty(u, (rows_max, width))
+    slope = aligned_empty(u, (rows_max, width))  # dΔ / d(delta)
+    ul = aligned_empty(u, (rows_max, width))
+    dtu = aligned_empty(u, (rows_max, width))
+    dyl = aligned_empty(u, (rows_max, width))  # the gradient reaching y (before the gate)
+    gz = aligned_zeros(u, (rows_max, width))  # dz / y
+    dul = aligned_empty(u, (rows_max, width))  # dx·B summed over states, then du
+    ddtl = aligned_empty(u, (rows_max, width))
+    yl = aligned_empty(u, (rows_max, width))
+    r = aligned_empty(u, (n_state, width))
+    Al = aligned_empty(u, (n_state, width))
+    bv = aligned_zeros(u, (n_state, width))  # B and C of the current position, per lane
+    cv = aligned_zeros(u, (n_state, width))
+    carry = aligned_zeros(u, (n_state, width))  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
+    dA_acc = aligned_zeros(u, (n_state, width))
+    dB_acc = aligned_zeros(u, (n_state, width))
+    dC_acc = aligned_zeros(u, (n_state, width))
+    dD_acc = aligned_zeros(u, (width,))
+    dbias_acc = aligned_zeros(u, (width,))
+    acc_max = aligned_empty(u, (width,))
+    acc_sum = aligned_empty(u, (width,))
+    finished_last = False
+    task = _fetch_add(counters, 0, 1)
+    while task < n_tasks:  # take tasks until none is left (see _TaskPool)
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
         d1 = d0 + lanes
-        a = aligned_empty(u, (rows_max, n_state, width))
-        x = aligned_empty(u, (rows_max, n_state, width))
-        q = aligned_zeros(u, (rows_max, n_state, width))
-        hl = aligned_empty(u, (rows_max + 1, n_state, width))  # row i holds h^L_{i-1}
-        gr = aligned_empty(u, (rows_max, n_state, width))
-        e_float = aligned_empty(u, (width,))  # the exponential's scratch
-        dtl = aligned_empty(u, (rows_max, width))
-        slope = aligned_empty(u, (rows_max, width))  # dΔ / d(delta)
-        ul = aligned_empty(u, (rows_max, width))
-        dtu = aligned_empty(u, (rows_max, width))
-        dyl = aligned_empty(u, (rows_max, width))  # the gradient reaching y (before the gate)
-        gz = aligned_zeros(u, (rows_max, width))  # dz / y
-        dul = aligned_empty(u, (rows_max, width))  # dx·B summed over states, then du
-        ddtl = aligned_empty(u, (rows_max, width))
-        yl = aligned_empty(u, (rows_max, width))
-        r = aligned_empty(u, (n_state, width))
-        Al = aligned_empty(u, (n_state, width))
-        bv = aligned_zeros(u, (n_state, width))  # B and C of the current position, per lane
-        cv = aligned_zeros(u, (n_state, width))
-        carry = aligned_zeros(u, (n_state, width))  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
-        dA_acc = aligned_zeros(u, (n_state, width))
-        dB_acc = aligned_zeros(u, (n_state, width))
-        dC_acc = aligned_zeros(u, (n_state, width))
-        dD_acc = aligned_zeros(u, (width,))
-        dbias_acc = aligned_zeros(u, (width,))
-        acc_max = aligned_empty(u, (width,))
-        acc_sum = aligned_empty(u, (width,))
+        for buffer in (carry, dA_acc, dB_acc, dC_acc):
+            fill_rows(buffer, n_state, width, zero)
+        for c in range(width):
+            dD_acc[c] = zero
+            dbias_acc[c] = zero
+        if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
+            for buffer in (gz, bv, cv):
+                fill_rows(buffer, buffer.shape[0], width, zero)
+            for i in range(rows_max):
+                fill_rows(q[i], n_state, width, zero)
         D_blk = Dv[d0:d1]
-        a_max = block_params(At, Bc, Cc, d0, lanes, Al, bv, cv, acc_max, acc_sum)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, bv, cv, acc_max, acc_sum)
         if has_dlast:
-            carry[:, :lanes] = dlast[b, d0:d1, :].T
+            for c in range(lanes):
+                row = dlast[b, d0 + c]
+                for n in range(n_state):
+                    carry[n, c] = row[n]
         for ck in range(n_chunks - 1, -1, -1):
             start = ck * chunk
             rows = min(chunk, seqlen - start)
@@ -643,7 +697,10 @@ def _backward_kernel(
             # Recompute the chunk from its checkpoint (windows never straddle chunks).
             decay_block(dtl, Al, rows, lanes, a, e_float, fast)
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
-            hl[0, :, :lanes] = ckpt[b, ck, :, d0:d1]
+            if ck > 0:
+                copy_rows(hl[0], 0, ckpt[b, ck - 1], d0, lanes)
+            else:
+                fill_rows(hl[0], n_state, lanes, zero)
             for i in range(rows):
                 for n in range(n_state):
                     for c in range(lanes):
@@ -723,25 +780,78 @@ def _backward_kernel(
                 store_block(dz, b, d0, lanes, start, rows, gz)
         dD_part[b, d0:d1] = dD_acc[:lanes]
         dbias_part[b, d0:d1] = dbias_acc[:lanes]
-        dA_part[b, :, d0:d1] = dA_acc[:, :lanes]
+        copy_rows(dA_part[b], d0, dA_acc, 0, lanes)
         if b_const:
-            dB_part[0, b, 0, :, d0:d1] = dB_acc[:, :lanes]
+            copy_rows(dB_part[0, b, 0], d0, dB_acc, 0, lanes)
         if c_const:
-            dC_part[0, b, 0, :, d0:d1] = dC_acc[:, :lanes]
+            copy_rows(dC_part[0, b, 0], d0, dC_acc, 0, lanes)
+        finished_last = _fetch_add(counters, 1, 1) == n_tasks - 1
+        task = _fetch_add(counters, 0, 1)
+    return finished_last
 
 
-# Task ranges edges[k]:edges[k + 1] in parallel. Two plain functions rather than one made by a
-# closure: numba cannot cache a closure over a dispatcher.
-@njit(parallel=True, nogil=True, cache=True)
-def _forward_parallel(edges, *args):
-    for k in prange(edges.shape[0] - 1):
-        _forward_kernel(edges[k], edges[k + 1], *args)
+class _Call:
+    """One scan call's tasks, shared by the calling thread and any helper that turns up in time."""
+
+    def __init__(self, loop, n_tasks: int, args: tuple):
+        self.loop, self.n_tasks, self.args = loop, n_tasks, args
+        self.counters = np.zeros(2, dtype=np.int64)  # tasks taken, tasks finished
+        self.finished = threading.Event()  # set by the thread that finishes the last task
+        self.error = None
+
+    def work(self) -> None:
+        """Take tasks until none is left (the kernels run without the GIL)."""
+        try:
+            if self.loop(self.counters, self.n_tasks, *self.args):
+                self.finished.set()
+        except BaseException as exc:  # never leave the caller waiting for a task that will not finish
+            self.error = exc
+            self.finished.set()
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _backward_parallel(edges, *args):
-    for k in prange(edges.shape[0] - 1):
-        _backward_kernel(edges[k], edges[k + 1], *args)
+class _TaskPool:
+    """Helper threads for the CPU scan, and why it does not use a parallel loop (OpenMP, numba's prange).
+
+    A parallel loop is fork-join: the calling thread waits at the end until every thread of the team
+    has arrived, even one that never got a core. When another process keeps a core busy, a woken
+    thread waited about 8 ms for it, whatever the size of the call. Here the calling thread starts on
+    the tasks at once and helpers take tasks from the same counter as they come free; the caller waits
+    only for tasks a helper has started, never for a helper that has not shown up (it will find no
+    task left and go back to sleep). A helper that the OS deschedules holds up at most its one task.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._helpers = 0
+        self._pid = os.getpid()
+
+    def run(self, loop, n_tasks: int, helpers: int, args: tuple) -> None:
+        call = _Call(loop, n_tasks, args)
+        self._ensure(helpers)
+        for _ in range(helpers):
+            self._queue.put(call)
+        call.work()
+        if call.counters[1] < n_tasks or call.error is not None:  # a helper is still in a task
+            call.finished.wait()
+        if call.error is not None:
+            raise call.error
+
+    def _ensure(self, helpers: int) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child has none of its parent's threads
+                self._queue, self._helpers, self._pid = queue.SimpleQueue(), 0, os.getpid()
+            while self._helpers < helpers:
+                threading.Thread(target=self._serve, args=(self._queue,), name="lbmamba-scan", daemon=True).start()
+                self._helpers += 1
+
+    @staticmethod
+    def _serve(calls: queue.SimpleQueue) -> None:
+        while True:
+            calls.get().work()
+
+
+_POOL = _TaskPool()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,11 +873,17 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
-    """(constant, grouped): constant (dim, N) as (N, dim) and None when B / C is grouped; grouped
+    """(constant, grouped): constant (dim, N) as it is and None when B / C is grouped; grouped
     (batch, G, N, L) as (batch, G, L, N), a small placeholder with the right rank when constant."""
     if t.dim() == 2:
-        return _np(t.t(), dtype), np.zeros((1, 1, 1, 1), dtype=_np_dtype(dtype))
+        return _np(t, dtype), _placeholder(4, dtype)
     return None, _np(t.transpose(2, 3), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(rank: int, dtype: torch.dtype) -> np.ndarray:
+    """A one-element array of this rank, for an absent input (shared between calls: never written)."""
+    return np.zeros((1,) * rank, dtype=_np_dtype(dtype))
 
 
 def _np_dtype(dtype: torch.dtype):
@@ -775,8 +891,13 @@ def _np_dtype(dtype: torch.dtype):
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Detached, contiguous, in the compute dtype (no copy when it already is)."""
-    return t.detach().to(dtype).contiguous()
+    """Detached, contiguous, in the compute dtype (no copy when it already is). Each step only when
+    needed: even a no-op .to() costs a couple of microseconds, and a short call makes ten of these."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 #: (kernel, compute dtype) pairs that ran in this process; the first call of each may compile
@@ -790,27 +911,38 @@ def _note_compiling() -> None:
           "on disk)", file=sys.stderr, flush=True)
 
 
-def _run_tasks(parallel_kernel, n_tasks: int, *args) -> None:
-    """Run n_tasks tasks on torch.get_num_threads() threads, a few task ranges per thread (handed
-    out dynamically by OpenMP, so a slow thread does not hold up the rest)."""
-    threads = max(1, min(torch.get_num_threads(), n_tasks, numba.config.NUMBA_NUM_THREADS))
-    n_ranges = min(n_tasks, 4 * threads) if threads > 1 else 1
-    edges = np.asarray([n_tasks * k // n_ranges for k in range(n_ranges + 1)], dtype=np.int64)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    key = (parallel_kernel, args[-1].dtype)  # the last argument is always a compute-dtype array
+#: Below this many state updates (batch x dim x L x N, about 1 ns each on one core) a call runs on the
+#: calling thread alone: waking a helper would cost more than it saves.
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def scan_threads(batch: int, dim: int, seqlen: int, dstate: int) -> int:
+    """Threads for one call: torch's count (what every other op of the model uses), or 1 for small calls."""
+    return 1 if batch * dim * seqlen * dstate < PARALLEL_MIN_WORK else max(1, torch.get_num_threads())
+
+
+def _run_tasks(loop, n_tasks: int, threads: int, *args) -> None:
+    """Run tasks 0..n_tasks-1 of `loop` (_forward_kernel / _backward_kernel, which take tasks from a
+    shared counter) on `threads` threads: the calling thread alone when one suffices, else with helpers
+    from the pool."""
+    helpers = min(threads, n_tasks) - 1
+    key = (loop, args[-1].dtype)  # the last argument is always a compute-dtype array
     timer = None
     if key not in _RAN:  # nothing would tell the user why the first call takes a minute
         timer = threading.Timer(COMPILE_NOTE_AFTER_S, _note_compiling)
         timer.daemon = True
         timer.start()
     try:
-        parallel_kernel(edges, *args)
+        if helpers < 1:
+            loop(np.zeros(2, dtype=np.int64), n_tasks, *args)
+        else:
+            if key not in _RAN:  # compile on this thread first: helpers would each wait for the compiler
+                loop(np.full(2, n_tasks, dtype=np.int64), n_tasks, *args)
+            _POOL.run(loop, n_tasks, helpers, args)
         _RAN.add(key)
     finally:
         if timer is not None:
             timer.cancel()
-        numba.set_num_threads(previous)
 
 
 def _kernel_layout(t, dtype: torch.dtype):
@@ -820,11 +952,10 @@ def _kernel_layout(t, dtype: torch.dtype):
     they load them, so either layout is read without a transposed copy of the whole tensor. None (no
     z): a placeholder of the right rank."""
     if t is None:
-        return np.zeros((1, 1, 1), dtype=_np_dtype(dtype)), False
-    t = t.detach().to(dtype)
+        return _placeholder(3, dtype), False
     if t.stride(1) == 1:
-        return t.transpose(1, 2).contiguous().numpy(), True
-    return t.contiguous().numpy(), False
+        return _np(t.transpose(1, 2), dtype), True
+    return _np(t, dtype), False
 
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
@@ -832,8 +963,8 @@ def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
     return _np(t, dtype) if t is not None else np.zeros(dim, dtype=_np_dtype(dtype))
 
 
-def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray):
-    width = block_width(batch, dim, torch.get_num_threads())
+def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray, threads: int):
+    width = block_width(batch, dim, threads)
     return width, _blocks(dim, width, Bg.shape[1], Cg.shape[1])
 
 
@@ -846,11 +977,12 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
     Bc, Bg = _bc_kernel_layout(B, ct)
     Cc, Cg = _bc_kernel_layout(C, ct)
-    width, blocks = _tasks(batch, dim, Bg, Cg)
+    threads = scan_threads(batch, dim, seqlen, dstate)
+    width, blocks = _tasks(batch, dim, Bg, Cg, threads)
     (u_k, u_cl), (delta_k, delta_cl), (z_k, z_cl) = (_kernel_layout(t, ct) for t in (u, delta, z))
     _run_tasks(
-        _forward_parallel, batch * len(blocks), width,
-        u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct), Bc, Bg, Cc, Cg,
+        _forward_kernel, batch * len(blocks), threads, width,
+        u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct), Bc, Bg, Cc, Cg,
         _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, int(window), chunk_length(window),
         blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
     )
@@ -863,7 +995,8 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dstate = A.shape[1]
     Bc, Bg = _bc_kernel_layout(B, ct)
     Cc, Cg = _bc_kernel_layout(C, ct)
-    width, blocks = _tasks(batch, dim, Bg, Cg)
+    threads = scan_threads(batch, dim, seqlen, dstate)
+    width, blocks = _tasks(batch, dim, Bg, Cg, threads)
 
     def partial(is_const, grouped):
         # constant: one slot per batch element (lanes are channels); grouped: one per channel block
@@ -879,11 +1012,11 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dD_part = torch.empty((batch, dim), dtype=ct)
     dbias_part = torch.empty((batch, dim), dtype=ct)
     has_dlast = dlast_state is not None
-    dlast = _np(dlast_state, ct) if has_dlast else np.zeros((1, 1, 1), dtype=_np_dtype(ct))
+    dlast = _np(dlast_state, ct) if has_dlast else _placeholder(3, ct)
     (g_k, g_cl), (u_k, u_cl), (delta_k, delta_cl), (z_k, z_cl) = (_kernel_layout(t, ct) for t in (dout, u, delta, z))
     _run_tasks(
-        _backward_parallel, batch * len(blocks), width,
-        g_k, dlast, has_dlast, u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A.t(), ct),
+        _backward_kernel, batch * len(blocks), threads, width,
+        g_k, dlast, has_dlast, u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct),
         Bc, Bg, Cc, Cg, _per_channel(D, dim, ct), z_k, z is not None, g_cl, u_cl, delta_cl, z_cl, int(window),
         chunk_length(window), _np(checkpoints, ct), blocks, _zero(ct), du.numpy(), ddelta.numpy(), dz.numpy(),
         dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),

@@ -12,12 +12,23 @@ from .torch_scan import selective_scan_torch
 BACKENDS = ("auto", "reference", "torch") + _fused.fused_backend_names()
 
 
+#: _fused_unavailable's answers: they cannot change within a process, and every call asks
+_UNAVAILABLE: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _fused_unavailable(name: str, device_type: str, dtype: torch.dtype):
     """None when fused backend `name` can run tensors of this device type and dtype, else why not.
 
     A constant to torch.compile: it is evaluated once while tracing, never inside the graph.
     """
+    key = (name, device_type, dtype)
+    if key not in _UNAVAILABLE:
+        _UNAVAILABLE[key] = _why_unavailable(name, device_type, dtype)
+    return _UNAVAILABLE[key]
+
+
+def _why_unavailable(name: str, device_type: str, dtype: torch.dtype):
     try:
         module = _fused.backend_module(name)
     except ImportError as exc:  # a missing optional dependency (numba, triton)
@@ -26,6 +37,28 @@ def _fused_unavailable(name: str, device_type: str, dtype: torch.dtype):
     if reason is None and not module.supports(torch.device(device_type), dtype):
         reason = f"it does not run {dtype} tensors on {device_type}"
     return reason
+
+
+#: tensor types the fused backends may be called with directly (not fake, functional or batched tensors)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_inference_call(tensors) -> bool:
+    """True when neither autograd, nor torch.compile / export, nor a torch.func transform can see this
+    call: then the fused backend runs directly, without the registered op's dispatch (tens of
+    microseconds, which at short lengths was as much as the scan itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if (grad and t.requires_grad) or type(t) not in _PLAIN_TENSORS or _is_functorch_wrapped(t):
+            return False
+    return True
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def choose_backend(backend: str, u: torch.Tensor) -> str:
@@ -82,9 +115,11 @@ def selective_scan_fn(
     if name == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     window=window)
-    out, last_state, _ = _fused.lb_scan_fwd(
-        u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name
-    )
+    args = (u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window)
+    if _plain_inference_call(args[:8]):
+        out, last_state, _ = _fused.backend_module(name).forward(*args)
+    else:
+        out, last_state, _ = _fused.lb_scan_fwd(*args, name)
     return (out, last_state) if return_last_state else out
 
 

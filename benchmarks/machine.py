@@ -1,0 +1,44 @@
+"""What the benchmarks share: the machine's name, and a second job that keeps one core busy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+#: the other job of a "busy" machine: one process spinning on a core, as a second user's job would
+SPINNER = "while True: pass"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe(threads: int) -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread(s)"
+
+
+@contextlib.contextmanager
+def busy(on: bool = True) -> Iterator[None]:
+    """Run the block with one other CPU-bound process on the machine (nothing when `on` is false)."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", SPINNER])
+    time.sleep(0.5)  # let it start spinning
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
