@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -12,6 +13,28 @@ from typing import Iterator
 
 #: the other job of a "busy" machine: one process spinning on a core, as a second user's job would
 SPINNER = "while True: pass"
+
+
+def timed(fn) -> float:
+    """Seconds one call of fn takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(jobs, rounds, seed=0):
+    """Seconds per call of each job over `rounds` rounds, in a fresh order each round (after one untimed
+    warm-up round), so that drift in the machine's speed hits every job alike."""
+    times = {name: [] for name in jobs}
+    order = list(jobs)
+    shuffle = random.Random(seed).shuffle
+    for r in range(rounds + 1):
+        shuffle(order)
+        for name in order:
+            dt = timed(jobs[name])
+            if r:
+                times[name].append(dt)
+    return times
 
 
 def cpu_name() -> str:

@@ -17,42 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
-import time
 
 import torch
 
 from lbmamba.models.mil import create_mil_model
 from lbmamba.ops import choose_backend
-from machine import busy, describe
+from machine import busy, describe, interleaved
 
 MIXERS = ("lb", "mamba", "bimamba", "abmil")
 
 
-def train_step(model, optimizer, bag, label) -> float:
-    start = time.perf_counter()
+def train_step(model, optimizer, bag, label) -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(bag), label)
-    loss.backward()
+    torch.nn.functional.cross_entropy(model(bag), label).backward()
     optimizer.step()
-    return time.perf_counter() - start
 
 
 def bench_size(models, optimizers, instances, feat_dim, rounds, seed=0):
     bag = torch.randn(1, instances, feat_dim, generator=torch.Generator().manual_seed(seed))
     label = torch.tensor([1])
-    names = list(models)
-    times = {name: [] for name in names}
-    order = random.Random(seed)
-    for r in range(rounds + 1):  # round 0: warm-up (kernel loading, allocator)
-        order.shuffle(names)
-        for name in names:
-            dt = train_step(models[name], optimizers[name], bag, label)
-            if r > 0:
-                times[name].append(dt)
-    return times
+    steps = {name: (lambda name=name: train_step(models[name], optimizers[name], bag, label)) for name in models}
+    return interleaved(steps, rounds, seed)
 
 
 def main(argv=None) -> int:

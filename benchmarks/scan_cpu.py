@@ -40,13 +40,12 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lbmamba.ops import selective_scan_fn
-from machine import busy, cpu_name
+from machine import busy, cpu_name, interleaved, timed
 
 SHAPES = {"lbvim_t_layer": (8, 384, 196, 16), "long": (1, 768, 4096, 16)}
 
@@ -127,12 +126,6 @@ def variants():
     return found
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def bench_shape(shape, rounds, slow_rounds, skip=()):
     fwd_inputs = make_inputs(*shape)
     grad_inputs = make_inputs(*shape, requires_grad=True)
@@ -200,20 +193,6 @@ def memory_child(variant, shape_name):
     out.backward(torch.ones_like(out))
     extra = _rss_bytes("VmHWM") - before
     print(json.dumps({"variant": variant, "shape": shape_name, "input_bytes": input_bytes, "extra_peak_bytes": extra}))
-
-
-def interleaved(jobs, rounds, seed=0):
-    """Seconds per call of each job over `rounds` rounds, in a fresh order each round (after one warm-up)."""
-    times = {name: [] for name in jobs}
-    order = list(jobs)
-    shuffle = random.Random(seed).shuffle
-    for r in range(rounds + 1):
-        shuffle(order)
-        for name in order:
-            dt = timed(jobs[name])
-            if r:
-                times[name].append(dt)
-    return times
 
 
 def per_round_ratio(times, a, b):

@@ -39,6 +39,7 @@ def _why_unavailable(name: str, device_type: str, dtype: torch.dtype):
     return reason
 
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 #: tensor types the fused backends may be called with directly (not fake, functional or batched tensors)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
@@ -57,8 +58,6 @@ def _plain_inference_call(tensors) -> bool:
             return False
     return True
 
-
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def choose_backend(backend: str, u: torch.Tensor) -> str:
