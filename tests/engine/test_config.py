@@ -4,13 +4,26 @@ import os
 
 import pytest
 
-from lbmamba.engine import BENCH, EVAL, EXTRACT, MIL_EVAL, MIL_TRAIN, TRAIN, ConfigTable, Key, UserError
+from lbmamba.engine import (
+    BENCH,
+    EVAL,
+    EXTRACT,
+    MIL_EVAL,
+    MIL_TRAIN,
+    SEG_EVAL,
+    SEG_PREDICT,
+    SEG_TRAIN,
+    TRAIN,
+    ConfigTable,
+    Key,
+    UserError,
+)
 from lbmamba.engine.classification import batch_plan
 from lbmamba.engine.config import parse_override
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 RECIPES = os.path.join(CONFIGS, "classification")
-TABLES = [TRAIN, EVAL, BENCH, MIL_TRAIN, MIL_EVAL, EXTRACT]
+TABLES = [TRAIN, EVAL, BENCH, MIL_TRAIN, MIL_EVAL, EXTRACT, SEG_TRAIN, SEG_EVAL, SEG_PREDICT]
 
 
 def test_override_values_are_yaml_with_scientific_floats():
@@ -170,3 +183,32 @@ def test_mil_configs_spell_out_the_presets():
     for name in ("tcga_nsclc", "bracs"):  # MambaMIL's scripts for these data sets sample class-balanced
         cfg = MIL_TRAIN.load(os.path.join(CONFIGS, "mil", f"{name}.yaml"))
         assert cfg["balanced"] and dict(cfg, balanced=False) == paper
+
+
+# the papers' ADE20K recipes: (config, backbone, neck, head channels, global batch, iterations, lr, weight decay,
+# layer decay, schedule, what takes no weight decay, backbone norm)
+SEG_RECIPES = [
+    ("lbvim_tiny", "lbvim_tiny_patch16_224", "none", 512, 16, 160000, 6e-5, 0.01, None, "warmup_then_poly", "lbmamba",
+     "layernorm"),
+    ("lbvim_small", "lbvim_small_patch16_224", "none", 512, 16, 160000, 6e-5, 0.01, None, "warmup_then_poly",
+     "lbmamba", "layernorm"),
+    ("vim_tiny", "vim_tiny_patch16_224", "vim", 192, 32, 60000, 1e-4, 0.05, 0.92, "poly_with_warmup", "vim", "rmsnorm"),
+    ("vim_small", "vim_small_patch16_224", "vim", 384, 32, 60000, 1e-4, 0.05, 0.92, "poly_with_warmup", "vim",
+     "rmsnorm"),
+]
+
+
+@pytest.mark.parametrize("recipe", SEG_RECIPES, ids=[r[0] for r in SEG_RECIPES])
+def test_segmentation_configs_hold_the_reference_recipes(recipe):
+    name, model, neck, head, global_batch, iters, lr, wd, layer_decay, schedule, rule, norm = recipe
+    cfg = SEG_TRAIN.load(os.path.join(CONFIGS, "seg", f"{name}.yaml"))
+    got = (cfg["model"], cfg["neck"], cfg["head_channels"], cfg["global_batch_size"], cfg["iters"], cfg["lr"],
+           cfg["weight_decay"], cfg["layer_decay"], cfg["schedule"], cfg["decay_rule"], cfg["backbone_norm"])
+    assert got == recipe[1:]
+    common = dict(layout="ade20k", reduce_zero_label=True, num_classes=150, scale=[2048, 512], ratio_range=[0.5, 2.0],
+                  crop_size=512, cat_max_ratio=0.75, test_scale=[2048, 512], eval_mode="slide", eval_stride=341,
+                  aux_channels=256, aux_weight=0.4, dropout=0.1, feature_source="mixer", out_indices=[5, 11, 17, 23],
+                  warmup_iters=1500, warmup_ratio=1e-6, poly_power=1.0, min_lr=0.0, betas=[0.9, 0.999])
+    assert {k: cfg[k] for k in common} == common
+    for world in (1, 2):  # fewer GPUs keep the global batch through gradient accumulation
+        assert batch_plan(cfg, world)[1:] == (global_batch, lr)

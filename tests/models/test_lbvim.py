@@ -255,6 +255,26 @@ def test_two_layer_lbvim_equals_hand_written_blocks_with_flips():
         torch.testing.assert_close(nchw, out1.reshape(2, 8, 8, -1).permute(0, 3, 1, 2))
 
 
+def test_forward_intermediates_mixer_source_gives_the_blocks_hidden_states_in_image_order():
+    model = randomise(small(window=4)).eval()
+    x = images()
+    with torch.no_grad():
+        tokens = model.patch_embed.proj(x).flatten(2).transpose(1, 2) + model.pos_embed
+        h0, r = model.layers[0](tokens, None)
+        h1, _ = model.layers[1](h0.flip(1), r.flip(1))  # layer 1 sees the sequence reversed
+        mixer = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True, source="mixer")
+        torch.testing.assert_close(mixer[0], h0)
+        torch.testing.assert_close(mixer[1], h1.flip(1))
+        # the default stays the residual stream
+        residual = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(residual[0], r + h0)
+        assert not torch.allclose(residual[1], mixer[1])
+    with pytest.raises(ValueError, match="source must be one of"):
+        model.forward_intermediates(x, source="hidden")
+    with pytest.raises(ValueError, match="does not apply to source='mixer'"):
+        model.forward_intermediates(x, source="mixer", norm=True)
+
+
 def test_odd_depth_output_is_back_in_image_order():
     model = randomise(small(depth=3, window=2)).eval()
     x = images()

@@ -16,9 +16,28 @@ def _registered():
 
 
 MODEL_NAMES = _registered()
-# small versions of each family, and an input for them
-VISION = dict(img_size=32, patch_size=8, embed_dim=24, depth=3, num_classes=5)
-MIL = dict(in_dim=6, num_classes=5, embed_dim=16, attn_dim=8)
+
+
+def _image(size=32):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _bag():
+    return torch.randn(1, 11, 6, generator=torch.Generator().manual_seed(1))
+
+
+#: per family (the module that registers it): small constructor arguments, an input for them, and whether its
+#: features are images (NCHW) or token sequences (NLC). A new family adds one entry here.
+FAMILIES = {
+    "lbvim": (dict(img_size=32, patch_size=8, embed_dim=24, depth=3, num_classes=5), _image, "NCHW"),
+    "mil": (dict(in_dim=6, num_classes=5, embed_dim=16, attn_dim=8), _bag, "NLC"),
+    "adventurer": (dict(img_size=32, patch_size=8, embed_dim=16, depth=3, d_state=8, headdim=8, num_classes=5),
+                   _image, "NCHW"),
+    "vmamba": (dict(img_size=32, depths=(1, 1, 2, 1), dims=8, num_classes=5), _image, "NCHW"),
+    "plainmamba": (dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_classes=5), _image, "NCHW"),
+    # a 4 x 4 grid: the first three searched layers (h, v and their flips, w2 and w7 padded to 7 x 7)
+    "localvim": (dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_classes=5), _image, "NCHW"),
+}
 
 
 def _family(name):
@@ -27,21 +46,22 @@ def _family(name):
 
 def _create(name, seed=0, **extra):
     torch.manual_seed(seed)
-    kwargs = dict(VISION if _family(name) == "lbvim" else MIL, **extra)
+    kwargs = dict(FAMILIES[_family(name)][0], **extra)
     if _family(name) == "mil" and extra.get("features_only"):
         kwargs.pop("num_classes")
     return timm.create_model(name, **kwargs)
 
 
 def _input(name):
-    g = torch.Generator().manual_seed(1)
-    if _family(name) == "lbvim":
-        return torch.randn(2, 3, 32, 32, generator=g)
-    return torch.randn(1, 11, 6, generator=g)
+    return FAMILIES[_family(name)][1]()
+
+
+def _format(name):
+    return FAMILIES[_family(name)][2]
 
 
 def test_every_family_is_covered():
-    assert {_family(n) for n in MODEL_NAMES} == {"lbvim", "mil"}
+    assert {_family(n) for n in MODEL_NAMES} == set(FAMILIES)
     assert {"lbvim_tiny_patch16_224", "vim_tiny_patch16_224", "mambamil_lb", "abmil"} <= set(MODEL_NAMES)
 
 
@@ -69,7 +89,7 @@ def test_forward_backward_and_head(name):
 def test_forward_intermediates(name):
     model = _create(name).eval()
     x = _input(name)
-    fmt = "NCHW" if _family(name) == "lbvim" else "NLC"
+    fmt = _format(name)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x, output_fmt=fmt)
         torch.testing.assert_close(final, model.forward_features(x))
@@ -88,7 +108,7 @@ def test_features_only(name):
         feats = model(_input(name))
     channels = model.feature_info.channels()
     assert len(feats) == len(channels) >= 1
-    axis = 1 if _family(name) == "lbvim" else -1
+    axis = 1 if _format(name) == "NCHW" else -1
     assert [f.shape[axis] for f in feats] == channels
 
 

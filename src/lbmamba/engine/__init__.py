@@ -1,14 +1,15 @@
 """Training, evaluation and benchmarking: one module per task on one set of run helpers.
 
-    from lbmamba.engine import train, evaluate, bench, train_mil, evaluate_mil, extract_features
+    from lbmamba.engine import train, evaluate, bench, train_mil, evaluate_mil, extract_features, train_seg
     result = train({"epochs": 5})            # the digits default, 5 epochs
     summary = train_mil({"model": "lb"})     # the digits-bags MIL demo
+    scores = train_seg({"iters": 300})       # UperNet on the generated digit scenes
 
 Every command is a plain function `command(overrides=None, config_path=None)` over its config table
-(`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`): the table's defaults <- the YAML file
-at `config_path` <- `overrides`. It returns the final figures as a JSON-able dict (None on ranks other
-than 0 under torchrun) and raises `UserError` for bad input. No argument parsing lives here (that is
-`lbmamba.cli`).
+(`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`, `SEG_TRAIN`, `SEG_EVAL`, `SEG_PREDICT`):
+the table's defaults <- the YAML file at `config_path` <- `overrides`. It returns the final figures as a
+JSON-able dict (None on ranks other than 0 under torchrun) and raises `UserError` for bad input. No
+argument parsing lives here (that is `lbmamba.cli`).
 """
 
 from .bench import BENCH, bench
@@ -17,6 +18,7 @@ from .config import ConfigTable, Key
 from .errors import TrainingDivergedError, UserError
 from .features import EXTRACT, extract_features
 from .mil import MIL_EVAL, MIL_TRAIN, evaluate_mil, train_mil
+from .segmentation import SEG_EVAL, SEG_PREDICT, SEG_TRAIN, evaluate_seg, predict_seg, train_seg
 
 __all__ = [
     "UserError",
@@ -29,10 +31,16 @@ __all__ = [
     "MIL_TRAIN",
     "MIL_EVAL",
     "EXTRACT",
+    "SEG_TRAIN",
+    "SEG_EVAL",
+    "SEG_PREDICT",
     "train",
     "evaluate",
     "bench",
     "train_mil",
     "evaluate_mil",
     "extract_features",
+    "train_seg",
+    "evaluate_seg",
+    "predict_seg",
 ]

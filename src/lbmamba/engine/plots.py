@@ -28,8 +28,9 @@ def _save(fig, path: str) -> str:
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], path: str, panels: Sequence[Panel], title: str = "",
-                group: Optional[str] = None) -> Optional[str]:
-    """Per-epoch curves, one subplot per panel; with `group` (e.g. "fold") one line per group value."""
+                group: Optional[str] = None, x: str = "epoch") -> Optional[str]:
+    """Curves against the record key `x` (epochs, or iterations for iteration-based runs), one subplot per
+    panel; with `group` (e.g. "fold") one line per group value."""
     if not records:
         return None
     fig = _figure(5 * len(panels), 4)
@@ -38,7 +39,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str, panels: Sequenc
     for ax, (panel_title, ylabel, series) in zip(axes, panels):
         for i, g in enumerate(groups):
             for j, (key, label) in enumerate(series):
-                pts = [(r["epoch"], r[key]) for r in records
+                pts = [(r[x], r[key]) for r in records
                        if r.get(key) is not None and (group is None or r.get(group) == g)]
                 if not pts:
                     continue
@@ -46,7 +47,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str, panels: Sequenc
                 style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[j % 4]) if group else {}
                 name = label if group is None else f"{label}, {group} {g}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name, **style)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel({"iter": "iteration"}.get(x, x))
         ax.set_ylabel(ylabel)
         ax.set_title(panel_title)
         ax.grid(alpha=0.3)

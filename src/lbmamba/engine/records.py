@@ -97,17 +97,18 @@ class RunRecord:
         shown: the record keys printed in the line per epoch.
         log: also keep the figures as "csv" (metrics.csv) or "tensorboard" (event files in tensorboard/,
             one step per record); None: metrics.jsonl only.
+        x: the record key the curves are drawn against ("epoch", or "iter" for iteration-based runs).
     """
 
     def __init__(self, folder: str, panels: Sequence[Panel], title: str = "", group: Optional[str] = None,
                  keep: Optional[Callable[[Mapping[str, Any]], bool]] = None, shown: Sequence[str] = (),
-                 enabled: bool = True, log: Optional[str] = "csv"):
+                 enabled: bool = True, log: Optional[str] = "csv", x: str = "epoch"):
         self.metrics_path = os.path.join(folder, "metrics.jsonl")
         self.csv_path = os.path.join(folder, "metrics.csv")
         self.plot_path = os.path.join(folder, "curves.png")
         self.summary_path = os.path.join(folder, SUMMARY)
         self.panels, self.title, self.group, self.shown, self.enabled = panels, title, group, tuple(shown), enabled
-        self.log = log
+        self.log, self.x = log, x
         self.records: List[Dict[str, Any]] = [r for r in read_jsonl(self.metrics_path) if keep(r)] if keep else []
         self._tensorboard = None
         if not enabled:
@@ -122,17 +123,23 @@ class RunRecord:
                 raise UserError("log=tensorboard needs the tensorboard package: pip install tensorboard") from exc
             # purge_step: a resumed run drops the steps its checkpoint does not cover
             self._tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"),
-                                              purge_step=len(self.records) + 1 if keep else None)
+                                              purge_step=self._last_step() + 1 if keep else None)
 
     def _write_csv(self) -> None:
         columns = list(dict.fromkeys(k for r in self.records for k in r))
         write_csv(self.csv_path, [columns] + [[r.get(c, "") for c in columns] for r in self.records])
 
+    def _last_step(self) -> int:
+        """The TensorBoard step of the last record: its iteration in iteration-based runs, else the count."""
+        if self.x != "epoch" and self.records:
+            return int(self.records[-1][self.x])
+        return len(self.records)
+
     def _write_tensorboard(self, record: Mapping[str, Any]) -> None:
         prefix = f"{self.group}{record[self.group]}/" if self.group else ""
         for key, value in record.items():
-            if key not in ("epoch", self.group) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tensorboard.add_scalar(prefix + key, value, global_step=len(self.records))
+            if key not in (self.x, self.group) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tensorboard.add_scalar(prefix + key, value, global_step=self._last_step())
         self._tensorboard.flush()
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -147,7 +154,7 @@ class RunRecord:
         elif self._tensorboard is not None:
             self._write_tensorboard(record)
         try:
-            plot_curves(self.records, self.plot_path, self.panels, self.title, self.group)
+            plot_curves(self.records, self.plot_path, self.panels, self.title, self.group, self.x)
         except Exception as exc:  # a figure must never stop a run
             print(f"warning: could not draw {self.plot_path}: {exc}", file=sys.stderr, flush=True)
         line = [f"{k} {_shown(record[k])}" for k in self.shown if k in record]

@@ -1,5 +1,6 @@
 """timm-registered model families (importing this registers them with timm), and checkpoint loading."""
 
+from . import adventurer  # noqa: F401  (registers Adventurer / LB-Adventurer with timm)
 from .checkpoint import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -10,7 +11,20 @@ from .checkpoint import (
     unwrap_state_dict,
 )
 from .lbvim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
+from .localvim import LocalVisionMamba  # noqa: F401  (registers LocalVim / LB-LocalVim with timm)
 from .mil import ABMIL, MIL_MODELS, MambaMIL, create_mil_model
+from .plainmamba import PlainMamba  # noqa: F401  (registers PlainMamba / LB-PlainMamba with timm)
+from .segmentor import (
+    FEATURE_SOURCES,
+    NECKS,
+    BackboneAdapter,
+    BackboneLoadReport,
+    Segmentor,
+    build_segmentor,
+    load_backbone_weights,
+    predict_logits,
+)
+from .vmamba import VMamba  # noqa: F401  (registers VMamba / LB-VMamba with timm)
 
 __all__ = [
     "VisionMamba",
@@ -27,4 +41,12 @@ __all__ = [
     "CheckpointReadError",
     "CheckpointMismatchError",
     "LoadResult",
+    "FEATURE_SOURCES",
+    "NECKS",
+    "BackboneAdapter",
+    "BackboneLoadReport",
+    "Segmentor",
+    "build_segmentor",
+    "load_backbone_weights",
+    "predict_logits",
 ]

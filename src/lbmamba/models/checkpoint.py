@@ -32,7 +32,9 @@ __all__ = [
     "LoadResult",
 ]
 
-_WRAPPER_KEYS = ("model", "state_dict", "module")
+#: wrappers a state dict may sit in, in order of preference: the EMA weights are taken only when a file
+#: holds nothing else ({'model_ema': ...} in timm / VMamba / Adventurer files, {'ema_model': ...} in LocalMamba's)
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "ema_model")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 20
 
@@ -58,7 +60,8 @@ class LoadResult:
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """The state dict inside `checkpoint`: `{'model': sd}` / `{'state_dict': sd}` unwrapped (repeatedly),
+    """The state dict inside `checkpoint`: `{'model': sd}` / `{'state_dict': sd}` (else the EMA weights)
+    unwrapped (repeatedly),
     DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes removed, non-tensor entries dropped."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointReadError(

@@ -44,6 +44,8 @@ __all__ = ["VisionMamba", "checkpoint_filter_fn", "resample_pos_embed"]
 
 CLASS_TOKEN_POSITIONS = (None, "middle", "head")
 GLOBAL_POOLS = ("", "mean", "token", "attn")
+#: what `forward_intermediates` returns per layer: the residual stream or the mixer output
+INTERMEDIATE_SOURCES = ("residual", "mixer")
 
 
 def class_token_index(num_patches: int, class_token: Optional[str]) -> Optional[int]:
@@ -361,24 +363,33 @@ class VisionMamba(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        source: str = "residual",
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward that also returns per-layer outputs, like timm's ViT.
 
         The output of layer i is its residual stream, residual + mixer output (what the next layer adds
-        and normalises; drop path is not applied to it), normalised with `norm_f` when `norm`. Spatial
-        outputs are always in image order, also from layers that saw the sequence flipped. The class
-        token is split off (returned as `(spatial, prefix)` pairs when `return_prefix_tokens`).
+        and normalises; drop path is not applied to it), normalised with `norm_f` when `norm`; with
+        `source="mixer"` it is the mixer output alone (the block's `hidden_states`, what the LBMamba and
+        Vim segmentation backbones take). Spatial outputs are always in image order, also from layers that
+        saw the sequence flipped. The class token is split off (returned as `(spatial, prefix)` pairs when
+        `return_prefix_tokens`).
 
         Args:
             indices: last n layers if int, all if None, else the listed layers (negative from the end).
             output_fmt: "NCHW" (B, C, H/p, W/p) or "NLC" (B, H/p * W/p, C).
             stop_early: stop after the last requested layer (then the final output covers those layers).
             intermediates_only: return only the list.
+            source: "residual" (the residual stream) or "mixer" (the mixer output; not with `norm`).
         Returns:
             (final normalised tokens as forward_features gives them, intermediates) or the list alone.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if source not in INTERMEDIATE_SOURCES:
+            raise ValueError(f"source must be one of {INTERMEDIATE_SOURCES}, got {source!r}")
+        if norm and source == "mixer":
+            raise ValueError("norm=True normalises the residual stream with norm_f; it does not apply to "
+                             "source='mixer' (the mixer output)")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         take = set(take_indices)
         batch = x.shape[0]
@@ -391,7 +402,9 @@ class VisionMamba(nn.Module):
             hidden, residual = self._run_layer(layer, hidden, residual)
             flipped = self.layer_is_flipped(i)
             if i in take:
-                if norm:
+                if source == "mixer":
+                    y = hidden
+                elif norm:
                     y, _ = add_norm(hidden, residual, self.norm_f, self.residual_in_fp32)
                 else:
                     y = (residual + hidden).to(hidden.dtype)
