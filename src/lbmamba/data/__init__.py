@@ -1,6 +1,18 @@
 """Datasets: ImageFolder / ImageNet layouts through timm, scikit-learn's digits for the default run, and
-segmentation data (ADE20K and generic layouts, mmseg's pipelines, the digit scenes)."""
+segmentation data (ADE20K and generic layouts, mmseg's pipelines, the digit scenes), and COCO-format
+detection data (LSJ transforms, the digit-scenes detection set)."""
 
+from .detection import (
+    DIGIT_DETECTION_CATEGORIES,
+    CocoDetectionDataset,
+    LSJTestTransform,
+    LSJTrainTransform,
+    collate_detection,
+    digit_detection_paths,
+    mask_to_polygons,
+    rescale_prediction,
+    write_digit_detection,
+)
 from .digits import DIGITS_CLASSES, DigitsDataset, load_digits_split
 from .images import (
     DataError,
@@ -53,4 +65,13 @@ __all__ = [
     "read_mask",
     "rescale_size",
     "write_digit_scenes",
+    "CocoDetectionDataset",
+    "DIGIT_DETECTION_CATEGORIES",
+    "LSJTestTransform",
+    "LSJTrainTransform",
+    "collate_detection",
+    "digit_detection_paths",
+    "mask_to_polygons",
+    "rescale_prediction",
+    "write_digit_detection",
 ]

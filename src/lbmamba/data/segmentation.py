@@ -596,11 +596,14 @@ def _digit_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarra
 _PLACEMENT_TRIES = 20
 
 
-def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int, max_size: int,
-           digit_sizes: Tuple[int, int], max_digits: int) -> Tuple[np.ndarray, np.ndarray]:
+def _scene_instances(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int,
+                     max_size: int, digit_sizes: Tuple[int, int], max_digits: int
+                     ) -> Tuple[np.ndarray, List[Tuple[int, int, int, int, np.ndarray]]]:
+    """A scene's RGB uint8 image and its digits as (y, x, size, digit, bool (size, size) mask) in pasting order
+    (shared by the segmentation and the detection digit scenes)."""
     h, w = (int(rng.integers(min_size, max_size + 1)) for _ in range(2))
     image = _texture(rng, h, w)
-    mask = np.zeros((h, w), dtype=np.uint8)
+    instances: List[Tuple[int, int, int, int, np.ndarray]] = []
     boxes: List[Tuple[int, int, int]] = []
     for _ in range(int(rng.integers(1, max_digits + 1))):
         k = int(rng.integers(len(digits)))
@@ -619,8 +622,17 @@ def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min
         boxes.append((y, x, size))
         patch = image[y:y + size, x:x + size]
         image[y:y + size, x:x + size] = patch * (1 - alpha) + _digit_colour(rng, patch) * alpha
-        mask[y:y + size, x:x + size][alpha[..., 0] >= 0.5] = labels[k] + 1
-    return np.floor(image + 0.5).astype(np.uint8), mask
+        instances.append((y, x, size, int(labels[k]), alpha[..., 0] >= 0.5))
+    return np.floor(image + 0.5).astype(np.uint8), instances
+
+
+def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int, max_size: int,
+           digit_sizes: Tuple[int, int], max_digits: int) -> Tuple[np.ndarray, np.ndarray]:
+    image, instances = _scene_instances(rng, digits, labels, min_size, max_size, digit_sizes, max_digits)
+    mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    for y, x, size, digit, inside in instances:
+        mask[y:y + size, x:x + size][inside] = digit + 1
+    return image, mask
 
 
 def _settings(n_train, n_val, seed, min_size, max_size, digit_sizes, max_digits) -> Dict[str, object]:

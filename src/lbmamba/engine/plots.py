@@ -6,10 +6,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .files import atomic_path
 
-__all__ = ["Panel", "plot_curves", "plot_throughput"]
+__all__ = ["Panel", "plot_curves", "plot_throughput", "preload"]
 
 #: one subplot: (title, y-axis label, [(record key, legend label), ...])
 Panel = Tuple[str, str, Sequence[Tuple[str, str]]]
+
+
+def preload() -> None:
+    """Import matplotlib's canvas now, at the start of a run. Imported at the first figure, a SIGTERM or
+    Ctrl-C that arrived during the import of its compiled modules came out as an ImportError
+    ("initialization failed"), which a figure's error handling swallowed: the run went on instead of
+    stopping."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
 
 
 def _figure(width: float, height: float):

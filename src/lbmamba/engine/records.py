@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .errors import UserError
 from .files import jsonable, write_csv, write_json, write_jsonl
-from .plots import Panel, plot_curves
+from .plots import Panel, plot_curves, preload
 from .runs import SUMMARY
 
 __all__ = ["RunRecord", "LOGS", "progress", "read_jsonl"]
@@ -113,6 +113,10 @@ class RunRecord:
         self._tensorboard = None
         if not enabled:
             return
+        try:
+            preload()
+        except Exception as exc:  # a figure must never stop a run
+            print(f"warning: matplotlib does not load, no curves.png: {exc}", file=sys.stderr, flush=True)
         write_jsonl(self.metrics_path, self.records)  # a resumed run drops the epochs after its checkpoint
         if log == "csv":
             self._write_csv()

@@ -10,6 +10,14 @@ from .checkpoint import (
     read_file,
     unwrap_state_dict,
 )
+from .detector import (
+    DETECTOR_KINDS,
+    CascadeRoIHeads,
+    DetectionBackbone,
+    Detector,
+    SimpleFeaturePyramid,
+    build_detector,
+)
 from .lbvim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
 from .localvim import LocalVisionMamba  # noqa: F401  (registers LocalVim / LB-LocalVim with timm)
 from .mil import ABMIL, MIL_MODELS, MambaMIL, create_mil_model
@@ -49,4 +57,10 @@ __all__ = [
     "build_segmentor",
     "load_backbone_weights",
     "predict_logits",
+    "DETECTOR_KINDS",
+    "CascadeRoIHeads",
+    "DetectionBackbone",
+    "Detector",
+    "SimpleFeaturePyramid",
+    "build_detector",
 ]

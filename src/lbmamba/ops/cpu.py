@@ -37,6 +37,7 @@ Arithmetic is float32 for float32 / float16 / bfloat16 inputs and float64 for fl
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import queue
@@ -823,8 +824,9 @@ class _TaskPool:
     def __init__(self):
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._helpers = 0
+        self._threads: list = []
         self._pid = os.getpid()
+        atexit.register(self.close)
 
     def run(self, loop, n_tasks: int, helpers: int, args: tuple) -> None:
         call = _Call(loop, n_tasks, args)
@@ -840,15 +842,29 @@ class _TaskPool:
     def _ensure(self, helpers: int) -> None:
         with self._lock:
             if self._pid != os.getpid():  # a forked child has none of its parent's threads
-                self._queue, self._helpers, self._pid = queue.SimpleQueue(), 0, os.getpid()
-            while self._helpers < helpers:
-                threading.Thread(target=self._serve, args=(self._queue,), name="lbmamba-scan", daemon=True).start()
-                self._helpers += 1
+                self._queue, self._threads, self._pid = queue.SimpleQueue(), [], os.getpid()
+            while len(self._threads) < helpers:
+                thread = threading.Thread(target=self._serve, args=(self._queue,), name="lbmamba-scan", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the helpers and wait for them (at exit). A helper that turned up late for a call that had
+        already ended still enters the kernel once (it finds no task); doing that while the interpreter
+        shuts down aborted the process ("PyThreadState_Get: ... the GIL is released")."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            threads, self._threads = self._threads, []
+            for _ in threads:
+                self._queue.put(None)
+        for thread in threads:
+            thread.join(timeout)
 
     @staticmethod
     def _serve(calls: queue.SimpleQueue) -> None:
-        while True:
-            calls.get().work()
+        while (call := calls.get()) is not None:
+            call.work()
 
 
 _POOL = _TaskPool()
