@@ -296,7 +296,7 @@ def test_digit_scenes_are_written_once_and_whole(tmp_path):
         write_digit_scenes(root, n_train=4, n_val=2)
     partial = tmp_path / "partial"
     (partial / "images").mkdir(parents=True)
-    with pytest.raises(DataError, match="is not a complete digit-scenes set"):
+    with pytest.raises(DataError, match="holds no complete digit scenes"):
         write_digit_scenes(partial, n_train=3, n_val=2)
     (tmp_path / "empty").mkdir()
     assert (write_digit_scenes(tmp_path / "empty", n_train=1, n_val=1) / "digit_scenes.json").is_file()

@@ -28,10 +28,7 @@ Randomness as in `segmentation`: every draw of a transform comes from a `numpy.r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -41,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .generated import digit_pools, write_set
 from .images import DataError
 from .segmentation import _generator, _resize_image, _scene_instances, read_image, rescale_size
 
@@ -501,25 +499,6 @@ _FORMAT = "lbmamba digit detection"
 _VERSION = 1
 
 
-def _existing(root: Path, settings: Dict[str, object]) -> bool:
-    """True when `root` holds a complete set made with `settings`; DataError when it holds anything else."""
-    marker = root / _MARKER
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"unreadable digit-detection marker {marker}: {exc}") from exc
-        if found == settings:
-            return True
-        differing = sorted(k for k in settings if found.get(k) != settings[k])
-        raise DataError(f"{root} holds a digit detection set made with other settings ({', '.join(differing)}); "
-                        "remove it or write it to another folder")
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root} exists and is not a complete digit detection set (no {_MARKER}); remove it or "
-                        "write the set to another folder")
-    return False
-
-
 def write_digit_detection(root: Union[str, Path], n_train: int = 1000, n_val: int = 100, seed: int = 0,
                           min_size: int = 96, max_size: int = 160, digit_sizes: Tuple[int, int] = (16, 64),
                           max_digits: int = 5) -> Path:
@@ -537,39 +516,26 @@ def write_digit_detection(root: Union[str, Path], n_train: int = 1000, n_val: in
     The same arguments give the same files; written to a temporary folder beside `root` and moved into place
     whole with its settings in `digit_detection.json`, so a complete set with the same settings is reused.
     """
-    from sklearn.datasets import load_digits
-
     mask_utils = _mask_utils()
     if not 1 <= min_size <= max_size:
         raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
     if not 1 <= digit_sizes[0] <= digit_sizes[1] or digit_sizes[0] > min_size:
         raise ValueError(f"digit_sizes {digit_sizes} must be increasing and start at most at min_size {min_size}")
-    root = Path(root)
-    settings = {"format": _FORMAT, "version": _VERSION, "n_train": int(n_train), "n_val": int(n_val),
-                "seed": int(seed), "min_size": int(min_size), "max_size": int(max_size),
-                "digit_sizes": [int(d) for d in digit_sizes], "max_digits": int(max_digits)}
-    if _existing(root, settings):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        data = load_digits()
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(data.target))
-        pools = {"train": order[: int(0.8 * len(order))], "val": order[int(0.8 * len(order)):]}
-        (tmp / "annotations").mkdir()
+
+    def fill(folder: Path) -> None:
+        rng, pools = digit_pools(seed)
+        (folder / "annotations").mkdir()
         ann_id = 1
         for split, count in (("train", n_train), ("val", n_val)):
-            (tmp / "images" / split).mkdir(parents=True)
-            digits, labels = data.images[pools[split]].astype(np.float32), data.target[pools[split]]
+            (folder / "images" / split).mkdir(parents=True)
+            digits, labels = pools[split]
             images, annotations = [], []
             for i in range(int(count)):
                 image, instances = _scene_instances(rng, digits, labels, min_size, max_size, tuple(digit_sizes),
                                                     max_digits)
                 h, w = image.shape[:2]
                 name = f"scene_{i:05d}.png"
-                Image.fromarray(image).save(tmp / "images" / split / name)
+                Image.fromarray(image).save(folder / "images" / split / name)
                 image_id = i + 1
                 images.append({"id": image_id, "file_name": name, "height": h, "width": w})
                 for y, x, size, digit, inside in instances:
@@ -587,19 +553,12 @@ def write_digit_detection(root: Union[str, Path], n_train: int = 1000, n_val: in
             coco = {"info": {"description": "lbmamba digit scenes (detection)", "version": str(_VERSION)},
                     "licenses": [], "images": images, "annotations": annotations,
                     "categories": [dict(c) for c in DIGIT_DETECTION_CATEGORIES]}
-            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco), encoding="utf-8")
-        (tmp / _MARKER).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-        try:
-            if root.is_dir():
-                root.rmdir()
-            os.rename(tmp, root)
-        except OSError:
-            if not _existing(root, settings):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+            (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco), encoding="utf-8")
 
+    settings = {"format": _FORMAT, "version": _VERSION, "n_train": int(n_train), "n_val": int(n_val),
+                "seed": int(seed), "min_size": int(min_size), "max_size": int(max_size),
+                "digit_sizes": [int(d) for d in digit_sizes], "max_digits": int(max_digits)}
+    return write_set(root, settings, _MARKER, "digit detection set", fill)
 
 def digit_detection_paths(root: Union[str, Path], split: str) -> Tuple[Path, Path]:
     """(image folder, instances JSON) of a split ("train" / "val") of `write_digit_detection`'s set."""

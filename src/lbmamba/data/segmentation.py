@@ -31,11 +31,7 @@ function of its seed and a resumed run draws what an uninterrupted one draws.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .generated import digit_pools, write_set
 from .images import DataError
 
 __all__ = [
@@ -641,25 +638,6 @@ def _settings(n_train, n_val, seed, min_size, max_size, digit_sizes, max_digits)
             "max_digits": int(max_digits)}
 
 
-def _existing(root: Path, settings: Dict[str, object]) -> bool:
-    """True when `root` holds a complete set made with `settings`; DataError when it holds anything else."""
-    marker = root / _MARKER
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"unreadable digit-scenes marker {marker}: {exc}") from exc
-        if found == settings:
-            return True
-        differing = sorted(k for k in settings if found.get(k) != settings[k])
-        raise DataError(f"{root} holds digit scenes made with other settings ({', '.join(differing)}); remove it "
-                        "or write them to another folder")
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root} exists and is not a complete digit-scenes set (no {_MARKER}); remove it or write "
-                        "the digit scenes to another folder")
-    return False
-
-
 def write_digit_scenes(root: Union[str, Path], n_train: int = 2000, n_val: int = 100, seed: int = 0,
                        min_size: int = 64, max_size: int = 128, digit_sizes: Tuple[int, int] = (32, 56),
                        max_digits: int = 3) -> Path:
@@ -677,41 +655,22 @@ def write_digit_scenes(root: Union[str, Path], n_train: int = 2000, n_val: int =
     into place whole, with its settings in `digit_scenes.json` written last, so a complete set with the same
     settings is reused, an interrupted write leaves no partial set, and processes writing at once agree.
     """
-    from sklearn.datasets import load_digits
-
     if not 1 <= min_size <= max_size:
         raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
     if not 1 <= digit_sizes[0] <= digit_sizes[1] or digit_sizes[0] > min_size:
         raise ValueError(f"digit_sizes {digit_sizes} must be increasing and start at most at min_size {min_size}")
-    root = Path(root)
-    settings = _settings(n_train, n_val, seed, min_size, max_size, digit_sizes, max_digits)
-    if _existing(root, settings):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the set is ordinary data
-    try:
-        data = load_digits()
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(data.target))
-        pools = {"train": order[: int(0.8 * len(order))], "val": order[int(0.8 * len(order)):]}
+
+    def fill(folder: Path) -> None:
+        rng, pools = digit_pools(seed)
         for split, count in (("train", n_train), ("val", n_val)):
-            (tmp / "images" / split).mkdir(parents=True)
-            (tmp / "masks" / split).mkdir(parents=True)
-            digits, labels = data.images[pools[split]].astype(np.float32), data.target[pools[split]]
+            (folder / "images" / split).mkdir(parents=True)
+            (folder / "masks" / split).mkdir(parents=True)
+            digits, labels = pools[split]
             for i in range(int(count)):
                 image, mask = _scene(rng, digits, labels, min_size, max_size, tuple(digit_sizes), max_digits)
-                Image.fromarray(image).save(tmp / "images" / split / f"scene_{i:05d}.png")
-                Image.fromarray(mask).save(tmp / "masks" / split / f"scene_{i:05d}.png")
-        (tmp / CLASSES_FILE).write_text("\n".join(DIGIT_SCENE_CLASSES) + "\n", encoding="utf-8")
-        (tmp / _MARKER).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-        try:
-            if root.is_dir():
-                root.rmdir()  # an empty folder (checked above) is replaced
-            os.rename(tmp, root)
-        except OSError:
-            if not _existing(root, settings):  # another process finished first: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+                Image.fromarray(image).save(folder / "images" / split / f"scene_{i:05d}.png")
+                Image.fromarray(mask).save(folder / "masks" / split / f"scene_{i:05d}.png")
+        (folder / CLASSES_FILE).write_text("\n".join(DIGIT_SCENE_CLASSES) + "\n", encoding="utf-8")
+
+    settings = _settings(n_train, n_val, seed, min_size, max_size, digit_sizes, max_digits)
+    return write_set(root, settings, _MARKER, "digit scenes", fill)
