@@ -50,7 +50,8 @@ from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everyth
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
 
 __all__ = ["TRAIN", "EVAL", "train", "evaluate", "create_classifier", "evaluate_model", "check_model_name",
-           "suggest_model_names", "batch_plan", "weight_decay_groups"]
+           "suggest_model_names", "batch_plan", "weight_decay_groups", "ShardSampler", "loader_workers",
+           "bad_image_limit"]
 
 
 def _check_train(cfg: Dict[str, Any]) -> None:
@@ -241,7 +242,7 @@ def create_classifier(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
         raise UserError(f"model {name!r}: {exc}") from exc
 
 
-class _ShardSampler(torch.utils.data.Sampler):
+class ShardSampler(torch.utils.data.Sampler):
     """Indices rank, rank + world, ... (no padding: evaluation figures stay exact under DDP)."""
 
     def __init__(self, n: int, rank: int, world: int):
@@ -309,30 +310,31 @@ def _build_datasets(cfg: Mapping[str, Any], info: Mapping[str, Any], model: nn.M
     return train_ds, val_ds
 
 
-def _workers(cfg: Mapping[str, Any], dist: DistInfo) -> int:
-    """workers, or when null: 0 for the in-memory digits, else min(8, cores per local process)."""
+def loader_workers(cfg: Mapping[str, Any], dist: DistInfo, in_process: bool = False) -> int:
+    """workers, or when null: 0 for small data read in this process (the digits), else min(8, cores per
+    local process)."""
     if cfg.get("workers") is not None:
         return cfg["workers"]
-    if str(cfg.get("data")).lower() == "digits":
+    if in_process or str(cfg.get("data")).lower() == "digits":
         return 0
     return max(0, min(8, (os.cpu_count() or 1) // max(dist.local_world_size, 1)))
 
 
 def _val_loader(ds: Dataset, cfg: Mapping[str, Any], dist: DistInfo, batch_size: int) -> DataLoader:
     return DataLoader(
-        ds, batch_size=batch_size, sampler=_ShardSampler(len(ds), dist.rank, dist.world_size),
-        num_workers=_workers(cfg, dist), pin_memory=dist.device.type == "cuda", drop_last=False,
+        ds, batch_size=batch_size, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
+        num_workers=loader_workers(cfg, dist), pin_memory=dist.device.type == "cuda", drop_last=False,
         worker_init_fn=seed_worker,
     )
 
 
-def _bad_image_limit(cfg: Mapping[str, Any], total: float) -> float:
+def bad_image_limit(cfg: Mapping[str, Any], total: float) -> float:
     """Unreadable images tolerated among `total`: a count or a fraction, whichever is larger."""
     return max(cfg["max_bad_images"], cfg["max_bad_fraction"] * total)
 
 
 def _check_bad_images(bad: int, total: int, cfg: Mapping[str, Any], what: str) -> None:
-    if bad > _bad_image_limit(cfg, total):
+    if bad > bad_image_limit(cfg, total):
         raise UserError(
             f"too many unreadable images{what}: {bad} of {total} (more than max_bad_images {cfg['max_bad_images']} "
             f"and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction"
@@ -513,7 +515,8 @@ def _train(run: Run, info: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
         sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                      seed=cfg["seed"], drop_last=False)
     train_loader = DataLoader(
-        train_ds, batch_size=batch, sampler=sampler, num_workers=_workers(cfg, dist), pin_memory=device.type == "cuda",
+        train_ds, batch_size=batch, sampler=sampler, num_workers=loader_workers(cfg, dist),
+        pin_memory=device.type == "cuda",
         drop_last=True, generator=generator, worker_init_fn=seed_worker, persistent_workers=False,
     )
     val_loader = _val_loader(val_ds, cfg, dist, batch * 2)
@@ -707,7 +710,7 @@ def _train_one_epoch(cfg, dist, model, ddp_model, loader, optimizer, scheduler, 
     model.train()
     steps = updates_per_epoch * accum
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, images, bad, correct
-    max_bad = _bad_image_limit(cfg, samples_per_epoch * dist.world_size)
+    max_bad = bad_image_limit(cfg, samples_per_epoch * dist.world_size)
     nan_step = cfg.get("debug_nan_step")
     optimizer.zero_grad(set_to_none=True)
     show = cfg["progress"] and dist.is_main

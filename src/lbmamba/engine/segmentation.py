@@ -47,7 +47,7 @@ from ..data import (
 from ..data.segmentation import SPLITS
 from ..models import FEATURE_SOURCES, NECKS, Segmentor, build_segmentor, load_backbone_weights, predict_logits
 from ..models.checkpoint import CheckpointMismatchError
-from .classification import batch_plan, check_model_name
+from .classification import ShardSampler, bad_image_limit, batch_plan, check_model_name, loader_workers
 from .config import ConfigTable, Key
 from .device import AMP_MODES, autocast, grad_scaler, threads_key
 from .distributed import DistInfo, all_reduce_sum, barrier, session
@@ -362,19 +362,6 @@ class _IterationSampler(Sampler):
         return self.batches_per_pass * self.batch
 
 
-class _Shard(Sampler):
-    """Indices rank, rank + world, ... (no padding: the scores stay exact under DDP)."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 class _WithLosses(nn.Module):
     """The segmentor with its losses as its forward: what DistributedDataParallel wraps (its gradient
     hooks follow the forward it runs)."""
@@ -388,15 +375,8 @@ class _WithLosses(nn.Module):
 
 
 def _workers(cfg: Mapping[str, Any], dist: DistInfo) -> int:
-    if cfg.get("workers") is not None:
-        return cfg["workers"]
-    if str(cfg.get("data")) == DIGIT_SCENES:
-        return 0
-    return max(0, min(8, (os.cpu_count() or 1) // max(dist.local_world_size, 1)))
-
-
-def _bad_limit(cfg: Mapping[str, Any], total: float) -> float:
-    return max(cfg["max_bad_images"], cfg["max_bad_fraction"] * total)
+    """Loader processes: the digit scenes (small PNGs) are read in this process."""
+    return loader_workers(cfg, dist, in_process=str(cfg.get("data")) == DIGIT_SCENES)
 
 
 def _too_many_bad(bad: int, total: int, cfg: Mapping[str, Any], where: str) -> UserError:
@@ -480,7 +460,7 @@ def evaluate_segmentor(model: Segmentor, loader: DataLoader, dist: DistInfo, cfg
 
 def _val_loader(dataset: Dataset, cfg: Mapping[str, Any], dist: DistInfo) -> DataLoader:
     # batch 1: every validation image keeps its own size, as mmsegmentation's test loop does
-    return DataLoader(dataset, batch_size=1, sampler=_Shard(len(dataset), dist.rank, dist.world_size),
+    return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
                       num_workers=_workers(cfg, dist), collate_fn=collate_pad, worker_init_fn=seed_worker,
                       pin_memory=dist.device.type == "cuda")
 
@@ -661,7 +641,7 @@ def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 images, masks, bad = next(batches)
                 drawn += batch
                 while len(images) < min(2, batch):  # bad samples left too few for BatchNorm: draw the next batch
-                    if total_bad + bad > _bad_limit(cfg, drawn):
+                    if total_bad + bad > bad_image_limit(cfg, drawn):
                         raise _too_many_bad(total_bad + bad, drawn, cfg, "in training")
                     images, masks, more_bad = next(batches)
                     bad, drawn = bad + more_bad, drawn + batch
@@ -684,7 +664,7 @@ def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                         "clip_grad, or use amp=bf16 instead of fp16")
                 window += stats
                 total_bad += int(stats[4].item())
-                if total_bad > _bad_limit(cfg, drawn * dist.world_size):
+                if total_bad > bad_image_limit(cfg, drawn * dist.world_size):
                     raise _too_many_bad(total_bad, drawn * dist.world_size, cfg, "in training")
             if cfg.get("clip_grad"):
                 scaler.unscale_(optimizer)
@@ -711,7 +691,7 @@ def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             is_best = False
             if evaluating:
                 last_scores = evaluate_segmentor(model, val_loader, dist, cfg, class_names, desc=f"val {iteration}")
-                if last_scores["bad_images"] > _bad_limit(cfg, len(val_ds)):
+                if last_scores["bad_images"] > bad_image_limit(cfg, len(val_ds)):
                     raise _too_many_bad(last_scores["bad_images"], len(val_ds), cfg, "in the validation set")
                 row.update(_score_row(last_scores))
                 is_best = last_scores["mIoU"] > best_miou
@@ -813,7 +793,7 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
         if len(dataset) == 0:
             raise UserError(f"no images to evaluate in {root} (split {split})")
         scores = evaluate_segmentor(model, _val_loader(dataset, cfg, dist), dist, cfg, names)
-        if scores["bad_images"] > _bad_limit(cfg, len(dataset)):
+        if scores["bad_images"] > bad_image_limit(cfg, len(dataset)):
             raise _too_many_bad(scores["bad_images"], len(dataset), cfg, f"in {split}")
         if not dist.is_main:
             return None

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 try:  # timm >= 1.0.12
@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover
 
 from ..nn import RMSNorm
 from ..nn.mamba2 import Mamba2
+from ._build import build_with_cfg
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["Adventurer", "AdventurerBlock", "SwiGLU", "FLIP_SCHEDULES", "layer_flips", "flip_patch_tokens",
@@ -465,20 +466,8 @@ ADVENTURER_ARGS = dict(patch_size=16, depth=12, d_state=64, expand=2, headdim=64
 LB_ADVENTURER_ARGS = dict(ADVENTURER_ARGS, window="auto")
 
 
-def _create_adventurer(variant: str, pretrained: bool = False, **kwargs) -> Adventurer:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        Adventurer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
-
 def _build(variant: str, base: Dict[str, Any], pretrained: bool, **kwargs) -> Adventurer:
-    return _create_adventurer(variant, pretrained=pretrained, **dict(base, **kwargs))
+    return build_with_cfg(Adventurer, variant, pretrained, checkpoint_filter_fn, dict(base, **kwargs))
 
 
 @register_model

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 try:  # timm >= 1.0.12
@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
         return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 from ..nn import AttentionPoolHead, Block, Mamba, RMSNorm, add_norm
+from ._build import build_with_cfg
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "resample_pos_embed"]
@@ -507,20 +508,8 @@ VIM_ARGS = dict(
 )
 
 
-def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
-
 def _build(variant: str, base: Dict[str, Any], pretrained: bool, **kwargs) -> VisionMamba:
-    return _create_vision_mamba(variant, pretrained=pretrained, **dict(base, **kwargs))
+    return build_with_cfg(VisionMamba, variant, pretrained, checkpoint_filter_fn, dict(base, **kwargs))
 
 
 @register_model

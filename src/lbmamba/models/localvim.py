@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 try:  # timm >= 1.0.12
@@ -47,6 +47,7 @@ from ..nn.local_scan import V_REVERSE, as_direction_lists
 from ..nn.multi_mamba import MultiMamba
 from ..nn.norm import RMSNorm, add_norm
 from ..nn.rope import GridRope, resize_grid_table
+from ._build import build_with_cfg
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["LocalVisionMamba", "checkpoint_filter_fn", "resize_pos_embed", "LOCALVIM_TINY_DIRECTIONS",
@@ -520,15 +521,8 @@ SMALL_ARGS = dict(TINY_ARGS, embed_dim=384, directions=LOCALVIM_SMALL_DIRECTIONS
 
 
 def _create(variant: str, base: Dict[str, Any], window, pretrained: bool, **kwargs) -> LocalVisionMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LocalVisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **dict(base, window=window, **kwargs),
-    )
+    return build_with_cfg(LocalVisionMamba, variant, pretrained, checkpoint_filter_fn,
+                          dict(base, window=window, **kwargs))
 
 
 @register_model

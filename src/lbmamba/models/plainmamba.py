@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 try:  # timm >= 1.0.12
@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover
         return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 from ..nn.plain_mamba import PlainMamba2D
+from ._build import build_with_cfg
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["PlainMamba", "PlainMambaLayer", "ConvPatchEmbed", "checkpoint_filter_fn", "resample_pos_embed"]
@@ -448,18 +449,9 @@ PLAINMAMBA_ARCHS = {
 
 
 def _create(variant: str, arch: str, lb: bool, pretrained: bool = False, **kwargs) -> PlainMamba:
-    out_indices = kwargs.pop("out_indices", 3)
     args = dict(PLAINMAMBA_ARCHS[arch], patch_size=16, d_state=16, expand=2, conv_size=7,
                 scan="lb" if lb else "forward", window="auto" if lb else 1)
-    args.update(kwargs)
-    return build_model_with_cfg(
-        PlainMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **args,
-    )
+    return build_with_cfg(PlainMamba, variant, pretrained, checkpoint_filter_fn, dict(args, **kwargs))
 
 
 @register_model

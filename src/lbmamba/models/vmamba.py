@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 try:  # timm >= 1.0.12
@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
         return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 from ..nn.ss2d import SS2D, LayerNorm2d, Linear2d
+from ._build import build_with_cfg
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["VMamba", "VSSBlock", "checkpoint_filter_fn"]
@@ -410,15 +411,8 @@ SMALL_ARGS = dict(depths=(2, 2, 15, 2), dims=96, d_state=1, ssm_ratio=2.0, dt_ra
 
 
 def _create_vmamba(variant: str, base: Dict[str, Any], pretrained: bool = False, **kwargs) -> VMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        VMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **dict(base, **kwargs),
-    )
+    return build_with_cfg(VMamba, variant, pretrained, checkpoint_filter_fn, dict(base, **kwargs),
+                          default_out_indices=(0, 1, 2, 3))
 
 
 @register_model
