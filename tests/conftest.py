@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -203,3 +205,38 @@ def restore_globals():
     yield
     torch.set_num_threads(threads)
     restore_rng_state(rng)
+
+
+# the other vision Mambas as dense backbones, tiny: (model, kwargs, feature source)
+OTHER_BACKBONES = [
+    ("vmamba_tiny_s1l8", dict(depths=(1, 1, 2, 1), dims=8), "residual"),  # its four stages: strides 4-32
+    ("lb_vmamba_tiny_s1l8", dict(depths=(1, 1, 2, 1), dims=8), "residual"),
+    ("localvim_tiny", dict(patch_size=8, embed_dim=16, depth=4), "mixer"),
+    ("lb_localvim_tiny", dict(patch_size=8, embed_dim=16, depth=4), "mixer"),
+    ("plainmamba_l1", dict(patch_size=8, embed_dim=16, depth=4), "residual"),
+    ("lb_plainmamba_l1", dict(patch_size=8, embed_dim=16, depth=4), "residual"),
+    ("adventurer_tiny_patch16_224", dict(patch_size=8, embed_dim=16, depth=4, d_state=8, headdim=8), "residual"),
+    ("lb_adventurer_tiny_patch16_224", dict(patch_size=8, embed_dim=16, depth=4, d_state=8, headdim=8),
+     "residual"),
+]
+
+
+def torchrun_lbmamba(args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node nproc -m lbmamba ARGS` with this checkout's src first on the
+    path; the finished process (stdout, stderr as text)."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+           "lbmamba", *[str(a) for a in args]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def corrupt_copy(dataset, root):
+    """A copy of a generated data set at `root` whose first training image is not an image; that file."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(dataset, root)
+    victim = sorted((Path(root) / "images" / "train").iterdir())[0]
+    victim.write_bytes(b"not an image")
+    return victim

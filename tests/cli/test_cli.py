@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import lbmamba
+from conftest import torchrun_lbmamba
 from lbmamba import cli
 
 QUIET = ["--no-progress"]
@@ -197,10 +198,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_cli):
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lbmamba", "train", "--epochs", "1", "--batch-size", "32", *SMALL, "--output", str(out),
-           "--set", "debug_dump_rank_state=true", "--set", "model_ema=true", *QUIET]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    proc = torchrun_lbmamba(["train", "--epochs", "1", "--batch-size", "32", *SMALL, "--output", out,
+                             "--set", "debug_dump_rank_state=true", "--set", "model_ema=true", *QUIET])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["world_size"] == 2 and res["global_batch_size"] == 64 and res["epochs"] == 1

@@ -2,13 +2,11 @@
 one JSON line, one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import torchrun_lbmamba
 from lbmamba.cli import main
 from lbmamba.data import write_digit_scenes
 
@@ -61,12 +59,8 @@ def test_train_eval_predict_and_clean_errors(tmp_path, capsys):
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     data = write_digit_scenes(tmp_path / "scenes", n_train=8, n_val=2)
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lbmamba",
-           "seg", "train", "--data", str(data), "--output", str(tmp_path / "ddp"), *TINY,
-           "--set", "debug_dump_rank_state=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_lbmamba(["seg", "train", "--data", data, "--output", tmp_path / "ddp", *TINY,
+                             "--set", "debug_dump_rank_state=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["world_size"] == 2 and res["global_batch_size"] == 4

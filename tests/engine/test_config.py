@@ -212,3 +212,23 @@ def test_segmentation_configs_hold_the_reference_recipes(recipe):
     assert {k: cfg[k] for k in common} == common
     for world in (1, 2):  # fewer GPUs keep the global batch through gradient accumulation
         assert batch_plan(cfg, world)[1:] == (global_batch, lr)
+
+
+@pytest.mark.parametrize("name, model", [("lbvim_tiny", "lbvim_tiny_patch16_224"),
+                                         ("vim_tiny", "vim_tiny_patch16_224")])
+def test_detection_configs_hold_lbmambas_recipe_and_build(name, model):
+    from lbmamba.engine.detection import DET_TRAIN, _build
+
+    cfg = DET_TRAIN.load(os.path.join(CONFIGS, "det", f"{name}.yaml"))
+    recipe = dict(model=model, kind="cascade_mask_rcnn", img_size=1024, lsj_ratio=[0.1, 2.0], hflip=0.5,
+                  backbone_norm="rmsnorm", drop_path=0.1, out_channels=256, head_conv_channels=256,
+                  head_fc_channels=1024, rois_per_image=512, rpn_post_nms_top_n_train=2000,
+                  rpn_post_nms_top_n_test=1000, global_batch_size=64, iters=184375, lr=1e-4, weight_decay=0.05,
+                  clip_grad=35.0, amp="fp16", schedule="warmup_then_step", lr_steps=[163889, 177546], lr_gamma=0.1,
+                  warmup_iters=250, warmup_ratio=0.001, layer_decay_mode="lbmamba", layer_decay=0.7, num_classes=80)
+    assert {k: cfg[k] for k in recipe} == recipe
+    for world in (1, 8):
+        assert batch_plan(cfg, world)[1:] == (64, 1e-4)
+    detector = _build(cfg, cfg["num_classes"])  # no forward: the full-size model only has to build
+    assert detector.backbone.body.model.class_token is None  # LBMamba's detection backbone has none
+    assert len(detector.roi_heads.stages) == 3 and detector.backbone.fpn is not None

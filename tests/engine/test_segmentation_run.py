@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import corrupt_copy
 from lbmamba.data import write_digit_scenes
 from lbmamba.engine import TrainingDivergedError, UserError, evaluate_seg, predict_seg, train_seg
+from lbmamba.engine.iterations import IterationSampler
 from lbmamba.engine.records import read_jsonl
-from lbmamba.engine.segmentation import SEG_TRAIN, _IterationSampler, lr_factor, optimizer_groups
+from lbmamba.engine.segmentation import SEG_TRAIN, lr_factor, optimizer_groups
 from lbmamba.models import build_segmentor
 
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_globals")
@@ -79,8 +81,8 @@ def _take(sampler, n):
 
 
 def test_sampler_resumed_at_an_iteration_draws_what_an_uninterrupted_one_draws():
-    whole = _take(_IterationSampler(10, 3, seed=7, rank=0, world=1), 3 * 7)  # 3 batches per pass: over 2 passes
-    resumed = _take(_IterationSampler(10, 3, seed=7, rank=0, world=1, start=4), 3 * 3)
+    whole = _take(IterationSampler(10, 3, seed=7, rank=0, world=1), 3 * 7)  # 3 batches per pass: over 2 passes
+    resumed = _take(IterationSampler(10, 3, seed=7, rank=0, world=1, start=4), 3 * 3)
     assert resumed == whole[12:21]
     first_pass = [i for i, _ in whole[:9]]
     assert len(set(first_pass)) == 9 and [i for i, _ in whole[9:18]] != first_pass  # a new order each pass
@@ -88,7 +90,7 @@ def test_sampler_resumed_at_an_iteration_draws_what_an_uninterrupted_one_draws()
 
 
 def test_sampler_ranks_draw_disjoint_shares_of_each_pass():
-    shares = [{i for i, _ in _take(_IterationSampler(11, 2, seed=0, rank=r, world=2), 4)} for r in range(2)]
+    shares = [{i for i, _ in _take(IterationSampler(11, 2, seed=0, rank=r, world=2), 4)} for r in range(2)]
     assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 8
 
 
@@ -137,17 +139,8 @@ def test_eval_and_predict_take_the_model_and_data_from_the_checkpoint(scenes, tm
     assert labels.max() < 11
 
 
-def _corrupt_copy(scenes, root):
-    import shutil
-
-    shutil.copytree(scenes, root)
-    victim = sorted((root / "images" / "train").iterdir())[0]
-    victim.write_bytes(b"not an image")
-    return victim
-
-
 def test_bad_pairs_are_skipped_and_counted_until_there_are_too_many(scenes, tmp_path):
-    victim = _corrupt_copy(scenes, tmp_path / "bad")
+    victim = corrupt_copy(scenes, tmp_path / "bad")
     ok = train_seg(dict(TINY, data=str(tmp_path / "bad"), output=str(tmp_path / "ok"), iters=6, eval_every=6,
                         max_bad_images=5))
     assert ok["bad_images"] >= 1

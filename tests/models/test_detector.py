@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from conftest import OTHER_BACKBONES
 from lbmamba.models.detector import (
     CASCADE_BOX_STDS,
     CASCADE_IOU_THRESHOLDS,
@@ -114,6 +115,25 @@ def test_vmamba_pyramid_is_built_from_its_four_stages(size):
         feats = model.backbone.eval()(torch.randn(1, 3, *size))
     for stride, f in zip(STRIDES, feats.values()):
         assert f.shape == (1, 32, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+
+
+@pytest.mark.parametrize("name, kwargs, source", OTHER_BACKBONES, ids=[b[0] for b in OTHER_BACKBONES])
+def test_the_other_vision_mambas_serve_as_detection_backbones(name, kwargs, source):
+    torch.manual_seed(0)
+    model = build_detector(name, K, img_size=128, feature_source=source, backbone_kwargs=dict(kwargs, img_size=128),
+                           rois_per_image=32, **SMALL_HEADS)
+    staged = "vmamba" in name
+    assert isinstance(model.backbone.fpn, HierarchicalFeaturePyramid if staged else SimpleFeaturePyramid)
+    assert model.backbone.feature_source == source
+    losses = model(images(), targets())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("backbone.body.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the backbone learns through the pyramid
+    model.eval()
+    with torch.no_grad():
+        out = model(images(1))[0]
+    assert set(out) == {"boxes", "labels", "scores", "masks"}
 
 
 def test_fixed_size_input_is_normalised_and_padded_but_not_resized():

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lbmamba.nn.mixer as mixer_module
+from conftest import OTHER_BACKBONES
 from lbmamba.models import (
     BackboneAdapter,
     CheckpointMismatchError,
@@ -520,20 +521,6 @@ def test_the_cpu_benchmark_quick_run_writes_its_numbers(tmp_path):
         assert row["params_m"] > 20 and row["gflops"] > row["gflops_counted"] > 0
         assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
     assert "LBVim-T / Vim-T inference" in proc.stdout
-
-
-# the other vision Mambas as segmentation backbones: (model, tiny kwargs, feature source)
-OTHER_BACKBONES = [
-    ("vmamba_tiny_s1l8", dict(depths=(1, 1, 2, 1), dims=8), "residual"),  # its four stages: strides 4-32
-    ("lb_vmamba_tiny_s1l8", dict(depths=(1, 1, 2, 1), dims=8), "residual"),
-    ("localvim_tiny", dict(patch_size=8, embed_dim=16, depth=4), "mixer"),
-    ("lb_localvim_tiny", dict(patch_size=8, embed_dim=16, depth=4), "mixer"),
-    ("plainmamba_l1", dict(patch_size=8, embed_dim=16, depth=4), "residual"),
-    ("lb_plainmamba_l1", dict(patch_size=8, embed_dim=16, depth=4), "residual"),
-    ("adventurer_tiny_patch16_224", dict(patch_size=8, embed_dim=16, depth=4, d_state=8, headdim=8), "residual"),
-    ("lb_adventurer_tiny_patch16_224", dict(patch_size=8, embed_dim=16, depth=4, d_state=8, headdim=8),
-     "residual"),
-]
 
 
 @pytest.mark.parametrize("name, kwargs, source", OTHER_BACKBONES, ids=[b[0] for b in OTHER_BACKBONES])

@@ -4,9 +4,11 @@
     result = train({"epochs": 5})            # the digits default, 5 epochs
     summary = train_mil({"model": "lb"})     # the digits-bags MIL demo
     scores = train_seg({"iters": 300})       # UperNet on the generated digit scenes
+    boxes = train_det({"iters": 100})        # Cascade Mask R-CNN on the generated digit scenes
 
 Every command is a plain function `command(overrides=None, config_path=None)` over its config table
-(`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`, `SEG_TRAIN`, `SEG_EVAL`, `SEG_PREDICT`):
+(`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`, `SEG_TRAIN`, `SEG_EVAL`, `SEG_PREDICT`, `DET_TRAIN`,
+`DET_EVAL`, `DET_PREDICT`):
 the table's defaults <- the YAML file at `config_path` <- `overrides`. It returns the final figures as a
 JSON-able dict (None on ranks other than 0 under torchrun) and raises `UserError` for bad input. No
 argument parsing lives here (that is `lbmamba.cli`).
@@ -15,6 +17,7 @@ argument parsing lives here (that is `lbmamba.cli`).
 from .bench import BENCH, bench
 from .classification import EVAL, TRAIN, evaluate, train
 from .config import ConfigTable, Key
+from .detection import DET_EVAL, DET_PREDICT, DET_TRAIN, evaluate_det, predict_det, train_det
 from .errors import TrainingDivergedError, UserError
 from .features import EXTRACT, extract_features
 from .mil import MIL_EVAL, MIL_TRAIN, evaluate_mil, train_mil
@@ -43,4 +46,10 @@ __all__ = [
     "train_seg",
     "evaluate_seg",
     "predict_seg",
+    "DET_TRAIN",
+    "DET_EVAL",
+    "DET_PREDICT",
+    "train_det",
+    "evaluate_det",
+    "predict_det",
 ]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .device import cpu_threads, default_threads, resolve_device
 from .errors import UserError
 
-__all__ = ["DistInfo", "session", "all_reduce_sum", "broadcast_object", "barrier"]
+__all__ = ["DistInfo", "session", "all_reduce_sum", "broadcast_object", "barrier", "gather_objects"]
 
 
 @dataclass
@@ -97,3 +97,12 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] for a single process)."""
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,36 +1,25 @@
 """Semantic segmentation: `seg train`, `seg eval`, `seg predict` (UperNet on an LBVim / Vim / uVim backbone).
 
-The paper's ADE20K setting (docs/segmentation.md) on the shared run helpers, counted in iterations as
-mmsegmentation counts them:
-
-* exact resume: the training order is a function of (seed, pass over the data, rank) and every sample's
-  augmentation is seeded from (seed, pass, rank, position), so a run resumed from its last.pth draws
-  exactly what an uninterrupted run draws; the checkpoint also holds every RNG state;
-* `last.pth` written atomically every `save_every` iterations and at every evaluation, `best.pth` at
-  the best validation mIoU;
-* the loss is checked every iteration on every rank: NaN / inf stops the run before any checkpoint is
-  touched;
-* unreadable or inconsistent image / mask pairs are skipped and counted under `max_bad_fraction`.
+The paper's ADE20K setting (docs/segmentation.md), counted in iterations as mmsegmentation counts them,
+on the shared iteration loop (`iterations`: exact resume, atomic last.pth / best.pth at the best
+validation mIoU, a NaN loss that stops before any checkpoint is touched, unreadable or inconsistent image /
+mask pairs skipped and counted under `max_bad_fraction`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import random
 import tempfile
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from .. import __version__
 from ..data import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -49,14 +38,26 @@ from ..models import FEATURE_SOURCES, NECKS, Segmentor, build_segmentor, load_ba
 from ..models.checkpoint import CheckpointMismatchError
 from .classification import ShardSampler, bad_image_limit, batch_plan, check_model_name, loader_workers
 from .config import ConfigTable, Key
-from .device import AMP_MODES, autocast, grad_scaler, threads_key
+from .device import AMP_MODES, autocast, threads_key
 from .distributed import DistInfo, all_reduce_sum, barrier, session
-from .errors import TrainingDivergedError, UserError, user_errors
-from .files import atomic_path, atomic_save, jsonable
+from .errors import UserError, user_errors
+from .files import atomic_path
+from .iterations import (
+    Loop,
+    LossModule,
+    config_from_checkpoint,
+    finished_summary,
+    input_images,
+    iteration_loader,
+    lr_factor,
+    run_result,
+    start_run,
+    train_iterations,
+)
 from .metrics import confusion_matrix, segmentation_scores
-from .records import LOGS, RunRecord, progress
-from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything, seed_worker
-from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .records import LOGS, progress
+from .rng import seed_everything, seed_worker
+from .runs import Run, note, open_run
 
 __all__ = ["SEG_TRAIN", "SEG_EVAL", "SEG_PREDICT", "train_seg", "evaluate_seg", "predict_seg", "lr_factor",
            "evaluate_segmentor", "optimizer_groups", "DIGIT_SCENES", "LAYOUTS"]
@@ -225,27 +226,7 @@ _CURVES = [("loss", "loss", [("train_loss", "train"), ("train_loss_decode", "dec
 _SHOWN = ("iter", "train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr", "seconds")
 
 
-# ----------------------------------------------------------------------------------------------- schedule
-def lr_factor(cfg: Mapping[str, Any], iteration: int) -> float:
-    """The learning rate at `iteration` (0-based) over the peak, as mmsegmentation's schedulers give it.
-
-    warmup_then_poly (mmseg 1.x LinearLR then PolyLR, LBMamba): the factor rises linearly from warmup_ratio to
-    1 over warmup_iters, then decays as (1 - t / T)^power from the peak to min_lr over the remaining T
-    iterations. poly_with_warmup (mmcv 1.x poly policy, Vim): the poly decay runs over all iterations and the
-    warm-up multiplies it by 1 - (1 - i / warmup_iters)(1 - warmup_ratio)."""
-    peak, floor = cfg["lr"], cfg["min_lr"]
-    iters, warmup, power, ratio = cfg["iters"], cfg["warmup_iters"], cfg["poly_power"], cfg["warmup_ratio"]
-    if cfg["schedule"] == "warmup_then_poly":
-        if iteration < warmup:
-            return ratio + (1.0 - ratio) * iteration / warmup
-        progress_ = min(iteration - warmup, iters - warmup) / (iters - warmup)
-        return ((peak - floor) * (1.0 - progress_) ** power + floor) / peak
-    regular = ((peak - floor) * (1.0 - min(iteration, iters) / iters) ** power + floor) / peak
-    if iteration < warmup:
-        return regular * (1.0 - (1.0 - iteration / warmup) * (1.0 - ratio))
-    return regular
-
-
+# ----------------------------------------------------------------------------------------------- optimizer
 def optimizer_groups(model: Segmentor, weight_decay: float, layer_decay: Optional[float],
                      decay_rule: str = "lbmamba") -> List[Dict[str, Any]]:
     """AdamW parameter groups: no decay on the model's `no_weight_decay(decay_rule)` names; with
@@ -311,72 +292,9 @@ def _train_transform(cfg: Mapping[str, Any]) -> SegTrainTransform:
                              cat_max_ratio=cfg["cat_max_ratio"], flip=cfg["hflip"], photometric=cfg["photometric"])
 
 
-class _SeededSamples(Dataset):
-    """A dataset read with (index, seed) keys: Python's, numpy's and torch's generators are seeded from the
-    sample's seed before its augmentation, so what a sample draws depends on its place in the run, not on
-    which worker loads it or whether the run was resumed. In the main process (workers=0) the generators'
-    states are put back afterwards: training's own draws (drop path) continue undisturbed."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: Tuple[int, int]):
-        index, seed = key
-        in_worker = torch.utils.data.get_worker_info() is not None
-        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            if saved is not None:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
-
-
-class _IterationSampler(Sampler):
-    """The training draws of a run from iteration `start` on, for one rank: pass p over the data is a
-    permutation drawn from (seed, p), split into equal shares per rank, cut to whole batches; each draw
-    comes with its own augmentation seed (seed, p, rank, position). Endless: the loop stops it."""
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int, world: int, start: int = 0):
-        self.n, self.batch, self.seed, self.rank, self.world, self.start = n, batch, seed, rank, world, start
-        self.batches_per_pass = (n // world) // batch
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        per_rank = self.n // self.world
-        p, skip = divmod(self.start, self.batches_per_pass)
-        while True:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, p))
-            share = torch.randperm(self.n, generator=generator)[self.rank::self.world][:per_rank].tolist()
-            for position in range(skip * self.batch, self.batches_per_pass * self.batch):
-                yield share[position], derive_seed(self.seed, p, self.rank, position)
-            p, skip = p + 1, 0
-
-    def __len__(self) -> int:  # one pass (the sampler itself never ends)
-        return self.batches_per_pass * self.batch
-
-
-class _WithLosses(nn.Module):
-    """The segmentor with its losses as its forward: what DistributedDataParallel wraps (its gradient
-    hooks follow the forward it runs)."""
-
-    def __init__(self, model: Segmentor):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.model.losses(images, masks)
-
-
-def _workers(cfg: Mapping[str, Any], dist: DistInfo) -> int:
-    """Loader processes: the digit scenes (small PNGs) are read in this process."""
-    return loader_workers(cfg, dist, in_process=str(cfg.get("data")) == DIGIT_SCENES)
+def _in_process(cfg: Mapping[str, Any]) -> bool:
+    """The digit scenes (small PNGs) are read in this process."""
+    return str(cfg.get("data")) == DIGIT_SCENES
 
 
 def _too_many_bad(bad: int, total: int, cfg: Mapping[str, Any], where: str) -> UserError:
@@ -461,8 +379,8 @@ def evaluate_segmentor(model: Segmentor, loader: DataLoader, dist: DistInfo, cfg
 def _val_loader(dataset: Dataset, cfg: Mapping[str, Any], dist: DistInfo) -> DataLoader:
     # batch 1: every validation image keeps its own size, as mmsegmentation's test loop does
     return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
-                      num_workers=_workers(cfg, dist), collate_fn=collate_pad, worker_init_fn=seed_worker,
-                      pin_memory=dist.device.type == "cuda")
+                      num_workers=loader_workers(cfg, dist, in_process=_in_process(cfg)), collate_fn=collate_pad,
+                      worker_init_fn=seed_worker, pin_memory=dist.device.type == "cuda")
 
 
 def _score_row(scores: Mapping[str, Any], prefix: str = "val_") -> Dict[str, float]:
@@ -538,23 +456,22 @@ def _run_data(run: Run, found: Dict[str, Any]) -> Dict[str, Any]:
                 val=find_pairs(root, "generic", val_split))
 
 
+def _seg_losses(model: Segmentor, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return model.losses(images, masks)
+
+
 def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     cfg, dist, device = run.cfg, run.dist, run.dist.device
     wall_start = time.perf_counter()
     data = _run_data(run, found)
     class_names, num_classes = data["classes"], cfg["num_classes"]
-    ckpt = run.checkpoint
-    if ckpt is not None and int(ckpt["iter"]) >= cfg["iters"]:
-        saved = run.saved_summary()
-        if saved is not None:
-            if dist.is_main:
-                note(f"lbmamba seg train: the run in {run.dir} already finished ({ckpt['iter']} of {cfg['iters']} "
-                     "iterations); nothing to do")
-            return saved if dist.is_main else None
+    done = finished_summary(run, "seg train")
+    if done is not None:
+        return done if dist.is_main else None
 
     seed_everything(cfg["seed"])  # identical initial weights on every rank
     model = _build(cfg, num_classes)
-    if cfg.get("init_checkpoint") and ckpt is None:
+    if cfg.get("init_checkpoint") and run.checkpoint is None:
         _init_weights(model, cfg["init_checkpoint"])
     if dist.distributed and device.type == "cuda":  # mmseg's SyncBN; gloo (CPU) has no SyncBatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -574,191 +491,33 @@ def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                         f"is smaller than one batch ({batch}); lower batch_size")
 
     groups = optimizer_groups(model, cfg["weight_decay"], cfg.get("layer_decay"), cfg["decay_rule"])
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
-    scaler = grad_scaler(device, cfg["amp"])
-    start_iter, best_miou, best_iter = 0, -1.0, -1
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter = int(ckpt["iter"])
-        best_miou, best_iter = float(ckpt.get("best_mIoU", -1.0)), int(ckpt.get("best_iter", -1))
-        restore_rng_state(ckpt.get("rng"))
-        run.checkpoint = ckpt = None
-
-    sampler = _IterationSampler(len(train_ds), batch, cfg["seed"], dist.rank, dist.world_size, start_iter * accum)
-    loader_generator = torch.Generator().manual_seed(derive_seed(cfg["seed"], start_iter, dist.rank))
-    train_loader = DataLoader(_SeededSamples(train_ds), batch_size=batch, sampler=sampler,
-                              num_workers=_workers(cfg, dist), collate_fn=collate_pad, worker_init_fn=seed_worker,
-                              generator=loader_generator, pin_memory=device.type == "cuda")
+    start = start_run(run, model, groups, lr, f"{cfg['model']} + UperNet on {os.path.basename(data['root'])}",
+                      _CURVES, _SHOWN)
     val_loader = _val_loader(val_ds, cfg, dist)
-    last_path, best_path = run.path(LAST), run.path("best.pth")
-    record = RunRecord(run.dir, _CURVES, f"{cfg['model']} + UperNet on {os.path.basename(data['root'])}",
-                       shown=_SHOWN, enabled=dist.is_main, log=cfg["log"], x="iter",
-                       keep=(lambda r: r.get("iter", 0) <= start_iter) if run.resumed else None)
     if dist.is_main:
         note(f"lbmamba seg train: {cfg['model']} + UperNet ({params / 1e6:.2f} M params, {num_classes} classes) on "
              f"{data['root']}: {len(train_ds)} train / {len(val_ds)} val images; {dist.world_size} process(es) on "
-             f"{device.type}; global batch {global_batch}, lr {lr:.3g}; "
-             + (f"resuming at iteration {start_iter + 1} in {run.dir}" if start_iter else f"output {run.dir}"))
+             f"{device.type}; global batch {global_batch}, lr {lr:.3g}; {start.where(run)}")
 
-    ddp_model: nn.Module = _WithLosses(model)  # DDP syncs gradients of what runs through its forward
-    if dist.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = lr * group["lr_scale"]
+    def evaluate(iteration: int) -> Tuple[Dict[str, Any], float]:
+        scores = evaluate_segmentor(model, val_loader, dist, cfg, class_names, desc=f"val {iteration}")
+        if scores["bad_images"] > bad_image_limit(cfg, len(val_ds)):
+            raise _too_many_bad(scores["bad_images"], len(val_ds), cfg, "in the validation set")
+        return _score_row(scores), float(scores["mIoU"])
 
-    def save(iteration: int, metrics: Mapping[str, Any], best: bool) -> None:
-        if not dist.is_main:
-            return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": iteration,
-                 "rng": capture_rng_state(), "config": jsonable(cfg), "num_classes": num_classes,
-                 "class_names": list(class_names), "best_mIoU": best_miou, "best_iter": best_iter,
-                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                 "lbmamba_version": __version__}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        atomic_save(state, last_path)
-        if best:
-            atomic_save(state, best_path)
-
-    model.train()
-    batches = iter(train_loader)
-    window = torch.zeros(5, dtype=torch.float64)  # loss, decode, aux, images, bad (since the last record)
-    total_bad = drawn = 0
-    last_scores: Dict[str, Any] = {}
-    iteration, iters_run, stopped_early = start_iter, 0, False
-    tick = time.perf_counter()
-    show = cfg["progress"] and dist.is_main
-    with progress(total=cfg["iters"] - start_iter, desc="train", enabled=show) as bar:
-        while iteration < cfg["iters"]:
-            factor = lr_factor(cfg, iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
-            for micro in range(accum):
-                images, masks, bad = next(batches)
-                drawn += batch
-                while len(images) < min(2, batch):  # bad samples left too few for BatchNorm: draw the next batch
-                    if total_bad + bad > bad_image_limit(cfg, drawn):
-                        raise _too_many_bad(total_bad + bad, drawn, cfg, "in training")
-                    images, masks, more_bad = next(batches)
-                    bad, drawn = bad + more_bad, drawn + batch
-                sync = ddp_model.no_sync() if (dist.distributed and micro + 1 < accum) else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, cfg["amp"]):
-                        losses = ddp_model(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
-                    loss = losses["loss"]
-                    if cfg.get("debug_nan_iter") == iteration:
-                        loss = loss * float("nan")
-                    scaler.scale(loss / accum).backward()
-                stats = torch.stack([loss.detach().float(), losses["loss_decode"].detach().float(),
-                                     losses.get("loss_aux", torch.zeros((), device=device)).detach().float(),
-                                     torch.tensor(1.0, device=device), torch.tensor(float(bad), device=device)])
-                stats = all_reduce_sum(stats.double(), dist).cpu()
-                if not math.isfinite(stats[0].item()):
-                    raise TrainingDivergedError(
-                        f"the training loss became {'NaN' if math.isnan(stats[0].item()) else 'infinite'} at "
-                        f"iteration {iteration + 1}; stopped, the last good checkpoint is untouched. Lower lr, add "
-                        "clip_grad, or use amp=bf16 instead of fp16")
-                window += stats
-                total_bad += int(stats[4].item())
-                if total_bad > bad_image_limit(cfg, drawn * dist.world_size):
-                    raise _too_many_bad(total_bad, drawn * dist.world_size, cfg, "in training")
-            if cfg.get("clip_grad"):
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            iters_run += 1
-            bar.update(1)
-
-            done = iteration == cfg["iters"]
-            stopping = bool(cfg.get("stop_after_iters")) and iters_run >= cfg["stop_after_iters"] and not done
-            evaluating = iteration % cfg["eval_every"] == 0 or done
-            row: Dict[str, Any] = {}
-            if iteration % cfg["log_every"] == 0 or evaluating or stopping:
-                n = max(window[3].item(), 1.0)
-                row = {"iter": iteration, "train_loss": window[0].item() / n, "train_loss_decode": window[1].item() / n,
-                       "train_loss_aux": window[2].item() / n, "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": time.perf_counter() - tick}
-                bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}")
-                window.zero_()
-                tick = time.perf_counter()
-            is_best = False
-            if evaluating:
-                last_scores = evaluate_segmentor(model, val_loader, dist, cfg, class_names, desc=f"val {iteration}")
-                if last_scores["bad_images"] > bad_image_limit(cfg, len(val_ds)):
-                    raise _too_many_bad(last_scores["bad_images"], len(val_ds), cfg, "in the validation set")
-                row.update(_score_row(last_scores))
-                is_best = last_scores["mIoU"] > best_miou
-                if is_best:
-                    best_miou, best_iter = float(last_scores["mIoU"]), iteration
-            if evaluating or stopping or iteration % cfg["save_every"] == 0:
-                save(iteration, row, is_best)
-            if row and dist.is_main:
-                record.add(row)
-            barrier(dist)
-            if stopping:
-                stopped_early = True
-                break
-
-    if cfg.get("debug_dump_rank_state"):  # parameters only: BatchNorm statistics are each rank's own
-        torch.save({k: v.detach().cpu() for k, v in model.named_parameters()},
-                   os.path.join(run.dir, f"rank{dist.rank}_params.pth"))
-        barrier(dist)
-    if not last_scores:  # stopped before an iteration that validates (every rank takes part)
-        last_scores = evaluate_segmentor(model, val_loader, dist, cfg, class_names)
+    end = train_iterations(Loop(
+        run=run, model=model, step=LossModule(model, _seg_losses), start=start,
+        loader=iteration_loader(train_ds, cfg, dist, start.iteration, accum, collate_pad, _in_process(cfg)),
+        to_device=lambda b: tuple(t.to(device, non_blocking=True) for t in b), loss_parts=("loss_decode", "loss_aux"),
+        evaluate=evaluate, too_many_bad=lambda bad, total, where: _too_many_bad(bad, total, cfg, where),
+        accum=accum, lr=lr, state={"num_classes": num_classes, "class_names": list(class_names)}, min_batch=2))
     if not dist.is_main:
         return None
-    train_rows = [r for r in record.records if "train_loss" in r]
-    result: Dict[str, Any] = {
-        **_score_row(last_scores),
-        "best_val_mIoU": round(max(best_miou, float(last_scores["mIoU"])), 6),
-        "best_iter": best_iter,
-        "iters": iteration,
-        "train_loss": round(train_rows[-1]["train_loss"], 6) if train_rows else None,
-        "model": cfg["model"],
-        "params": params,
-        "data": str(cfg["data"]),
-        "num_classes": num_classes,
-        "world_size": dist.world_size,
-        "global_batch_size": global_batch,
-        "bad_images": total_bad,
-        "wall_s": round(time.perf_counter() - wall_start, 2),
-        "checkpoint": best_path if os.path.isfile(best_path) else last_path,
-        "last_checkpoint": last_path,
-        "metrics": record.metrics_path,
-        "plot": record.plot_path,
-        "output": run.dir,
-    }
-    if stopped_early:
-        result["stopped_early"] = True
-    else:
-        record.finish(result)
-    return result
+    return run_result(run, end, start.record, "mIoU", wall_start, model=cfg["model"], params=params,
+                      num_classes=num_classes, global_batch_size=global_batch)
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict
-def _from_checkpoint(table: ConfigTable, config_path: Optional[str], overrides: Optional[Mapping[str, Any]]):
-    """(config, checkpoint dict or None): the table's defaults <- what one of our checkpoints recorded <- the
-    config file and overrides."""
-    given = table.given(config_path, overrides)
-    path = given.get("checkpoint")
-    ckpt = load_training_checkpoint(os.fspath(path)) if path else None
-    saved = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), Mapping) else {}
-    from_ckpt = {k: saved[k] for k in _FROM_CHECKPOINT if k in saved and k in table.keys}
-    if saved.get("data") == DIGIT_SCENES and "data" in from_ckpt:  # the run's own copy, beside its checkpoint
-        from_ckpt["data"] = os.path.join(saved.get("output") or os.path.dirname(os.path.abspath(path)), "data")
-        if not os.path.isdir(from_ckpt["data"]):
-            from_ckpt["data"] = DIGIT_SCENES
-    cfg = table.apply(table.defaults(), from_ckpt, source=f"checkpoint {path}")
-    return table.validate(table.apply(cfg, given)), ckpt
-
-
 def _model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], class_names: Optional[List[str]],
                device: torch.device) -> Tuple[Segmentor, List[str]]:
     names = list(cfg.get("class_names") or (ckpt or {}).get("class_names") or class_names or [])
@@ -780,7 +539,7 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
                  config_path: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Score `checkpoint` on a split: mIoU, mAcc, aAcc and the per-class table (printed on stderr, and in
     the result). Returns None on ranks other than 0."""
-    cfg, ckpt = _from_checkpoint(SEG_EVAL, config_path, overrides)
+    cfg, ckpt = config_from_checkpoint(SEG_EVAL, config_path, overrides, _FROM_CHECKPOINT, DIGIT_SCENES)
     with session(cfg["device"], cfg["threads"], "seg eval") as dist:
         root = _data_root(cfg, None)
         layout = _layout(root, cfg["layout"])
@@ -810,23 +569,6 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
                 "device": str(dist.device)}
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def _input_images(inputs: Optional[str]) -> List[Path]:
-    if not inputs:
-        raise UserError("no inputs given (set --inputs IMAGE or --inputs FOLDER)")
-    path = Path(os.path.expanduser(inputs))
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"inputs not found: {path}")
-    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
-    return images
-
-
 def class_palette(names: Sequence[str]) -> np.ndarray:
     """(classes, 3) uint8 colours: ADE20K's own for its classes, else ADE20K's palette in turn, with
     reproducible random colours beyond its 150."""
@@ -847,8 +589,8 @@ def predict_seg(overrides: Optional[Mapping[str, Any]] = None,
     blended with the colours)."""
     from PIL import Image
 
-    cfg, ckpt = _from_checkpoint(SEG_PREDICT, config_path, overrides)
-    images = _input_images(cfg.get("inputs"))
+    cfg, ckpt = config_from_checkpoint(SEG_PREDICT, config_path, overrides, _FROM_CHECKPOINT, DIGIT_SCENES)
+    images = input_images(cfg.get("inputs"))
     with session(cfg["device"], cfg["threads"], "seg predict", distributed=False) as dist:
         model, names = _model_for(cfg, ckpt, None, dist.device)
         colours = class_palette(names)

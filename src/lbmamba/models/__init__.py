@@ -17,6 +17,7 @@ from .detector import (
     Detector,
     SimpleFeaturePyramid,
     build_detector,
+    load_detector_weights,
 )
 from .lbvim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
 from .localvim import LocalVisionMamba  # noqa: F401  (registers LocalVim / LB-LocalVim with timm)
@@ -63,4 +64,5 @@ __all__ = [
     "Detector",
     "SimpleFeaturePyramid",
     "build_detector",
+    "load_detector_weights",
 ]

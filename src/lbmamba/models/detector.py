@@ -58,7 +58,17 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
-from .segmentor import BACKBONE_NORMS, FEATURE_SOURCES, BackboneAdapter, _check_choice, _check_int
+from .segmentor import (
+    BACKBONE_NORMS,
+    FEATURE_SOURCES,
+    BackboneAdapter,
+    BackboneLoadReport,
+    _check_choice,
+    _check_int,
+    _read,
+    load_adapter_weights,
+    load_whole_weights,
+)
 
 __all__ = [
     "DETECTOR_KINDS",
@@ -73,6 +83,7 @@ __all__ = [
     "CascadeRoIHeads",
     "Detector",
     "build_detector",
+    "load_detector_weights",
 ]
 
 DETECTOR_KINDS = ("cascade_mask_rcnn", "mask_rcnn")
@@ -688,3 +699,18 @@ def build_detector(
         transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std),
                                              size_divisible=divisor)
     return Detector(body, rpn, roi_heads, transform, num_classes, kind)
+
+
+def load_detector_weights(model: Detector, checkpoint, *, strict: bool = True) -> BackboneLoadReport:
+    """Initialise `model` from a checkpoint file (or an already read dict) and say what was loaded: a whole
+    detector state dict (ours: keys `rpn.*` / `roi_heads.*`) loads whole, the position embedding resized to
+    the model's grid; a classification checkpoint loads into the backbone as `load_backbone_weights` does
+    for a segmentor (the pyramid and heads keep their initialisation). Raises `CheckpointMismatchError`."""
+    if not isinstance(model, Detector):
+        raise TypeError(f"model must be a Detector, got {type(model).__name__}")
+    state_dict, source = _read(checkpoint)
+    body = model.backbone.body
+    if any(k.startswith(("rpn.", "roi_heads.")) for k in state_dict):
+        return load_whole_weights(model, body, state_dict, source, strict=strict, prefix="backbone.body.",
+                                  kind="detector")
+    return load_adapter_weights(body, state_dict, source, strict=strict, prefix="backbone.body.")

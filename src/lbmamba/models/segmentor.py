@@ -75,6 +75,8 @@ __all__ = [
     "default_out_indices",
     "predict_logits",
     "load_backbone_weights",
+    "load_adapter_weights",
+    "load_whole_weights",
 ]
 
 FEATURE_SOURCES = ("mixer", "residual")
@@ -714,7 +716,7 @@ class BackboneLoadReport:
     which are the checkpoint's own."""
 
     source: str
-    #: "backbone" (a classification checkpoint into the backbone) or "segmentor" (a whole state dict)
+    #: "backbone" (a classification checkpoint into the backbone), "segmentor" / "detector" (a whole state dict)
     kind: str
     loaded: List[str] = field(default_factory=list)
     #: left as initialised: the per-output norms and the neck (and, for a backbone checkpoint, the heads)
@@ -798,11 +800,16 @@ def load_backbone_weights(model: Segmentor, checkpoint, *, strict: bool = True) 
     if not isinstance(model, Segmentor):
         raise TypeError(f"model must be a Segmentor, got {type(model).__name__}")
     state_dict, source = _read(checkpoint)
-    adapter = model.backbone
     if any(k.startswith("decode_head.") for k in state_dict):
-        return _load_segmentor(model, state_dict, source, strict)
+        return load_whole_weights(model, model.backbone, state_dict, source, strict=strict)
+    return load_adapter_weights(model.backbone, state_dict, source, strict=strict)
 
-    if state_dict and all(k.startswith("backbone.") for k in state_dict):
+
+def load_adapter_weights(adapter: BackboneAdapter, state_dict: Dict[str, torch.Tensor], source: str, *,
+                         strict: bool = True, prefix: str = "backbone.") -> BackboneLoadReport:
+    """A classification state dict into a `BackboneAdapter` (see `load_backbone_weights`); the report names
+    the adapter's tensors with `prefix`, their place in the dense model."""
+    if state_dict and all(k.startswith("backbone.") for k in state_dict):  # a backbone-only dict
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items()}
     state_dict = dict(state_dict)
     notes: List[str] = []
@@ -818,7 +825,7 @@ def load_backbone_weights(model: Segmentor, checkpoint, *, strict: bool = True) 
     try:
         state_dict = _backbone_filter(adapter)(state_dict)
     except (ValueError, RuntimeError) as exc:
-        raise CheckpointMismatchError(f"the checkpoint {source} does not fit the segmentation backbone: "
+        raise CheckpointMismatchError(f"the checkpoint {source} does not fit the backbone: "
                                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     new_pos = state_dict.get("pos_embed")
     if isinstance(pos, torch.Tensor) and isinstance(new_pos, torch.Tensor) and pos.shape != new_pos.shape:
@@ -841,7 +848,7 @@ def load_backbone_weights(model: Segmentor, checkpoint, *, strict: bool = True) 
         message = _mismatch_message(adapter, source, result)
         if any(k.endswith(".bias") and k.rsplit(".", 1)[0].endswith("norm") for k in result.unexpected_keys):
             message += ("\nThe checkpoint's norms have biases (LayerNorm) and the backbone's do not (RMSNorm): "
-                        "build the segmentor with backbone_norm='layernorm'.")
+                        "build the model with backbone_norm='layernorm'.")
         raise CheckpointMismatchError(message)
     bad = {k for k, _, _ in result.mismatched_keys}
     usable = {k: v for k, v in state_dict.items() if k in expected and k not in bad}
@@ -849,28 +856,32 @@ def load_backbone_weights(model: Segmentor, checkpoint, *, strict: bool = True) 
     return BackboneLoadReport(
         source=source,
         kind="backbone",
-        loaded=[f"backbone.{k}" for k in usable if k not in zeroed],
-        missing_keys=[f"backbone.{k}" for k in result.missing_keys],
-        zeroed_biases=[f"backbone.{k}" for k in zeroed],
+        loaded=[f"{prefix}{k}" for k in usable if k not in zeroed],
+        missing_keys=[f"{prefix}{k}" for k in result.missing_keys],
+        zeroed_biases=[f"{prefix}{k}" for k in zeroed],
         unexpected_keys=dropped + result.unexpected_keys,
-        mismatched_keys=[(f"backbone.{k}", c, m) for k, c, m in result.mismatched_keys],
+        mismatched_keys=[(f"{prefix}{k}", c, m) for k, c, m in result.mismatched_keys],
         notes=notes,
     )
 
 
-def _load_segmentor(model: Segmentor, state_dict: Dict[str, torch.Tensor], source: str,
-                    strict: bool) -> BackboneLoadReport:
+def load_whole_weights(model: nn.Module, adapter: BackboneAdapter, state_dict: Dict[str, torch.Tensor],
+                       source: str, *, strict: bool = True, prefix: str = "backbone.",
+                       kind: str = "segmentor") -> BackboneLoadReport:
+    """A whole dense model's state dict into `model` (its backbone `adapter` under `prefix`), the position
+    embedding resized to the model's grid."""
     notes: List[str] = []
-    pos = state_dict.get("backbone.pos_embed")
-    own = model.state_dict().get("backbone.pos_embed")
+    key = f"{prefix}pos_embed"
+    pos = state_dict.get(key)
+    own = model.state_dict().get(key)
     if isinstance(pos, torch.Tensor) and isinstance(own, torch.Tensor) and pos.shape != own.shape:
-        backbone_part = _backbone_filter(model.backbone)({"pos_embed": pos})
-        state_dict = dict(state_dict, **{"backbone.pos_embed": backbone_part["pos_embed"]})
-        notes.append(f"backbone.pos_embed resized from {list(pos.shape)} to {list(own.shape)}")
+        backbone_part = _backbone_filter(adapter)({"pos_embed": pos})
+        state_dict = dict(state_dict, **{key: backbone_part["pos_embed"]})
+        notes.append(f"{key} resized from {list(pos.shape)} to {list(own.shape)}")
     result = load_checkpoint(model, state_dict, strict=strict, filter_fn=lambda sd: sd, source=source)
     bad = {k for k, _, _ in result.mismatched_keys}
     return BackboneLoadReport(
-        source=source, kind="segmentor",
+        source=source, kind=kind,
         loaded=[k for k in state_dict if k not in result.unexpected_keys and k not in bad],
         missing_keys=result.missing_keys, unexpected_keys=result.unexpected_keys,
         mismatched_keys=result.mismatched_keys, notes=notes,
