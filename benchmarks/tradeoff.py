@@ -1,50 +1,61 @@
-"""Does LB help? Accuracy against CPU throughput for LBVim, uVim, Vim and LBVim's windows, on two
-generated tasks that need context across the whole image, with mean ± std over seeds.
+"""Does LB help? Accuracy against CPU throughput for LBVim, uVim, Vim and LBVim's windows (and, on request,
+the other vision Mambas against their LB variants), on two generated tasks that need context across the
+whole image, with mean ± std over seeds.
 
-    python benchmarks/tradeoff.py                          # both tasks, 7 models, 3 seeds (see the estimate below)
+    python benchmarks/tradeoff.py                          # both tasks, the LBVim family, 3 seeds (1.5-2 h)
     python benchmarks/tradeoff.py --models lbvim uvim vim --seeds 0 1 2 3 4
-    python benchmarks/tradeoff.py --tasks pairs --epochs 8 --threads 2
+    python benchmarks/tradeoff.py --models other-mambas --tasks cued
+    python benchmarks/tradeoff.py --tasks cued --train-only &    # one process per task, then
+    python benchmarks/tradeoff.py --tasks cued_rows --train-only; wait; python benchmarks/tradeoff.py
     python benchmarks/tradeoff.py --quick                  # tiny setting: checks that it runs (< 1 min)
-    python benchmarks/tradeoff.py --json out.json --figure fig.png --out runs/
 
-Tasks (generated from a seed with numpy only, no downloads; train / val / test splits come from
-disjoint seeds of one generator):
+Tasks (generated from a seed with numpy and scikit-learn's bundled 8 x 8 digits, no downloads; train / val
+/ test come from disjoint seeds of one generator). A canvas is a grid of cells of 8 x 8 pixels; digits
+and cues sit exactly in cells, so with patch 8 each is one token of a 32-token sequence, and the tasks
+test how far information travels along the sequence rather than translation-invariant recognition:
 
-* ``pairs`` (digit pairs): a 32 x 64 canvas, two scikit-learn digits (8 x 8, upscaled to 16 x 16), one
-  at a random offset in the left half and one in the right half; label 1 when the two digits are the same
-  class, 0 otherwise (balanced by construction: half the images draw a matching pair). Why global
-  context: either digit alone says nothing about the label (its marginal is 50/50 for every digit), so a
-  model must carry what it saw in one half across at least half the image to the other. Same / different
-  rather than the sum mod 10: binary with chance at 50 % and a balanced label by construction, and it
-  tests the long-range comparison rather than ten-way recognition of two digits (which a small model on a
-  few thousand images learns slowly).
-* ``pathfinder`` (pathfinder-lite): a 32 x 32 image with two curvy dashed paths (random walks with
-  momentum, reflected at the borders) and two marked endpoints (3 x 3 squares); label 1 when both marks
-  sit on the two ends of the same path, 0 when they sit on ends of different paths (half each, by
-  construction; the pixel statistics of the two classes are the same). Why global context: the marks lie
-  far apart along a path that winds through the whole image, and whether they are joined is a property
-  of the whole path, not of any patch near either mark. Paths may cross (as in Pathfinder): the label
-  is "same path", as generated.
+* ``cued`` (32 x 64 pixels, 4 x 8 cells): one digit in columns 1-3, one in columns 4-6, and a cue (a
+  horizontal or a vertical bar) in column 0 or 7, each in a random row; the label is the class of the
+  left digit when the cue is horizontal, of the right one when it is vertical.
+* ``cued_rows`` (64 x 32 pixels, 8 x 4 cells): the same rule across rows: digits in rows 1-3 and 4-6, the
+  cue in row 0 or 7 (horizontal: the top digit). Tokens are flattened row by row, so here the two digits
+  and the cue lie whole rows of tokens apart (up to 31 positions), where in ``cued`` they may share a row.
 
-Models (matched width and depth: ``--embed-dim`` 64, ``--depth`` 4 by default; patches of 8 px on
-pairs (4 x 8 = 32 tokens, 16 per half) and 4 px on pathfinder (8 x 8 = 64 tokens: a 1-px path needs
-small patches), or ``--patch`` for both; one input channel, mean pooling for the LB / u models):
-``lbvim`` (LB scan, window "auto", flips every layer), ``uvim`` (window 1: a plain forward scan,
-flips), ``vim`` (bidirectional: two scans per layer, middle class token), ``lbvim_w2`` / ``lbvim_w4`` /
-``lbvim_w8`` / ``lbvim_w16`` (LB scan, fixed window). Select with ``--models``.
+Why global context: which digit counts is decided by a cue up to seven cells away, in either direction.
+A model whose tokens never exchange information can only add up what each token says on its own: it must
+name one of the two digits and is right about 55 % of the time (half the cases, plus the 10 % where the
+two digits agree). Anything above that line is context. Both tasks are ten-way (chance 10 %) and give every
+model a first-order signal (the digit classes) to learn before the long-range part.
 
-Training per (task, model, seed): AdamW (lr 1e-3, weight decay 0.05), cosine schedule per step with a
-linear warm-up over the first 5 % of the steps, batch 64, ``--epochs`` epochs, cross-entropy; the
-seed sets the model's initialisation and the batch order (the data are the same for every seed).
-Reported: test accuracy (and val accuracy) after the last epoch, parameters.
+Tried first and dropped, because no model learnt them at a budget of a few minutes per run: same /
+different on two digits far apart and a Pathfinder-like "are the two marks on one path" (4,000 images, 6
+epochs: every model at chance; a same / different label is uncorrelated with either digit alone, so a
+gradient has nothing to start from, and Pathfinder needs tracing over many hops), and a cue that changes
+a digit's label to (class + 5) mod 10 (12,000 images, 4 epochs: 50 %, the no-context level).
 
-Resume: every finished (task, model, seed) run is saved at once in ``--out``/runs-<config hash>.json
-(written to a temporary file, then os.replace); a rerun with the same settings loads finished runs
-instead of training them again (the log says "loaded"). Another setting (epochs, sizes, width...) gets
-another file.
+Models (``--models``, names or the groups ``vim-family`` (the default) and ``other-mambas``). The LBVim
+family at matched width and depth (``--embed-dim`` 64, ``--depth`` 4, ``--patch`` 8; one input
+channel): ``lbvim`` (LB scan, window "auto": 4 at 32 tokens, flips every layer, mean pooling), ``uvim``
+(window 1: a plain forward scan, flips), ``vim`` (bidirectional: two scans per layer, middle class token),
+``lbvim_w2`` / ``lbvim_w8`` / ``lbvim_w16`` (LB scan, fixed window; with ``lbvim`` windows 2 / 4 / 8 / 16).
+The other Mambas, each original against its LB variant at the same width, depth and patch:
+``vmamba`` / ``lb_vmamba`` (stages of depths 1, 1, 2, 1 from width embed-dim / 2), ``localvim`` /
+``lb_localvim``, ``plainmamba`` / ``lb_plainmamba``, ``adventurer`` / ``lb_adventurer``.
+
+Training per (task, model, seed): AdamW (``--lr`` 2e-3, weight decay 0.05), cosine schedule per step
+with a linear warm-up over the first 5 % of the steps, ``--batch`` 64, ``--epochs`` 4 over ``--n-train``
+12,000 images (750 steps), cross-entropy; the seed sets the model's initialisation and the batch order (the data are
+the same for every seed). Reported: test accuracy (2,000 images) and val accuracy after the last epoch,
+parameters.
+
+Resume: every finished (task, model, seed) run is added at once to ``--out``/runs-<config hash>.json
+(under a file lock, written to a temporary file, then os.replace), so several processes can share it;
+a rerun with the same settings loads finished runs instead of training them again (the log says
+"loaded"). Another setting (epochs, sizes, width...) gets another file. ``--train-only`` stops after
+training: run one process per task that way, then one plain run to time and report.
 
 Throughput: after training, every selected (task, model) is built once more and its inference (eval,
-torch.inference_mode, batch 64) and training step (forward, cross-entropy, backward, AdamW step) are
+torch.inference_mode, one batch) and training step (forward, cross-entropy, backward, AdamW step) are
 timed in ONE interleaved run (benchmarks/machine.py's `interleaved`: a fresh order per round after an
 untimed warm-up round); images/s are medians over ``--rounds`` rounds. Throughput is measured on every
 run (not resumed): it is the machine's, now.
@@ -54,14 +65,11 @@ images/s), a figure ``--figure`` (accuracy with std error bars against inference
 per task, Pareto front drawn: models that no other model beats on both axes), and, as the last line on
 stdout, one JSON line with every number (also written to ``--json`` when given).
 
-Cost of the default run on a 2-core CPU: 2 tasks x 7 models x 3 seeds = 42 runs of 3 epochs over 2,000
-images (6,000 training images per run). Measured on a shared 2-core EPYC: a pairs run of LBVim trained
-at 27 images/s end to end under load (the timed training step alone: 20-240 images/s, depending on the
-other jobs on the machine); pathfinder (64 tokens) is about 2x slower per image, Vim about 0.6x. So
-roughly 1-4 minutes per pairs run and 2-8 per pathfinder run: some 2-5 hours in all. It is resumable,
-so it can be run in pieces (``--tasks pairs`` first, or ``--models lbvim uvim vim`` first). Check that
-the tasks are learnt at this budget before trusting a comparison: a model at chance (50 %) on a task
-says nothing about LB; raise ``--n-train`` / ``--epochs`` until the best model is clearly above it.
+Cost on a 2-core CPU: a run of LBVim takes about 2-3 minutes on one thread (Vim about twice that; the
+other Mambas more: LocalVim and PlainMamba four to six times), so the default 2 tasks x 6 models x 3 seeds
+= 36 runs take about 2 hours of one core, 1 hour with one process per task. Check that a task is learnt
+at a budget before trusting a comparison: a model near the no-context level (about 55 %) says nothing
+about LB.
 """
 
 from __future__ import annotations
@@ -87,17 +95,31 @@ import timm
 import lbmamba  # noqa: F401  (registers the models)
 from machine import describe, interleaved
 
-#: model name -> (timm name, extra kwargs)
-MODELS = {
+#: the LBVim family at one width and depth: model name -> (timm name, extra kwargs)
+VIM_FAMILY = {
     "lbvim": ("lbvim_tiny_patch16_224", {"window": "auto"}),
     "uvim": ("uvim_tiny_patch16_224", {}),
     "vim": ("vim_tiny_patch16_224", {}),
     "lbvim_w2": ("lbvim_tiny_patch16_224", {"window": 2}),
-    "lbvim_w4": ("lbvim_tiny_patch16_224", {"window": 4}),
     "lbvim_w8": ("lbvim_tiny_patch16_224", {"window": 8}),
     "lbvim_w16": ("lbvim_tiny_patch16_224", {"window": 16}),
 }
-TASKS = ("pairs", "pathfinder")
+#: the other vision Mambas, each original against its LB variant at one small configuration
+OTHER_FAMILIES = {
+    "vmamba": "vmamba_tiny_s1l8",
+    "localvim": "localvim_tiny",
+    "plainmamba": "plainmamba_l1",
+    "adventurer": "adventurer_tiny_patch16_224",
+}
+MODELS = {**VIM_FAMILY, **{pre + name: (pre + timm_name, {}) for name, timm_name in OTHER_FAMILIES.items()
+                           for pre in ("", "lb_")}}
+#: names --models accepts for a whole group
+GROUPS = {"vim-family": list(VIM_FAMILY), "other-mambas": [n for n in MODELS if n not in VIM_FAMILY]}
+NUM_CLASSES = 10
+#: cells are CELL x CELL pixels; patch CELL = one token per cell
+CELL = 8
+#: task -> its grid of cells (rows, columns): 32 tokens either way, flattened row by row
+GRIDS = {"cued": (4, 8), "cued_rows": (8, 4)}
 #: split -> offset added to the data seed (disjoint streams)
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_029}
 
@@ -105,87 +127,80 @@ _DIGITS = None
 
 
 def _digits():
-    """scikit-learn's 1,797 digits as (images (n, 16, 16) float32 in [0, 1], labels), upscaled x2."""
+    """scikit-learn's 1,797 digits: images (n, 8, 8) float32 in [0, 1], labels (n,) int64."""
     global _DIGITS
     if _DIGITS is None:
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)
-        imgs = (x.reshape(-1, 8, 8) / 16.0).astype(np.float32)
-        _DIGITS = (imgs.repeat(2, axis=1).repeat(2, axis=2), y.astype(np.int64))
+        _DIGITS = ((x.reshape(-1, 8, 8) / 16.0).astype(np.float32), y.astype(np.int64))
     return _DIGITS
 
 
-def make_pairs(n: int, seed: int):
-    """(images (n, 1, 32, 64) float32, labels (n,) int64): two digits far apart, label = same class."""
-    rng = np.random.default_rng([seed, 1])  # the task's own stream: labels differ from pathfinder's
-    imgs, labels = _digits()
-    by_class = [np.flatnonzero(labels == c) for c in range(10)]
-    out = np.zeros((n, 1, 32, 64), np.float32)
-    y = (rng.random(n) < 0.5).astype(np.int64)
+def _put(canvas, row: int, col: int, img) -> None:
+    canvas[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = img
+
+
+def _cue(horizontal: bool) -> np.ndarray:
+    """The cue: a 2 x 4 bar (horizontal) or a 4 x 2 bar (vertical), centred in a cell."""
+    cell = np.zeros((CELL, CELL), np.float32)
+    if horizontal:
+        cell[3:5, 2:6] = 1.0
+    else:
+        cell[2:6, 3:5] = 1.0
+    return cell
+
+
+def make_cued(n: int, seed: int, across: str = "columns"):
+    """(images (n, 1, 8 rows, 8 cols), labels (n,)): two digits, one in each half of the grid, and a cue in
+    an outer line. across="columns": a 4 x 8 grid, digits in columns 1-3 and 4-6, the cue in column 0 or
+    7; across="rows": an 8 x 4 grid, digits in rows 1-3 and 4-6, the cue in row 0 or 7. The label is the
+    class of the first digit (left / top) when the cue is horizontal, of the second when it is vertical."""
+    rows, cols = GRIDS["cued" if across == "columns" else "cued_rows"]
+    rng = np.random.default_rng([seed, 3 if across == "columns" else 5])
+    imgs, classes = _digits()
+    out = np.zeros((n, 1, rows * CELL, cols * CELL), np.float32)
+    y = np.zeros(n, np.int64)
+    long_axis = cols if across == "columns" else rows
     for i in range(n):
-        a = int(rng.integers(10))
-        b = a if y[i] else int((a + rng.integers(1, 10)) % 10)
-        for cls, x0 in ((a, 0), (b, 32)):
-            img = imgs[by_class[cls][rng.integers(len(by_class[cls]))]]
-            dy, dx = rng.integers(0, 17, size=2)  # anywhere in its 32 x 32 half
-            out[i, 0, dy:dy + 16, x0 + dx:x0 + dx + 16] = img
+        picks = rng.integers(len(classes), size=2)
+        second = bool(rng.integers(2))
+        spots = [(1, long_axis // 2), (long_axis // 2, long_axis - 1), (0, long_axis)]  # first, second, cue lines
+        lines = [int(rng.integers(*spots[0])), int(rng.integers(*spots[1])), int(rng.choice([0, long_axis - 1]))]
+        short = rng.integers(rows if across == "columns" else cols, size=3)
+        for (line, other), img in zip(zip(lines, short), (imgs[picks[0]], imgs[picks[1]], _cue(not second))):
+            _put(out[i, 0], *((other, line) if across == "columns" else (line, other)), img)
+        y[i] = classes[picks[int(second)]]
     return out, y
 
 
-def _walk(rng, size: int, steps: int):
-    """Integer pixels of a curvy random walk with momentum, reflected at the borders."""
-    pos = rng.uniform(2, size - 3, size=2)
-    angle = rng.uniform(0, 2 * np.pi)
-    pts = []
-    for _ in range(steps):
-        angle += rng.normal(0, 0.35)
-        step = np.array([np.cos(angle), np.sin(angle)])
-        nxt = pos + step
-        for k in range(2):
-            if not 1 <= nxt[k] <= size - 2:
-                step[k] = -step[k]
-                angle = math.atan2(step[1], step[0])
-        pos = np.clip(pos + step, 1, size - 2)
-        pts.append((int(round(pos[0])), int(round(pos[1]))))
-    return pts
-
-
-def make_pathfinder(n: int, seed: int, size: int = 32):
-    """(images (n, 1, size, size) float32, labels (n,) int64): two dashed paths, two marked ends; label =
-    the marks are the two ends of the same path."""
-    rng = np.random.default_rng([seed, 2])
-    out = np.zeros((n, 1, size, size), np.float32)
-    y = (rng.random(n) < 0.5).astype(np.int64)
-    steps = int(1.5 * size)
-    for i in range(n):
-        paths = [_walk(rng, size, steps) for _ in range(2)]
-        for path in paths:
-            for j, (r, c) in enumerate(path):
-                if j % 4 != 3:  # dashed: every fourth step left out
-                    out[i, 0, r, c] = 0.6
-        ends = [paths[0][0], paths[0][-1]] if y[i] else [paths[0][0], paths[1][-1]]
-        for r, c in ends:
-            out[i, 0, max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = 1.0
-    return out, y
+TASKS = {"cued": make_cued, "cued_rows": lambda n, seed: make_cued(n, seed, across="rows")}
 
 
 def make_task(task: str, n: int, seed: int):
-    if task == "pairs":
-        x, y = make_pairs(n, seed)
-    elif task == "pathfinder":
-        x, y = make_pathfinder(n, seed)
-    else:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    """The task's images scaled to [-1, 1] and its labels, as tensors."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {tuple(TASKS)}")
+    x, y = TASKS[task](n, seed)
     return torch.from_numpy((x - 0.5) / 0.5), torch.from_numpy(y)
+
+
+def architecture(name: str, cfg: dict) -> dict:
+    """The size arguments of model `name`: the LBVim family at --embed-dim / --depth / --patch; the other
+    Mambas at the same width, depth and patch where they have them (VMamba: four stages of depths 1, 1, 2,
+    1 from width embed-dim / 2, its 4-px stem fixed)."""
+    family = name.removeprefix("lb_")
+    if family == "vmamba":
+        return {"depths": (1, 1, 2, 1), "dims": max(cfg["embed_dim"] // 2, 8)}
+    return {"embed_dim": cfg["embed_dim"], "depth": cfg["depth"], "patch_size": cfg["patch"]}
 
 
 def build_model(name: str, task: str, cfg: dict, seed: int) -> torch.nn.Module:
     timm_name, extra = MODELS[name]
+    rows, cols = GRIDS[task]
     torch.manual_seed(seed)
-    img = (32, 64) if task == "pairs" else (32, 32)
-    return timm.create_model(timm_name, embed_dim=cfg["embed_dim"], depth=cfg["depth"], patch_size=cfg["patch"][task],
-                             img_size=img, in_chans=1, num_classes=2, **extra)
+    return timm.create_model(timm_name, img_size=(rows * CELL, cols * CELL), in_chans=1, num_classes=NUM_CLASSES,
+                             **architecture(name, cfg), **extra)
 
 
 def accuracy(model, x, y, batch: int) -> float:
@@ -236,6 +251,24 @@ def save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def record_run(path: str, cfg: dict, key: str | None = None, result: dict | None = None) -> dict:
+    """Add one finished run to the runs file at `path` (when `key` is given) and return every run in it.
+    Read, update and replace under an exclusive lock, so that several processes (one per task, say) can
+    share the file without losing each other's runs."""
+    import fcntl
+
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = {"config": cfg, "runs": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                store = json.load(f)
+        if key is not None:
+            store["runs"][key] = result
+            save_json(path, store)
+    return store["runs"]
+
+
 def pareto(points):
     """Indices of the points (throughput, accuracy) that no other point beats on both (>= both, > one)."""
     front = []
@@ -280,19 +313,19 @@ def plot(summary: dict, path: str, title: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    p.add_argument("--models", nargs="+", choices=list(MODELS) + list(GROUPS), default=None,
+                   help="model names or groups (vim-family, other-mambas); default: vim-family")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (0 1 with --quick)")
-    p.add_argument("--n-train", type=int, default=None, help="default 2000 (64 with --quick)")
+    p.add_argument("--n-train", type=int, default=None, help="default 12000 (64 with --quick)")
     p.add_argument("--n-val", type=int, default=None, help="default 500 (32 with --quick)")
-    p.add_argument("--n-test", type=int, default=None, help="default 1000 (32 with --quick)")
+    p.add_argument("--n-test", type=int, default=None, help="default 2000 (32 with --quick)")
     p.add_argument("--epochs", type=int, default=None, help="default 4 (1 with --quick)")
     p.add_argument("--embed-dim", type=int, default=None, help="default 64 (32 with --quick)")
     p.add_argument("--depth", type=int, default=None, help="default 4 (2 with --quick)")
-    p.add_argument("--patch", type=int, default=None,
-                   help="patch side for every task (default: 8 on pairs, 4 on pathfinder; 8 with --quick)")
+    p.add_argument("--patch", type=int, default=CELL, help=f"patch side (default {CELL}: one token per cell)")
     p.add_argument("--batch", type=int, default=None, help="default 64 (32 with --quick)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -300,16 +333,20 @@ def main(argv=None) -> int:
     p.add_argument("--figure", default="benchmarks/tradeoff.png")
     p.add_argument("--json", default=None, help="also write every number here")
     p.add_argument("--quick", action="store_true", help="tiny setting: checks that it runs")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the missing runs and stop (no timing, table or figure): for several processes "
+                        "sharing one runs file, e.g. one per task, before one full run reports")
     args = p.parse_args(argv)
     q = args.quick
     pick = lambda v, full, quick: v if v is not None else (quick if q else full)
     tasks = args.tasks or list(TASKS)
-    models = args.models or (["lbvim", "uvim"] if q else list(MODELS))
+    chosen = args.models or (["lbvim", "uvim"] if q else ["vim-family"])
+    models = list(dict.fromkeys(m for name in chosen for m in GROUPS.get(name, [name])))
     seeds = pick(args.seeds, [0, 1, 2], [0, 1])
-    cfg = {"n_train": pick(args.n_train, 2000, 64), "n_val": pick(args.n_val, 500, 32),
-           "n_test": pick(args.n_test, 1000, 32), "epochs": pick(args.epochs, 3, 1),
-           "embed_dim": pick(args.embed_dim, 64, 32), "depth": pick(args.depth, 4, 2),
-           "patch": {t: pick(args.patch, {"pairs": 8, "pathfinder": 4}[t], 8) for t in TASKS},
+    # "tasks": the generators' version; a change to them must not reuse runs saved by the old ones
+    cfg = {"tasks": 2, "n_train": pick(args.n_train, 12000, 64), "n_val": pick(args.n_val, 500, 32),
+           "n_test": pick(args.n_test, 2000, 32), "epochs": pick(args.epochs, 4, 1),
+           "embed_dim": pick(args.embed_dim, 64, 32), "depth": pick(args.depth, 4, 2), "patch": args.patch,
            "batch": pick(args.batch, 64, 32), "lr": args.lr, "data_seed": args.data_seed}
     rounds = pick(args.rounds, 5, 1)
     if args.threads:
@@ -320,11 +357,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     runs_path = os.path.join(args.out, f"runs-{digest}.json")
-    store = {"config": cfg, "runs": {}}
-    if os.path.exists(runs_path):
-        with open(runs_path) as f:
-            store = json.load(f)
-    runs = store["runs"]
+    runs = record_run(runs_path, cfg)
     loaded = trained = 0
 
     print(f"# Accuracy vs CPU throughput: {', '.join(tasks)}; models {', '.join(models)}; seeds {seeds}")
@@ -341,20 +374,21 @@ def main(argv=None) -> int:
                     print(f"loaded {key}: test acc {runs[key]['test_acc']:.3f}", flush=True)
                     continue
                 r = train_one(task, name, seed, cfg, data[task])
-                runs[key] = r
-                save_json(runs_path, store)
+                runs = record_run(runs_path, cfg, key, r)
                 trained += 1
                 print(f"trained {key}: test acc {r['test_acc']:.3f} (val {r['val_acc']:.3f}, "
                       f"{r['train_s']:.1f} s)", flush=True)
     if loaded:
         print(f"resumed: {loaded} finished run(s) loaded from {runs_path}, {trained} trained now")
+    if args.train_only:
+        return 0
 
     # throughput: every (task, model) in one interleaved run
     jobs, batch = {}, cfg["batch"]
     gen = torch.Generator().manual_seed(0)
     for task in tasks:
         x = data[task]["train"][0][:batch]
-        labels = torch.randint(0, 2, (len(x),), generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (len(x),), generator=gen)
         for name in models:
             model = build_model(name, task, cfg, 0)
             opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])

@@ -1,6 +1,7 @@
-"""benchmarks/tradeoff.py: its generated tasks (deterministic for a seed, balanced, the two halves of a
-digit pair independent of the label alone), its Pareto front, and its quick run (JSON line, tables,
-figure) run twice into one folder: the second run resumes (loads every finished run, trains none)."""
+"""benchmarks/tradeoff.py: its generated tasks (deterministic for a seed, every class, labels that follow
+the rule read back from the drawn cells), its model table, its shared runs file, its Pareto front, and its
+quick run (JSON line, tables, figure) run twice into one folder: the second run resumes (loads every
+finished run, trains none)."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "tradeoff.py"
@@ -33,31 +35,73 @@ def bench(monkeypatch):
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("task", ["pairs", "pathfinder"])
-def test_the_tasks_are_deterministic_and_balanced(bench, task):
+@pytest.mark.parametrize("task", ["cued", "cued_rows"])
+def test_the_tasks_are_deterministic_and_cover_every_class(bench, task):
     x1, y1 = bench.make_task(task, 400, 7)
     x2, y2 = bench.make_task(task, 400, 7)
     x3, _ = bench.make_task(task, 400, 8)
-    assert x1.shape == ((400, 1, 32, 64) if task == "pairs" else (400, 1, 32, 32))
+    assert x1.shape == ((400, 1, 32, 64) if task == "cued" else (400, 1, 64, 32)) and y1.dtype == torch.int64
     assert bool((x1 == x2).all()) and bool((y1 == y2).all())
     assert not bool((x1 == x3).all())
-    assert 0.4 < float(y1.float().mean()) < 0.6
+    assert set(y1.tolist()) == set(range(10)) and max(torch.bincount(y1).tolist()) < 0.2 * 400
     assert float(x1.min()) == -1.0 and float(x1.max()) == 1.0
 
 
+def _cells(image):
+    """{(row, col): the cell's 8 x 8 pixels in [0, 1]} for the cells of a (1, H, W) image that hold ink."""
+    pix = (image[0] + 1) / 2
+    rows, cols = pix.shape[0] // 8, pix.shape[1] // 8
+    return {(r, c): pix[8 * r:8 * r + 8, 8 * c:8 * c + 8] for r in range(rows) for c in range(cols)
+            if float(pix[8 * r:8 * r + 8, 8 * c:8 * c + 8].max()) > 0}
+
+
+def _digit_class(bench, cell):
+    """The class of the scikit-learn digit drawn in `cell` (the generator copies them unchanged)."""
+    imgs, classes = bench._digits()
+    match = (torch.from_numpy(imgs) - cell).abs().flatten(1).max(1).values < 1e-6
+    assert bool(match.any())
+    return set(classes[match.numpy()].tolist())
+
+
+@pytest.mark.parametrize("task", ["cued", "cued_rows"])
+def test_the_label_is_the_digit_the_far_cue_selects(bench, task):
+    x, y = bench.make_task(task, 60, 3)
+    across = 1 if task == "cued" else 0  # the grid axis the halves and the cue lines run along
+    cues = {True: torch.from_numpy(bench._cue(True)), False: torch.from_numpy(bench._cue(False))}
+    for image, label in zip(x, y.tolist()):
+        cells = _cells(image)
+        cue = [rc for rc in cells if rc[across] in (0, 7)]
+        first = [rc for rc in cells if 1 <= rc[across] <= 3]
+        second = [rc for rc in cells if 4 <= rc[across] <= 6]
+        assert len(cue) == 1 and len(first) == 1 and len(second) == 1 and len(cells) == 3
+        horizontal = torch.equal(cells[cue[0]], cues[True])
+        assert horizontal or torch.equal(cells[cue[0]], cues[False])
+        assert label in _digit_class(bench, cells[first[0]] if horizontal else cells[second[0]])
+
+
+def test_processes_sharing_a_runs_file_keep_each_others_runs(bench, tmp_path):
+    path = str(tmp_path / "runs.json")
+    assert bench.record_run(path, {"a": 1}) == {}
+    bench.record_run(path, {"a": 1}, "cued/lbvim/0", {"test_acc": 0.9})
+    runs = bench.record_run(path, {"a": 1}, "cued_rows/lbvim/0", {"test_acc": 0.8})  # "another process"
+    assert runs == {"cued/lbvim/0": {"test_acc": 0.9}, "cued_rows/lbvim/0": {"test_acc": 0.8}}
+    assert json.loads(Path(path).read_text()) == {"config": {"a": 1}, "runs": runs}
+
+
 def test_the_two_tasks_draw_different_labels_from_one_seed(bench):
-    assert not bool((bench.make_task("pairs", 200, 0)[1] == bench.make_task("pathfinder", 200, 0)[1]).all())
+    assert not bool((bench.make_task("cued", 200, 0)[1] == bench.make_task("cued_rows", 200, 0)[1]).all())
 
 
-def test_the_digits_of_a_pair_sit_in_the_two_halves(bench):
-    x, _ = bench.make_pairs(50, 0)
-    assert (x[:, :, :, :32].reshape(50, -1).max(1) > 0).all() and (x[:, :, :, 32:].reshape(50, -1).max(1) > 0).all()
-
-
-def test_pathfinder_marks_two_points(bench):
-    x, _ = bench.make_pathfinder(50, 0)
-    assert ((x == 1.0).reshape(50, -1).sum(1) >= 2).all()  # two 3x3 marks (clipped at a border, or overlapping)
-    assert ((x == 0.6).reshape(50, -1).sum(1) > 10).all()  # the dashed paths
+def test_model_groups_and_matched_sizes(bench):
+    cfg = {"embed_dim": 32, "depth": 2, "patch": 8}
+    assert set(bench.GROUPS["vim-family"]) == {"lbvim", "uvim", "vim", "lbvim_w2", "lbvim_w8", "lbvim_w16"}
+    assert len(bench.GROUPS["other-mambas"]) == 8
+    sizes = {name: sum(p.numel() for p in bench.build_model(name, "cued", cfg, 0).parameters())
+             for name in ("lbvim", "uvim", "lbvim_w8", "vmamba", "lb_vmamba", "adventurer", "lb_adventurer")}
+    assert sizes["lbvim"] == sizes["uvim"] == sizes["lbvim_w8"]  # matched width and depth
+    assert sizes["vmamba"] == sizes["lb_vmamba"] and sizes["adventurer"] == sizes["lb_adventurer"]
+    out = bench.build_model("lb_plainmamba", "cued_rows", cfg, 0)(torch.zeros(2, 1, 64, 32))
+    assert out.shape == (2, 10)
 
 
 def test_the_pareto_front(bench):
@@ -77,13 +121,13 @@ def _run(tmp_path):
 def test_the_quick_run_reports_every_number_and_resumes(tmp_path):
     stdout, report = _run(tmp_path)
     assert set(report) == TOP_FIELDS
-    assert report["quick"] is True and report["tasks"] == ["pairs", "pathfinder"]
+    assert report["quick"] is True and report["tasks"] == ["cued", "cued_rows"]
     assert report["models"] == ["lbvim", "uvim"] and len(report["seeds"]) >= 2
     n_runs = 2 * 2 * len(report["seeds"])
     assert (report["trained"], report["loaded"]) == (n_runs, 0) and len(report["runs"]) == n_runs
     assert json.loads((tmp_path / "out.json").read_text()) == report
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for task in ("pairs", "pathfinder"):
+    for task in ("cued", "cued_rows"):
         assert f"## {task}:" in stdout
         rows = report["summary"][task]
         assert set(rows) == {"lbvim", "uvim"}
@@ -102,6 +146,6 @@ def test_the_quick_run_reports_every_number_and_resumes(tmp_path):
     assert (report2["trained"], report2["loaded"]) == (0, n_runs)
     assert "resumed:" in stdout2 and stdout2.count("loaded ") >= n_runs
     assert report2["runs"] == report["runs"]  # the same numbers, read back
-    for task in ("pairs", "pathfinder"):
+    for task in ("cued", "cued_rows"):
         for name in ("lbvim", "uvim"):
             assert report2["summary"][task][name]["acc_mean"] == report["summary"][task][name]["acc_mean"]

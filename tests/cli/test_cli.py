@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import lbmamba
-from conftest import torchrun_lbmamba
+from conftest import OTHER_BACKBONES, torchrun_lbmamba
 from lbmamba import cli
 
 QUIET = ["--no-progress"]
@@ -276,6 +276,26 @@ def test_bench_on_the_cpu(tmp_path, run_cli):
     assert rows["vim_tiny_patch16_224"]["top1"] == 76.1 and res["batch_size"] == 2 and res["img_size"] == 32
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == res["results"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name,kwargs", [(name, kwargs) for name, kwargs, _ in OTHER_BACKBONES],
+                         ids=[name for name, _, _ in OTHER_BACKBONES])
+def test_the_other_vision_mambas_train_evaluate_and_bench_like_lbvim(tmp_path, run_cli, name, kwargs):
+    root = _write_digit_folder(tmp_path / "data")
+    model = ["--model", name, "--set", f"model_kwargs={json.dumps(kwargs)}", "--img-size", "32"]
+    code, res, _, err = run_cli("train", "--data", root, "--epochs", 1, "--batch-size", 8, "--workers", 0, *model,
+                                "--output", tmp_path / "run", *QUIET)
+    assert code == 0, err
+    assert res["epochs"] == 1 and 0 <= res["best_val_top1"] <= 100
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert ckpt["config"]["model"] == name
+    code, ev, _, err = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pth", "--data", root, *QUIET)
+    assert code == 0 and ev["images"] == 12 and 0 <= ev["top1"] <= 100, err
+    code, bench, _, err = run_cli("bench", "--models", name, "--img-size", 32, "--batch-size", 2, "--iters", 1,
+                                  "--warmup", 1, "--model-kwargs", json.dumps(kwargs), "--output", tmp_path / "bench")
+    assert code == 0, err
+    row, = bench["results"]
+    assert row["model"] == name and row["infer_img_per_s"] > 0 and row["train_img_per_s"] > 0
 
 
 # ------------------------------------------------------------------------------------------ bad input
