@@ -17,7 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "tradeoff.py"
 
 TOP_FIELDS = {"machine", "torch", "timm", "threads", "quick", "config", "tasks", "models", "seeds", "rounds",
               "runs_file", "loaded", "trained", "figure", "wall_s", "summary", "runs"}
-ROW_FIELDS = {"timm_name", "params", "seeds", "test_accs", "acc_mean", "acc_std", "val_acc_mean", "train_s_mean",
+ROW_FIELDS = {"timm_name", "lr", "params", "seeds", "test_accs", "acc_mean", "acc_std", "val_acc_mean", "train_s_mean",
               "infer_img_s", "train_img_s", "infer_times_s", "train_times_s", "pareto", "window"}
 
 
@@ -79,6 +79,18 @@ def test_the_label_is_the_digit_the_far_cue_selects(bench, task):
         assert label in _digit_class(bench, cells[first[0]] if horizontal else cells[second[0]])
 
 
+def test_a_model_entry_may_carry_its_own_learning_rate(bench):
+    import argparse
+
+    cfg = {"lr": 2e-3}
+    assert bench.split_lr("vim", cfg) == ("vim", 2e-3) and bench.split_lr("vim@0.001", cfg) == ("vim", 1e-3)
+    assert bench.parse_entry("vim@1e-3") == "vim@1e-3" and bench.parse_entry("other-mambas") == "other-mambas"
+    for bad, message in (("vm@0.1", "unknown model 'vm'"), ("vim@fast", "positive learning rate"),
+                         ("vim@-1", "positive learning rate"), ("vim@", "positive learning rate")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            bench.parse_entry(bad)
+
+
 def test_processes_sharing_a_runs_file_keep_each_others_runs(bench, tmp_path):
     path = str(tmp_path / "runs.json")
     assert bench.record_run(path, {"a": 1}) == {}
@@ -94,7 +106,7 @@ def test_the_two_tasks_draw_different_labels_from_one_seed(bench):
 
 def test_model_groups_and_matched_sizes(bench):
     cfg = {"embed_dim": 32, "depth": 2, "patch": 8}
-    assert set(bench.GROUPS["vim-family"]) == {"lbvim", "uvim", "vim", "lbvim_w2", "lbvim_w8", "lbvim_w16"}
+    assert set(bench.GROUPS["vim-family"]) == {"lbvim", "uvim", "vim", "lbvim_w2", "lbvim_w8", "lbvim_w16", "vim@0.001"}
     assert len(bench.GROUPS["other-mambas"]) == 8
     sizes = {name: sum(p.numel() for p in bench.build_model(name, "cued", cfg, 0).parameters())
              for name in ("lbvim", "uvim", "lbvim_w8", "vmamba", "lb_vmamba", "adventurer", "lb_adventurer")}
