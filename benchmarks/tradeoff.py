@@ -2,7 +2,7 @@
 the other vision Mambas against their LB variants), on two generated tasks that need context across the
 whole image, with mean ± std over seeds.
 
-    python benchmarks/tradeoff.py                          # both tasks, the LBVim family, 3 seeds (1.5-2 h)
+    python benchmarks/tradeoff.py                          # both tasks, the LBVim family, 3 seeds (about 2.5 h)
     python benchmarks/tradeoff.py --models lbvim uvim vim --seeds 0 1 2 3 4
     python benchmarks/tradeoff.py --models other-mambas --tasks cued
     python benchmarks/tradeoff.py --tasks cued --train-only &    # one process per task, then
