@@ -372,8 +372,9 @@ def main(argv=None) -> int:
     chosen = args.models or (["lbvim", "uvim"] if q else ["vim-family"])
     models = list(dict.fromkeys(m for name in chosen for m in GROUPS.get(name, [name])))
     seeds = pick(args.seeds, [0, 1, 2], [0, 1])
-    # "tasks": the generators' version; a change to them must not reuse runs saved by the old ones
-    cfg = {"tasks": 2, "n_train": pick(args.n_train, 12000, 64), "n_val": pick(args.n_val, 500, 32),
+    # "version" of the task generators and the model sizes (architecture()): bump it when either changes,
+    # so that runs saved by the old ones are not reused
+    cfg = {"version": 2, "n_train": pick(args.n_train, 12000, 64), "n_val": pick(args.n_val, 500, 32),
            "n_test": pick(args.n_test, 2000, 32), "epochs": pick(args.epochs, 4, 1),
            "embed_dim": pick(args.embed_dim, 64, 32), "depth": pick(args.depth, 4, 2), "patch": args.patch,
            "batch": pick(args.batch, 64, 32), "lr": args.lr, "data_seed": args.data_seed}
