@@ -51,7 +51,7 @@ the same for every seed). Reported: test accuracy (2,000 images) and val accurac
 parameters.
 
 Resume: every finished (task, model, seed) run is added at once to ``--out``/runs-<config hash>.json
-(under a file lock, written to a temporary file, then os.replace), so several processes can share it;
+(under a file lock, written atomically), so several processes can share it;
 a rerun with the same settings loads finished runs instead of training them again (the log says
 "loaded"). Another setting (epochs, sizes, width...) gets another file. ``--train-only`` stops after
 training: run one process per task that way, then one plain run to time and report.
@@ -95,6 +95,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import timm
 
 import lbmamba  # noqa: F401  (registers the models)
+from lbmamba.engine.files import atomic_path, write_json
 from machine import describe, interleaved
 
 #: the LBVim family at one width and depth: model name -> (timm name, extra kwargs)
@@ -271,13 +272,6 @@ def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
             "final_loss": statistics.fmean(losses[-per_epoch:]), "train_s": train_s}
 
 
-def save_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def record_run(path: str, cfg: dict, key: str | None = None, result: dict | None = None) -> dict:
     """Add one finished run to the runs file at `path` (when `key` is given) and return every run in it.
     Read, update and replace under an exclusive lock, so that several processes (one per task, say) can
@@ -292,7 +286,7 @@ def record_run(path: str, cfg: dict, key: str | None = None, result: dict | None
                 store = json.load(f)
         if key is not None:
             store["runs"][key] = result
-            save_json(path, store)
+            write_json(path, store)
     return store["runs"]
 
 
@@ -331,11 +325,8 @@ def plot(summary: dict, path: str, title: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext or '.png'}"
-    fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
     return path
 
 
@@ -478,7 +469,7 @@ def main(argv=None) -> int:
               "figure": figure, "wall_s": time.perf_counter() - started, "summary": summary,
               "runs": {f"{t}/{m}/{sd}": runs[f"{t}/{m}/{sd}"] for t in tasks for m in models for sd in seeds}}
     if args.json:
-        save_json(args.json, report)
+        write_json(args.json, report)
     print(json.dumps(report))
     return 0
 

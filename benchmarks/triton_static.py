@@ -85,6 +85,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
+from lbmamba.engine.files import write_json
 from lbmamba.ops import triton_scan
 
 KERNELS = ("_fwd_kernel", "_fwd_right_carry_kernel", "_bwd_kernel", "_bwd_left_carry_kernel")
@@ -728,9 +729,7 @@ def summary_table(rows) -> str:
     for key in sorted(groups):
         g = groups[key]
         spilled = [r for r in g if r["spills"]]
-        spill = "0" if not spilled else (f"**{len(spilled)} spill**: up to "
-                                         f"{max(r['spill_store_bytes'] for r in spilled)}/"
-                                         f"{max(r['spill_load_bytes'] for r in spilled)}")  # fmt: skip
+        spill = "0" if not spilled else "**{} spill**: up to {}/{}".format(len(spilled), *_spill_maxima(spilled))
         lines.append(
             f"| {SHORT[g[0]['kernel']]} | {g[0]['dtype']} | {g[0]['block_n']} | sm_{g[0]['arch']} | {len(g)} | "
             f"{_rng([r['block_d'] for r in g])} | {_rng([r['num_warps'] for r in g])} | "
@@ -738,6 +737,11 @@ def summary_table(rows) -> str:
             f"{_rng([round(100 * r['occupancy']) for r in g], '{}%')} |"
         )
     return "\n".join(lines)
+
+
+def _spill_maxima(spilled) -> tuple:
+    """(largest spill stores, largest spill loads) in bytes over the rows `spilled`."""
+    return max(r["spill_store_bytes"] for r in spilled), max(r["spill_load_bytes"] for r in spilled)
 
 
 def compact_table(rows) -> str:
@@ -763,9 +767,8 @@ def compact_table(rows) -> str:
                 regs = " / ".join(_rng([r["regs"] for r in a if r["dtype"] == d]) if any(r["dtype"] == d for r in a)
                                   else "-" for d in DTYPES)  # fmt: skip
                 spilled = [r for r in a if r["spills"]]
-                spill = "0" if not spilled else (f"**{len(spilled)}**/{len(a)} (up to "
-                                                 f"{max(r['spill_store_bytes'] for r in spilled)} B st, "
-                                                 f"{max(r['spill_load_bytes'] for r in spilled)} B ld)")  # fmt: skip
+                spill = "0" if not spilled else "**{}**/{} (up to {} B st, {} B ld)".format(
+                    len(spilled), len(a), *_spill_maxima(spilled))
                 line += f" {regs} | {spill} | {_rng([round(100 * r['occupancy']) for r in a], '{}%')} |"
             lines.append(line)
     return "\n".join(lines)
@@ -951,6 +954,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _identity(label: str, ints) -> tuple:
+    """What makes a compiled row the same configuration across runs: its label and integer specialisation."""
+    return label, json.dumps(dict(ints), sort_keys=True)
+
+
 def _work(task):
     config, arch = task
     try:
@@ -1009,14 +1017,14 @@ def main(argv=None):
           f"(enumerated in {time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
     rows = []
     if args.resume:  # rows of an earlier run of the same enumeration: not compiled again
-        tier = {(c.label(), json.dumps(dict(c.ints), sort_keys=True)): c.tier for c in configs}
+        tier = {_identity(c.label(), c.ints): c.tier for c in configs}
         with open(args.resume) as f:
             for row in map(json.loads, filter(str.strip, f)):
-                key = (row["config"], json.dumps(row.get("ints", {}), sort_keys=True))
+                key = _identity(row["config"], row.get("ints", {}))
                 if "error" not in row and key in tier and row["arch"] in args.arch:
                     rows.append(dict(row, tier=tier[key]))
-        done = {(r["config"], json.dumps(r["ints"], sort_keys=True), r["arch"]) for r in rows}
-        tasks = [(c, a) for c, a in tasks if (c.label(), json.dumps(dict(c.ints), sort_keys=True), a) not in done]
+        done = {(*_identity(r["config"], r["ints"]), r["arch"]) for r in rows}
+        tasks = [(c, a) for c, a in tasks if (*_identity(c.label(), c.ints), a) not in done]
         print(f"resumed {len(rows)} rows; {len(tasks)} compiles to go", file=sys.stderr, flush=True)
     # With --json, each row is also appended to <json>.rows.jsonl as it comes (a long run that dies
     # keeps what it measured).
@@ -1063,8 +1071,7 @@ def main(argv=None):
     for r in errors:
         print(f"ERROR sm_{r['arch']} {r['config']}: {r['error']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, rows=rows, roofline=rf, h100=H100, archs=ARCHS), f, indent=1)
+        write_json(args.json, dict(environment=env, rows=rows, roofline=rf, h100=H100, archs=ARCHS))
     return 1 if errors else 0
 
 
