@@ -313,6 +313,32 @@ def test_bad_window(window, exc, message):
         selective_scan_fn(**_good(), window=window)
 
 
+def test_checks_are_remembered_per_signature_and_never_skip_an_error(monkeypatch):
+    """The dispatcher remembers which argument signatures (types, shapes, dtypes, devices, window, backend)
+    passed its checks, since they cost as much as a short scan; anything the checks read that differs is
+    checked again, and the table stays bounded."""
+    from lbmamba.ops import scan as dispatcher
+
+    kw = _good()
+    selective_scan_fn(**kw, window=1)
+    with pytest.raises(TypeError, match="window must be"):  # True == 1 and hashes alike
+        selective_scan_fn(**kw, window=True)
+    with pytest.raises(TypeError, match="u is torch.float64 but delta is torch.float32"):
+        selective_scan_fn(**dict(kw, u=kw["u"].double()), window=1)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        selective_scan_fn(**dict(kw, D=kw["D"].to("meta")), window=1)
+    with pytest.raises(TypeError, match="D must be a torch.Tensor or None"):
+        selective_scan_fn(**dict(kw, D=kw["D"].numpy()), window=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_scan_fn(**kw, window=1, backend="cuda-magic")
+    monkeypatch.setattr(dispatcher, "_CHECKED", {})
+    monkeypatch.setattr(dispatcher, "_CHECKED_MAX", 3)
+    for seqlen in range(1, 8):
+        out = selective_scan_fn(**make_inputs(1, 4, seqlen, 3, seed=seqlen), backend="cpu")
+        assert out.shape == (1, 4, seqlen)
+        assert 1 <= len(dispatcher._CHECKED) <= 3
+
+
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         selective_scan_fn(**_good(), backend="cuda-magic")

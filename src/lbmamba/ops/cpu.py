@@ -425,6 +425,7 @@ def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, win
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _blocks(dim: int, width: int, *group_counts: int) -> np.ndarray:
     """(start, length) of channel blocks of at most `width` channels that never straddle a group."""
     edges = {0, dim}
@@ -881,11 +882,25 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
 
 def _zero(dtype: torch.dtype):
     """A typed zero: keeps numba's accumulators in the compute dtype instead of float64."""
-    return np.float64(0) if dtype == torch.float64 else np.float32(0)
+    return _ZERO64 if dtype == torch.float64 else _ZERO32
 
 
-def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    return _contiguous(t, dtype).numpy()
+_ZERO32, _ZERO64 = np.float32(0), np.float64(0)
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype, axes: tuple | None = None) -> np.ndarray:
+    """t detached, in the compute dtype, axes permuted by `axes` (as numpy.transpose), as a C-contiguous
+    array: copied only when it is not one already. Each step only when needed, and views taken in numpy:
+    each of torch's no-op .to(), .transpose() and .contiguous() costs about a microsecond, and a short
+    call makes a dozen of these."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    array = t.numpy()  # a view, strided like t
+    if axes is not None:
+        array = array.transpose(axes)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
@@ -893,7 +908,7 @@ def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
     (batch, G, N, L) as (batch, G, L, N), a small placeholder with the right rank when constant."""
     if t.dim() == 2:
         return _np(t, dtype), _placeholder(4, dtype)
-    return None, _np(t.transpose(2, 3), dtype)
+    return None, _np(t, dtype, (0, 1, 3, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -904,16 +919,6 @@ def _placeholder(rank: int, dtype: torch.dtype) -> np.ndarray:
 
 def _np_dtype(dtype: torch.dtype):
     return np.float64 if dtype == torch.float64 else np.float32
-
-
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Detached, contiguous, in the compute dtype (no copy when it already is). Each step only when
-    needed: even a no-op .to() costs a couple of microseconds, and a short call makes ten of these."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return t if t.is_contiguous() else t.contiguous()
 
 
 #: (kernel, compute dtype) pairs that ran in this process; the first call of each may compile
@@ -970,13 +975,19 @@ def _kernel_layout(t, dtype: torch.dtype):
     if t is None:
         return _placeholder(3, dtype), False
     if t.stride(1) == 1:
-        return _np(t.transpose(1, 2), dtype), True
+        return _np(t, dtype, (0, 2, 1)), True
     return _np(t, dtype), False
 
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
     """D or delta_bias as a (dim,) array; zeros when absent."""
-    return _np(t, dtype) if t is not None else np.zeros(dim, dtype=_np_dtype(dtype))
+    return _np(t, dtype) if t is not None else _zeros(dim, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(dim: int, dtype: torch.dtype) -> np.ndarray:
+    """(dim,) zeros standing in for an absent D or delta_bias (shared between calls: never written)."""
+    return np.zeros(dim, dtype=_np_dtype(dtype))
 
 
 def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray, threads: int):
@@ -984,13 +995,20 @@ def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray, threads: int):
     return width, _blocks(dim, width, Bg.shape[1], Cg.shape[1])
 
 
+def _new(shape: tuple, dtype: torch.dtype) -> tuple:
+    """An uninitialised tensor and its array. Allocated by numpy and wrapped: at short lengths torch.empty's
+    couple of microseconds, three times a call, were a fifth of the call's preparation."""
+    array = np.empty(shape, dtype=_np_dtype(dtype))
+    return torch.from_numpy(array), array
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    out = torch.empty((batch, dim, seqlen), dtype=ct)
-    last = torch.empty((batch, dim, dstate), dtype=ct)
-    ckpt = torch.empty(checkpoint_shape(batch, dim, seqlen, dstate, window), dtype=ct)
+    out, out_k = _new((batch, dim, seqlen), ct)
+    last, last_k = _new((batch, dim, dstate), ct)
+    ckpt, ckpt_k = _new(checkpoint_shape(batch, dim, seqlen, dstate, window), ct)
     Bc, Bg = _bc_kernel_layout(B, ct)
     Cc, Cg = _bc_kernel_layout(C, ct)
     threads = scan_threads(batch, dim, seqlen, dstate)
@@ -1000,9 +1018,9 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
         _forward_kernel, batch * len(blocks), threads, width,
         u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct), Bc, Bg, Cc, Cg,
         _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, int(window), chunk_length(window),
-        blocks, _zero(ct), out.numpy(), last.numpy(), ckpt.numpy(),
+        blocks, _zero(ct), out_k, last_k, ckpt_k,
     )
-    return out.to(u.dtype), last, ckpt
+    return (out if u.dtype == ct else out.to(u.dtype)), last, ckpt
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):

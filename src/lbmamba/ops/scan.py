@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _fused
-from ._checks import as_grouped, check_scan_args
+from ._checks import ScanShape, as_grouped, check_scan_args
 from .reference import selective_scan_ref
 from .torch_scan import selective_scan_torch
 
@@ -37,6 +37,36 @@ def _why_unavailable(name: str, device_type: str, dtype: torch.dtype):
     if reason is None and not module.supports(torch.device(device_type), dtype):
         reason = f"it does not run {dtype} tensors on {device_type}"
     return reason
+
+
+#: check_scan_args' and choose_backend's answers by what they depend on (each argument's type, shape,
+#: dtype and device, the window and the backend asked for): together they cost about 15 us, as much as
+#: the whole scan of one position at dim 1024
+_CHECKED: dict = {}
+#: enough for every layer shape of a model at a few lengths; more distinct signatures (e.g. MIL bags of
+#: every length) start the table again rather than grow it without bound
+_CHECKED_MAX = 4096
+
+
+def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str]:
+    """(check_scan_args(...), choose_backend(backend, u)), from _CHECKED when these arguments' signature
+    passed before."""
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.compiler.is_compiling():  # traced once per graph: nothing to save, and no global state in it
+        return check_scan_args(*tensors, window), choose_backend(backend, u)
+    try:
+        key = (type(window), window, backend) + tuple(
+            t if t is None else (type(t), t.shape, t.dtype, t.device) for t in tensors)
+        answer = _CHECKED.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
+        key, answer = None, None
+    if answer is None:
+        answer = check_scan_args(*tensors, window), choose_backend(backend, u)
+        if key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = answer
+    return answer
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -107,8 +137,7 @@ def selective_scan_fn(
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
     """
-    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window)
-    name = choose_backend(backend, u)
+    shape, name = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend)
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
     if name == "torch":
