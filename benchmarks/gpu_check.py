@@ -13,7 +13,10 @@
    delta_bias, softplus).
 3. Measures the device-to-device copy bandwidth and reports each forward's achieved bandwidth
    (inputs read once + outputs written once) as a fraction of it.
-4. Times lbvim / uvim / vim tiny (forward, training step; fp32 and bf16 autocast) if the models exist.
+4. Times lbvim / uvim / vim tiny (the paper's protocol: 224 px, batch 128; inference and training step,
+   fp32 and bf16 autocast) with the peak memory of a training step, and the UperNet segmentors on
+   LBVim-T and Vim-T (LBMamba's head, 512 px, batch 8; inference and training step, fp32 and bf16).
+   The dry run builds the same code path at toy sizes on the CPU.
 5. Prints a table and PASS / FAIL per target, and writes everything as JSON to --out.
 """
 
@@ -70,6 +73,9 @@ if ARGS.dry_run:
     BENCH_SHAPES = [(1, 4, 19, 4)]
     REFERENCE_SHAPE = TORCH_RATIO_SHAPE = (1, 4, 19, 4)
     COPY_ELEMENTS = 1 << 16
+    # the models' code path at toy sizes: (batch, image side, model kwargs) and the segmentors' likewise
+    MODEL_SETUP = (2, 32, dict(depth=2))
+    SEGMENTOR_SETUP = (2, 64, dict(head_channels=32, aux_channels=16, backbone_kwargs=dict(depth=4)))
 else:
     CHECKS = [
         dict(batch=2, dim=64, seqlen=196, dstate=16, dtype=torch.float32, window="auto", B="variable", C="variable"),
@@ -85,8 +91,13 @@ else:
     REFERENCE_SHAPE = (8, 384, 196, 16)
     TORCH_RATIO_SHAPE = (128, 384, 196, 16)
     COPY_ELEMENTS = 1 << 28  # 1 GiB of fp32
+    MODEL_SETUP = (128, 224, {})  # the paper's protocol
+    SEGMENTOR_SETUP = (8, 512, {})  # LBMamba's UperNet (no neck, 512 channels), ADE20K's crop
 LONG_SHAPE = BENCH_SHAPES[-1]
-TARGETS = dict(lb_over_w1_max=1.10, long_forward_min_copy_fraction=0.50, fwd_bwd_speedup_over_torch_min=30.0)
+TARGETS = dict(lb_over_w1_max=1.10, long_forward_min_copy_fraction=0.50, fwd_bwd_speedup_over_torch_min=30.0,
+               model_inference_speedup_over_vim_min=1.5, segmentor_inference_speedup_over_vim_min=1.4)
+MODEL_NAMES = ("lbvim_tiny_patch16_224", "uvim_tiny_patch16_224", "vim_tiny_patch16_224")
+SEGMENTOR_BACKBONES = ("lbvim_tiny_patch16_224", "vim_tiny_patch16_224")
 
 
 def log(*args):
@@ -331,54 +342,88 @@ def run_timings(bandwidth):
 # ----------------------------------------------------------------------------------------------
 
 
+def peak_memory_mb(fn):
+    """Peak GPU memory allocated while fn() runs, in MiB (None on the CPU)."""
+    if DEVICE != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def time_model(model, batch, forward_loss, images):
+    """Inference and training-step timings of `model` in fp32 and under bf16 autocast: forward_loss(model)
+    returns the training loss. Each precision's entry holds its error instead when it failed."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+        def forward():
+            with torch.no_grad(), autocast:
+                model(images)
+
+        def train_step():
+            with autocast:
+                loss = forward_loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        try:
+            model.eval()
+            fwd = bench(forward)
+            model.train()
+            step = bench(train_step)
+            results[precision] = dict(forward_ms=fwd, train_step_ms=step, images_per_s_inference=batch / (fwd * 1e-3),
+                                      images_per_s_train=batch / (step * 1e-3), peak_train_mb=peak_memory_mb(train_step))
+        except Exception as exc:
+            results[precision] = dict(skipped=f"{type(exc).__name__}: {exc}")
+        log(f"  {precision}: {results[precision]}")
+    return results
+
+
 def run_models():
-    if ARGS.dry_run or ARGS.skip_models:
-        log("models: skipped (" + ("dry run" if ARGS.dry_run else "--skip-models") + ")")
-        return {"skipped": "dry run" if ARGS.dry_run else "--skip-models"}
+    """LBVim-T, uVim-T and Vim-T classifiers, then the UperNet segmentors on LBVim-T and Vim-T."""
+    if ARGS.skip_models:
+        log("models: skipped (--skip-models)")
+        return {"skipped": "--skip-models"}
     try:
         import timm
 
-        import lbmamba
-        import lbmamba.models  # noqa: F401
-
-        timm.create_model("lbvim_tiny_patch16_224")
+        from lbmamba.models import build_segmentor
     except Exception as exc:
         log(f"models: skipped ({type(exc).__name__}: {exc})")
         return {"skipped": f"{type(exc).__name__}: {exc}"}
-    results = {}
-    images = torch.randn(128, 3, 224, 224, device=DEVICE)
-    labels = torch.randint(0, 1000, (128,), device=DEVICE)
-    for name in ("lbvim_tiny_patch16_224", "uvim_tiny_patch16_224", "vim_tiny_patch16_224"):
-        for precision in ("fp32", "bf16"):
-            key = f"{name}/{precision}"
-            try:
-                model = timm.create_model(name).to(DEVICE)
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-                def forward(model=model, autocast=autocast):
-                    with torch.no_grad(), autocast:
-                        model(images)
-
-                def train_step(model=model, autocast=autocast, optimizer=optimizer):
-                    with autocast:
-                        loss = torch.nn.functional.cross_entropy(model(images), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-
-                model.eval()
-                fwd = bench(forward)
-                model.train()
-                step = bench(train_step)
-                results[key] = dict(forward_ms=fwd, train_step_ms=step, images_per_s_train=128 / (step * 1e-3))
-            except Exception as exc:
-                results[key] = dict(skipped=f"{type(exc).__name__}: {exc}")
-            finally:
-                model = optimizer = None
-                torch.cuda.empty_cache()
-            log(f"model {key}: {results[key]}")
+    results = {"classifiers": {}, "segmentors": {}}
+    batch, side, kwargs = MODEL_SETUP
+    images = torch.randn(batch, 3, side, side, device=DEVICE)
+    labels = torch.randint(0, 1000, (batch,), device=DEVICE)
+    for name in MODEL_NAMES:
+        log(f"model {name} ({batch} x {side} px)")
+        model = timm.create_model(name, img_size=side, **kwargs).to(DEVICE)
+        results["classifiers"][name] = time_model(
+            model, batch, lambda m: torch.nn.functional.cross_entropy(m(images), labels), images)
+        del model
+        _empty_cache()
+    batch, side, kwargs = SEGMENTOR_SETUP
+    images = torch.randn(batch, 3, side, side, device=DEVICE)
+    masks = torch.randint(0, 150, (batch, side, side), device=DEVICE)
+    for name in SEGMENTOR_BACKBONES:
+        log(f"segmentor UperNet on {name} ({batch} x {side} px)")
+        model = build_segmentor(name, 150, img_size=side, **kwargs).to(DEVICE)
+        results["segmentors"][name] = time_model(model, batch, lambda m: m.losses(images, masks)["loss"], images)
+        del model
+        _empty_cache()
     return results
+
+
+def _empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +435,7 @@ def _ms(row, name, mode):
     return row["ms"].get(name, {}).get(mode)
 
 
-def evaluate_targets(timings):
+def evaluate_targets(timings, models):
     """PASS / FAIL per target; a number that could not be measured fails its target."""
 
     def target(name, value, limit, ok):
@@ -415,6 +460,16 @@ def evaluate_targets(timings):
     floor = TARGETS["fwd_bwd_speedup_over_torch_min"]
     name = f"LB fwd+bwd speed-up over the torch backend at {TORCH_RATIO_SHAPE}"
     targets.append(target(name, speedup, f">= {floor}", lambda v: v >= floor))
+    if "skipped" in models:
+        return targets
+    for kind, floor in (("classifiers", TARGETS["model_inference_speedup_over_vim_min"]),
+                        ("segmentors", TARGETS["segmentor_inference_speedup_over_vim_min"])):
+        for precision in ("fp32", "bf16"):
+            lb, vim = (models[kind].get(n, {}).get(precision, {}).get("forward_ms")
+                       for n in ("lbvim_tiny_patch16_224", "vim_tiny_patch16_224"))
+            speedup = vim / lb if lb is not None and vim is not None else None
+            name = f"LBVim-T / Vim-T {kind[:-1]} inference speed, {precision}"
+            targets.append(target(name, speedup, f">= {floor}", lambda v, floor=floor: v >= floor))
     return targets
 
 
@@ -439,12 +494,17 @@ def print_table(checks, timings, bandwidth, models, targets):
             bw = f"{fraction:9.0%}" if mode == "fwd" and fraction is not None else f"{'':9s}"
             log(f"  {str(tuple(row['shape'])):22s} {mode:7s} " + " ".join(cells) + f" {ratio} {bw}")
     if "skipped" not in models:
-        log("\n== models (batch 128, 224 px) ==")
-        for key, r in models.items():
-            if "skipped" in r:
-                log(f"  {key:32s} skipped: {r['skipped']}")
-            else:
-                log(f"  {key:32s} forward {r['forward_ms']:.1f} ms, train step {r['train_step_ms']:.1f} ms")
+        for kind, (batch, side, _) in (("classifiers", MODEL_SETUP), ("segmentors", SEGMENTOR_SETUP)):
+            log(f"\n== {kind} (batch {batch}, {side} px): ms, images/s, peak MiB of a training step ==")
+            for name, per_precision in models[kind].items():
+                for precision, r in per_precision.items():
+                    if "skipped" in r:
+                        log(f"  {name:26s} {precision}  skipped: {r['skipped']}")
+                        continue
+                    peak = "-" if r["peak_train_mb"] is None else f"{r['peak_train_mb']:.0f}"
+                    log(f"  {name:26s} {precision}  inference {r['forward_ms']:8.1f} ms "
+                        f"({r['images_per_s_inference']:7.1f}/s)  train step {r['train_step_ms']:8.1f} ms "
+                        f"({r['images_per_s_train']:7.1f}/s)  peak {peak}")
     log("\n== targets ==")
     for t in targets:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -466,7 +526,7 @@ def main():
     log(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     timings = run_timings(bandwidth)
     models = run_models()
-    targets = evaluate_targets(timings)
+    targets = evaluate_targets(timings, models)
     print_table(checks, timings, bandwidth, models, targets)
     checks_ok = all("error" not in c and all(r["ok"] for r in c["backends"].values()) for c in checks)
     log(f"\ncorrectness checks: {'PASS' if checks_ok else 'FAIL'}; {time.time() - started:.0f} s")

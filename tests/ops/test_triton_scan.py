@@ -200,6 +200,14 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["checks_ok"] is True, json.dumps(report["checks"], indent=1)[-3000:]
     assert report["timings"] and report["targets"]
     assert all(set(row["ms"]) >= {"triton_lb", "triton_w1", "triton_bi"} for row in report["timings"])
+    # the models' code path (toy sizes): every classifier and segmentor timed in both precisions
+    models = report["models"]
+    assert set(models["classifiers"]) == {"lbvim_tiny_patch16_224", "uvim_tiny_patch16_224", "vim_tiny_patch16_224"}
+    assert set(models["segmentors"]) == {"lbvim_tiny_patch16_224", "vim_tiny_patch16_224"}
+    for per_precision in [*models["classifiers"].values(), *models["segmentors"].values()]:
+        assert set(per_precision) == {"fp32", "bf16"}
+        assert all(r["forward_ms"] > 0 and r["train_step_ms"] > 0 for r in per_precision.values()), per_precision
+    assert any("segmentor inference" in t["name"] for t in report["targets"])
 
 
 # Interface ------------------------------------------------------------------------------------

@@ -425,7 +425,6 @@ def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, win
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
 def _blocks(dim: int, width: int, *group_counts: int) -> np.ndarray:
     """(start, length) of channel blocks of at most `width` channels that never straddle a group."""
     edges = {0, dim}
