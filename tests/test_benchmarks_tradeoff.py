@@ -108,6 +108,8 @@ def test_model_groups_and_matched_sizes(bench):
     cfg = {"embed_dim": 32, "depth": 2, "patch": 8}
     assert set(bench.GROUPS["vim-family"]) == {"lbvim", "uvim", "vim", "lbvim_w2", "lbvim_w8", "lbvim_w16", "vim@0.001"}
     assert len(bench.GROUPS["other-mambas"]) == 8
+    lrs = dict(bench.split_lr(entry, {"lr": 2e-3}) for entry in bench.GROUPS["other-mambas"])
+    assert all(lrs[name] == lrs["lb_" + name] for name in ("vmamba", "localvim", "plainmamba", "adventurer"))
     sizes = {name: sum(p.numel() for p in bench.build_model(name, "cued", cfg, 0).parameters())
              for name in ("lbvim", "uvim", "lbvim_w8", "vmamba", "lb_vmamba", "adventurer", "lb_adventurer")}
     assert sizes["lbvim"] == sizes["uvim"] == sizes["lbvim_w8"]  # matched width and depth
