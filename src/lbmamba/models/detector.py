@@ -66,6 +66,7 @@ from .segmentor import (
     _check_choice,
     _check_int,
     _read,
+    dense_backbone,
     load_adapter_weights,
     load_whole_weights,
 )
@@ -625,8 +626,6 @@ def build_detector(
         rois_per_image, positive_fraction: each stage's RoI sampler.
         The rest: torchvision's RPN and post-processing settings, set to mmdet's cascade config.
     """
-    import timm
-
     _check_choice("kind", kind, DETECTOR_KINDS)
     _check_int("num_classes", num_classes)
     _check_int("img_size", img_size)
@@ -645,24 +644,9 @@ def build_detector(
     if (min_size is None) != (max_size is None):
         raise ValueError("give both min_size and max_size (torchvision's resize) or neither (no resizing)")
 
-    if isinstance(backbone, nn.Module):
-        if backbone_kwargs:
-            raise ValueError("backbone_kwargs apply when the backbone is a model name, not a built model")
-        model = backbone
-    elif isinstance(backbone, str):
-        if not timm.is_model(backbone):
-            close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
-            raise ValueError(f"unknown backbone {backbone!r} (not a timm model name); similar: {close}")
-        kwargs: Dict[str, Any] = dict(drop_path_rate=float(drop_path), num_classes=0)
-        if timm.models.is_model_in_modules(backbone, ["lbvim"]):
-            # LBMamba's detection backbone: no class token, RMSNorm; the entrypoint itself so that
-            # class_token=None reaches the model (timm.create_model drops None arguments)
-            kwargs.update(img_size=img_size, norm_layer=backbone_norm, global_pool="", class_token=None)
-            model = timm.models.model_entrypoint(backbone)(pretrained=False, **dict(kwargs, **(backbone_kwargs or {})))
-        else:
-            model = timm.create_model(backbone, **dict(kwargs, **(backbone_kwargs or {})))
-    else:
-        raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+    # LBMamba's detection backbone: no class token, RMSNorm
+    model = dense_backbone(backbone, drop_path, backbone_kwargs, {},
+                           dict(img_size=img_size, norm_layer=backbone_norm, global_pool="", class_token=None))
     body = DetectionBackbone(model, feature_source=feature_source, out_channels=out_channels)
 
     n = 3 if kind == "cascade_mask_rcnn" else 1

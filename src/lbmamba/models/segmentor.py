@@ -560,6 +560,31 @@ class Segmentor(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
 
+def dense_backbone(backbone: Union[str, nn.Module], drop_path: float, backbone_kwargs: Optional[Dict[str, Any]],
+                   timm_kwargs: Dict[str, Any], vision_mamba_kwargs: Dict[str, Any]) -> nn.Module:
+    """The backbone of a segmentor or detector: a built model as it is, or a timm model name built without
+    a classifier, with `timm_kwargs`, then `vision_mamba_kwargs` for the LBVim / Vim / uVim families, then
+    the user's `backbone_kwargs` (which win)."""
+    import timm
+
+    if isinstance(backbone, nn.Module):
+        if backbone_kwargs:
+            raise ValueError("backbone_kwargs apply when the backbone is a model name, not a built model")
+        return backbone
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown backbone {backbone!r} (not a timm model name); similar: {close}")
+    kwargs = {**timm_kwargs, "drop_path_rate": float(drop_path), "num_classes": 0}
+    if timm.models.is_model_in_modules(backbone, ["lbvim"]):
+        # the entrypoint itself: timm.create_model drops None arguments, and class_token=None (Vim's
+        # segmentation backbone, LBMamba's detection backbone) must reach the model
+        kwargs = {**kwargs, **vision_mamba_kwargs, **(backbone_kwargs or {})}
+        return timm.models.model_entrypoint(backbone)(pretrained=False, **kwargs)
+    return timm.create_model(backbone, **{**kwargs, **(backbone_kwargs or {})})
+
+
 def build_segmentor(
     backbone: Union[str, nn.Module] = "lbvim_tiny_patch16_224",
     num_classes: int = 150,
@@ -595,8 +620,6 @@ def build_segmentor(
         out_norm: per-output LayerNorms; None = as the neck's reference (LBMamba "none": yes, Vim "vim": no).
         The rest: see `Segmentor` and `BackboneAdapter`.
     """
-    import timm
-
     _check_choice("neck", neck, NECKS)
     _check_choice("feature_source", feature_source, FEATURE_SOURCES)
     _check_choice("backbone_norm", backbone_norm, BACKBONE_NORMS)
@@ -604,24 +627,8 @@ def build_segmentor(
     _check_int("in_chans", in_chans)
     if not 0.0 <= float(drop_path) < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
-    if isinstance(backbone, nn.Module):
-        if backbone_kwargs:
-            raise ValueError("backbone_kwargs apply when the backbone is a model name, not a built model")
-        model = backbone
-    elif isinstance(backbone, str):
-        if not timm.is_model(backbone):
-            close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
-            raise ValueError(f"unknown backbone {backbone!r} (not a timm model name); similar: {close}")
-        kwargs = dict(in_chans=in_chans, drop_path_rate=float(drop_path), num_classes=0)
-        if timm.models.is_model_in_modules(backbone, ["lbvim"]):
-            # no pooling (the classifier goes anyway); the entrypoint itself, because timm.create_model
-            # drops None arguments and class_token=None (Vim's segmentation backbone) must reach the model
-            kwargs.update(img_size=img_size, norm_layer=backbone_norm, global_pool="", **(backbone_kwargs or {}))
-            model = timm.models.model_entrypoint(backbone)(pretrained=False, **kwargs)
-        else:
-            model = timm.create_model(backbone, **dict(kwargs, **(backbone_kwargs or {})))
-    else:
-        raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+    model = dense_backbone(backbone, drop_path, backbone_kwargs, dict(in_chans=in_chans),
+                           dict(img_size=img_size, norm_layer=backbone_norm, global_pool=""))
     adapter = BackboneAdapter(model, out_indices=out_indices, feature_source=feature_source, neck=neck,
                               out_norm=(neck == "none") if out_norm is None else out_norm)
     return Segmentor(adapter, num_classes, head_channels=head_channels, aux_channels=aux_channels,
