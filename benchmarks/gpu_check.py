@@ -362,11 +362,11 @@ def time_model(model, batch, forward_loss, images):
     for precision in ("fp32", "bf16"):
         autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-        def forward():
+        def forward(autocast=autocast):
             with torch.no_grad(), autocast:
                 model(images)
 
-        def train_step():
+        def train_step(autocast=autocast):
             with autocast:
                 loss = forward_loss(model)
             optimizer.zero_grad(set_to_none=True)
@@ -378,8 +378,9 @@ def time_model(model, batch, forward_loss, images):
             fwd = bench(forward)
             model.train()
             step = bench(train_step)
-            results[precision] = dict(forward_ms=fwd, train_step_ms=step, images_per_s_inference=batch / (fwd * 1e-3),
-                                      images_per_s_train=batch / (step * 1e-3), peak_train_mb=peak_memory_mb(train_step))
+            results[precision] = dict(
+                forward_ms=fwd, train_step_ms=step, images_per_s_inference=batch / (fwd * 1e-3),
+                images_per_s_train=batch / (step * 1e-3), peak_train_mb=peak_memory_mb(train_step))
         except Exception as exc:
             results[precision] = dict(skipped=f"{type(exc).__name__}: {exc}")
         log(f"  {precision}: {results[precision]}")
