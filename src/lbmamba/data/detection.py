@@ -28,7 +28,6 @@ Randomness as in `segmentation`: every draw of a transform comes from a `numpy.r
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -39,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
-from .images import DataError
+from .images import DataError, read_or_skip
 from .segmentation import _generator, _resize_image, _scene_instances, read_image, rescale_size
 
 __all__ = [
@@ -320,14 +319,10 @@ class CocoDetectionDataset(Dataset):
         return image, target
 
     def __getitem__(self, index: int):
-        try:
-            image, target = self.read(index)
-        except DataError as exc:
-            if not self.skip_bad:
-                raise
-            self.bad_count += 1
-            print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
+        sample = read_or_skip(self, index)
+        if sample is None:
             return None
+        image, target = sample
         if self.transform is None:
             return _to_tensors(image, target, image.shape[:2], image.shape[:2])
         return self.transform(image, target)

@@ -39,6 +39,19 @@ class DataError(ValueError):
     The engine re-raises it as `lbmamba.engine.UserError`; the command line prints it as a one-line error.
     """
 
+
+def read_or_skip(dataset, index: int):
+    """dataset.read(index), or None (counted in dataset.bad_count, with a warning) when it raises a DataError
+    and dataset.skip_bad is set: the samples of the dense-prediction data sets, which the collate drops."""
+    try:
+        return dataset.read(index)
+    except DataError as exc:
+        if not dataset.skip_bad:
+            raise
+        dataset.bad_count += 1
+        print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
+        return None
+
 _MAX_CONSECUTIVE_BAD = 50
 
 

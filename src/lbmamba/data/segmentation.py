@@ -31,7 +31,6 @@ function of its seed and a resumed run draws what an uninterrupted one draws.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
-from .images import DataError
+from .images import DataError, read_or_skip
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -521,14 +520,10 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def __getitem__(self, index: int):
-        try:
-            image, mask = self.read(index)
-        except DataError as exc:
-            if not self.skip_bad:
-                raise
-            self.bad_count += 1
-            print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
+        sample = read_or_skip(self, index)
+        if sample is None:
             return None
+        image, mask = sample
         if self.transform is None:
             return _normalise(image, SEG_MEAN, SEG_STD), _labels(mask)
         return self.transform(image, mask)
