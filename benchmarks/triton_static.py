@@ -138,6 +138,11 @@ class Config:
     pointers: tuple  # ((name, "*bf16"), ...)
     ints: tuple = ()  # ((name, value), ...)
     tier: str = field(default="", compare=False)
+    maxnreg: int | None = None  # ptxas's register limit, when the launch sets one
+
+    def options(self) -> dict:
+        """The compile options of the launch (num_warps, and maxnreg when set)."""
+        return dict(num_warps=self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
 
     def get(self, name, default=None):
         return dict(self.constexprs).get(name, default)
@@ -164,7 +169,8 @@ class Config:
 
     def label(self) -> str:
         spec = " exact-ints" if self.ints else ""
-        return (f"{SHORT[self.kernel]} {self.dtype} N{self.block_n} D{self.block_d} w{self.num_warps} "
+        regs = f" r{self.maxnreg}" if self.maxnreg else ""
+        return (f"{SHORT[self.kernel]} {self.dtype} N{self.block_n} D{self.block_d} w{self.num_warps}{regs} "
                 f"{self.flags()}{spec}")  # fmt: skip
 
 
@@ -194,6 +200,7 @@ def _recording():
 def _config_from_record(name, args, kwargs, exact, tier):
     fn = JIT[name]
     num_warps = kwargs.pop("num_warps")
+    maxnreg = kwargs.pop("maxnreg", None)
     bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
     constexprs, pointers, ints = [], [], []
@@ -207,7 +214,7 @@ def _config_from_record(name, args, kwargs, exact, tier):
             ints.append((param.name, value))
         else:
             raise TypeError(f"{name}: unexpected argument {param.name}={value!r}")
-    return Config(name, num_warps, tuple(constexprs), tuple(pointers), tuple(ints) if exact else (), tier)
+    return Config(name, num_warps, tuple(constexprs), tuple(pointers), tuple(ints) if exact else (), tier, maxnreg)
 
 
 def launches(batch, dim, seqlen, dstate, dtype="fp32", window=8, B="variable", C="variable", groups=2, D=True,
@@ -250,12 +257,10 @@ def launches(batch, dim, seqlen, dstate, dtype="fp32", window=8, B="variable", C
 def block_table():
     """{kernel: {(BLOCK_N, BLOCK_D, num_warps)}} over d_state 1..256, from `_Launch` on meta tensors.
 
-    BLOCK_D = min(32 * NUM_WARPS * pairs / BLOCK_N, next_pow2(dim), the largest power of two dividing
-    dim / G): every power of two up to the first term is reachable (dim = that power, G = 1), and
-    nothing else, so powers of two for dim suffice.
+    BLOCK_D = min(the full BLOCK_D of `_block_rule`, next_pow2(dim), the largest power of two dividing
+    dim / G), and num_warps a function of (BLOCK_N, BLOCK_D): every power of two up to the first term
+    is reachable (dim = that power, G = 1), and nothing else, so powers of two for dim suffice.
     """
-    fwd, bwd = triton_scan.FWD_PAIRS_PER_THREAD, triton_scan.BWD_PAIRS_PER_THREAD
-    pairs = {"_fwd_kernel": fwd, "_fwd_right_carry_kernel": fwd, "_bwd_kernel": bwd, "_bwd_left_carry_kernel": bwd}
     table = {name: set() for name in KERNELS}
     for n in DSTATE_RANGE:
         for log_dim in range(10):
@@ -264,7 +269,7 @@ def block_table():
             A = torch.empty(dim, n, device="meta")
             B = torch.empty(1, 1, n, 1, device="meta")  # canonical variable B: one group
             for name in KERNELS:
-                cfg = triton_scan._Launch(u, A, B, B, 1, pairs[name])
+                cfg = triton_scan._Launch(u, A, B, B, 1, backward=name.startswith("_bwd"))
                 table[name].add((cfg.block_n, cfg.block_d, cfg.num_warps))
     return table
 
@@ -476,7 +481,7 @@ def compile_stats(config: Config, arch: int, sass: bool = True) -> dict:
         knobs.nvidia.dump_ptxas_log = True  # printed on stdout by the compiler
         start = time.perf_counter()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=config.options())
         seconds = time.perf_counter() - start
     match = _PTXAS.search(log.getvalue())
     if match is None:
@@ -485,7 +490,7 @@ def compile_stats(config: Config, arch: int, sass: bool = True) -> dict:
     smem = int(compiled.metadata.shared)
     row = dict(
         config=config.label(), tier=config.tier, kernel=config.kernel, dtype=config.dtype, block_n=config.block_n,
-        block_d=config.block_d, num_warps=config.num_warps, constexprs=dict(config.constexprs),
+        block_d=config.block_d, num_warps=config.num_warps, maxnreg=config.maxnreg, constexprs=dict(config.constexprs),
         pointers=dict(config.pointers), ints=dict(config.ints), arch=arch, regs=regs, spill_store_bytes=spill_st,
         spill_load_bytes=spill_ld, stack_bytes=stack, n_spills=stack // 4, smem_bytes=smem,
         compile_s=round(seconds, 3), **occupancy(regs, config.num_warps, smem, arch),

@@ -66,6 +66,16 @@ CASES = [
     _case("bf16", 2, 4, 29, 4, "auto", dtype="bfloat16"),
     _case("bf16-w1-grouped", 1, 4, 21, 4, 1, B="grouped", C="constant", dtype="bfloat16"),
     _case("fp16-w5", 1, 4, 29, 8, 5, B="grouped", C="constant", dtype="float16"),
+    # d_state whose blocks and tile length differ from d_state 16's (`_Launch`): BLOCK_N 1 (the backward's
+    # 16 channels in one warp), 4, 64 and 256 (8 warps in the backward), at the lowered and the default
+    # CHUNK_LEN (T = CHUNK_LEN / 2 there), with grouped B/C shrinking BLOCK_D and straddling windows
+    _case("n1-w3", 1, 20, 37, 1, 3, C="constant"),
+    _case("n1-default-chunk-straddle-w11", 1, 3, 40, 1, 11, chunk=None),
+    _case("n3-grouped-default-chunk", 2, 6, 45, 3, "auto", B="grouped", groups=(3, 1), chunk=None),
+    _case("n40-w5", 1, 3, 29, 40, 5, B="constant", bias=False),
+    _case("n40-default-chunk-w16", 1, 2, 41, 40, 16, chunk=None, ckpt_every=2),
+    _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2)),
+    _case("n200-bf16-default-chunk", 1, 2, 30, 200, "auto", chunk=None, dtype="bfloat16"),
 ]
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -254,13 +264,53 @@ def test_chunks_hold_whole_windows_and_one_checkpoint_per_run(seqlen, window, ch
     assert triton_scan._chunking(seqlen, window)[0] == chunk_len
     n_chunks = -(-seqlen // chunk_len)
     assert triton_scan.num_checkpoints(seqlen, window) == -(-n_chunks // every)
+    assert triton_scan.num_checkpoints(seqlen, window, 16) == -(-n_chunks // every)
+
+
+@pytest.mark.parametrize("dstate, tile", [(1, 8), (4, 8), (8, 8), (9, 16), (16, 16), (17, 8), (200, 8)])
+def test_tile_length_follows_d_state(dstate, tile, monkeypatch):
+    """T = CHUNK_LEN only at BLOCK_N 16; elsewhere half of it (chunks, checkpoints and straddling follow)."""
+    from lbmamba.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "CHUNK_LEN", 16)
+    assert triton_scan.tile_len(dstate) == tile
+    u, A = torch.empty(2, 64, 100), torch.empty(64, dstate)
+    cfg = triton_scan._Launch(u, A, A, A, 12)
+    assert (cfg.tile, cfg.blocks()["T"]) == (tile, tile)
+    assert (cfg.chunk_len, cfg.straddle) == ((8, True) if tile == 8 else (12, False))
+    n_chunks = -(-100 // cfg.chunk_len)
+    assert cfg.n_ckpt == triton_scan.num_checkpoints(100, 12, dstate) == -(-n_chunks // triton_scan.CHECKPOINT_EVERY)
+    assert triton_scan.checkpoint_shape(2, 64, 100, dstate, 12) == (2, 64, cfg.n_ckpt, dstate)
+
+
+def test_launch_blocks():
+    """The LBVim layer's blocks (d_state 16) are the measured ones; elsewhere the rule's (see `_block_rule`):
+    no more pairs per thread than the full block's, at most 8 warps."""
+    from lbmamba.ops import triton_scan
+
+    def blocks(dim, dstate, backward, groups=1):
+        u, A = torch.empty(1, dim, 1), torch.empty(dim, dstate)
+        cfg = triton_scan._Launch(u, A, torch.empty(1, groups, dstate, 1), A, 8, backward=backward)
+        return cfg.block_n, cfg.block_d, cfg.num_warps, cfg.tile
+
+    assert blocks(384, 16, False) == (16, 16, 4, 16) and blocks(384, 16, True) == (16, 8, 4, 16)
+    assert blocks(384, 1, False) == (1, 128, 4, 8) and blocks(384, 1, True) == (1, 16, 1, 8)
+    assert blocks(384, 3, True) == (4, 32, 4, 8) and blocks(384, 40, True) == (64, 2, 4, 8)
+    assert blocks(384, 200, False) == (256, 1, 4, 8) and blocks(384, 200, True) == (256, 1, 8, 8)
+    assert blocks(384, 16, True, groups=96) == (16, 4, 4, 16)  # a smaller block: half a pair per thread
+    assert blocks(384, 16, False, groups=96) == (16, 4, 2, 16)  # one pair per thread
+    for dstate in range(1, 257):
+        for dim in (1, 2, 6, 40, 384):
+            for backward in (False, True):
+                bn, bd, nw, _ = blocks(dim, dstate, backward)
+                assert 1 <= nw <= 8 and bn * bd <= 32 * nw * 2, (dim, dstate, backward, bn, bd, nw)
 
 
 # Compilation for the GPU ----------------------------------------------------------------------
 
 _ACTIVATIONS = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
 _COMPILE_VARIANTS = [
-    # (kernel, dtype, pairs per thread, N, constexprs)
+    # (kernel, dtype, pairs per thread of the full block (informational: the blocks come from `_Launch`), N, constexprs)
     ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
                                         C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
     ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
@@ -289,10 +339,10 @@ def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
     from lbmamba.ops import triton_scan
 
     fn = getattr(triton_scan, kernel)
-    block_n = dstate
-    block_d = 32 * triton_scan.NUM_WARPS * pairs // block_n
-    chunk = triton_scan.CHUNK_LEN
-    constexprs = dict(constexprs, CHUNK=chunk, T=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+    u, A = torch.empty(1, 1024, 1), torch.empty(1024, dstate)
+    cfg = triton_scan._Launch(u, A, A, A, 1, backward=kernel.startswith("_bwd"))
+    chunk = cfg.tile
+    constexprs = dict(constexprs, CHUNK=chunk, T=chunk, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n)
     if kernel in ("_fwd_kernel", "_bwd_kernel"):
         constexprs["CKPT_EVERY"] = triton_scan.CHECKPOINT_EVERY
     half_bc = {"B_ptr": not constexprs.get("B_CONST", True), "C_ptr": not constexprs.get("C_CONST", True)}
@@ -307,7 +357,8 @@ def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
     assert set(constexprs) <= set(fn.arg_names)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_scan.NUM_WARPS})
+        options = {k: v for k, v in cfg.blocks().items() if k in ("num_warps", "maxnreg")}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as exc:  # a toolchain problem (e.g. ptxas missing), not a program error
         if "ptxas" in str(exc).lower():
             pytest.skip(f"no usable ptxas: {exc}")

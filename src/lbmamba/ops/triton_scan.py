@@ -6,7 +6,8 @@ the CPU through Triton's interpreter when TRITON_INTERPRET=1 is set before this 
 Design (one program per (block of BLOCK_D channels, batch element); grid (dim / BLOCK_D, batch)):
 
 * The sequence is cut into chunks of `chunk_len` positions, held as (T, BLOCK_N, BLOCK_D) register
-  tiles (T = CHUNK_LEN, a power of two; BLOCK_N = N padded to a power of two, masked). u, delta, z
+  tiles (T = CHUNK_LEN, or half of it at d_state outside 9..16: `tile_len`; BLOCK_N = N padded to a
+  power of two, masked). u, delta, z
   and B, C are loaded once per chunk as (T, BLOCK_D) / (T, BLOCK_N) tiles, contiguous along the
   sequence (the forward loads chunk k + 1 while it computes chunk k), and every per-position step
   is fused in registers; no (batch, dim, L, N) tensor exists.
@@ -14,7 +15,7 @@ Design (one program per (block of BLOCK_D channels, batch element); grid (dim / 
   pairs, so the recurrences are unrolled sequential loops in registers: h^L (carried from chunk to
   chunk) and the window-local h^R, a reverse recurrence with decay a' = a except 0 at the last
   position of each window, which is exactly its restart. window = 1 skips h^R (h = h^L).
-* chunk_len is a multiple of the window whenever window <= CHUNK_LEN, so windows never straddle
+* chunk_len is a multiple of the window whenever window <= T, so windows never straddle
   chunks and h^R needs nothing from the next chunk. Longer windows straddle chunks; they stay exact
   through an extra pass that computes the h^R entering each chunk from the right (forward) and the
   dh^R entering each chunk from the left (backward).
@@ -48,13 +49,16 @@ CHUNK_LEN = 16
 #: (K - 1) / K of the chunks, about 15% of the backward's instructions at K = 8). K = 1 saves a
 #: state per chunk and recomputes nothing.
 CHECKPOINT_EVERY = 8
-#: Warps per program, and (channel, state) pairs per thread in the forward and the backward kernels:
-#: BLOCK_D * BLOCK_N = 32 * NUM_WARPS * pairs, so that the (state, channel) axes fill the threads and
-#: every thread holds the whole sequence axis of its pairs. The backward keeps more tiles alive, so
-#: it gets fewer pairs per thread (more would spill registers).
+#: Warps per program, and (channel, state) pairs per thread of a full block in the forward and the
+#: backward kernels: BLOCK_D * BLOCK_N = 32 * NUM_WARPS * pairs, so that the (state, channel) axes fill
+#: the threads and every thread holds the whole sequence axis of its pairs. The backward keeps more
+#: tiles alive, so it gets fewer pairs per thread (more would spill registers). `_Launch` adjusts both
+#: per BLOCK_N, where ptxas measured spills (benchmarks/triton_static.py; the reasons are there).
 NUM_WARPS = 4
 FWD_PAIRS_PER_THREAD = 2
 BWD_PAIRS_PER_THREAD = 1
+#: The register limit given to ptxas for one-warp programs (`_Launch.blocks`), the most a thread can have.
+MAX_REGISTERS = 255
 #: When True, outputs are allocated filled with NaN instead of uninitialised, so a check can prove
 #: that the kernels write every element they return (benchmarks/gpu_check.py sets it).
 POISON_OUTPUTS = False
@@ -509,25 +513,44 @@ def supports(device, dtype) -> bool:
     return on_device and dtype in _DTYPES
 
 
-def _chunking(seqlen: int, window: int):
-    """(chunk_len, straddle): chunks hold whole windows when a window fits in CHUNK_LEN positions.
+def tile_len(dstate=None) -> int:
+    """T, the positions per register tile (and the longest chunk) at this d_state: CHUNK_LEN at
+    BLOCK_N 16 (d_state 9..16, the usual Mamba layer; None means that), half of it elsewhere.
+
+    Measured with ptxas (sm_80 / sm_90, benchmarks/triton_static.py): every thread holds T rows of
+    each of its (T, BLOCK_N, BLOCK_D) pairs, (T, BLOCK_D) channels and (T, BLOCK_N) states, and at
+    T = 16 only BLOCK_N 16 fits them in 255 registers at useful block sizes. With T = 16 the backward
+    spills at BLOCK_N 32..256 even at one pair per thread (255 registers, 4-88 B; 1.1 KB at BLOCK_N
+    256), and both kernels at BLOCK_N 1..4 (up to 3.4 KB: the (T, BLOCK_D) tiles are not shared over
+    states there); T = 8 takes e.g. the backward at BLOCK_N 256 (8 warps) to 232 / 236 registers
+    (sm_90 / sm_80), at BLOCK_N 32 to 168 / 204.
+    """
+    if dstate is None or triton.next_power_of_2(dstate) == 16:
+        return CHUNK_LEN
+    return max(1, CHUNK_LEN // 2)
+
+
+def _chunking(seqlen: int, window: int, tile: int | None = None):
+    """(chunk_len, straddle): chunks hold whole windows when a window fits in a tile (`tile` positions,
+    CHUNK_LEN by default).
 
     window = 1 (no local backward state) never straddles.
     """
+    tile = CHUNK_LEN if tile is None else tile
     window = min(window, seqlen)  # a window past the end is the same as one ending at the end
-    if window <= CHUNK_LEN:
-        return window * (CHUNK_LEN // window), False
-    return CHUNK_LEN, True
+    if window <= tile:
+        return window * (tile // window), False
+    return tile, True
 
 
-def num_checkpoints(seqlen: int, window: int) -> int:
-    """One checkpoint (h^L at a chunk's start) per CHECKPOINT_EVERY chunks."""
-    chunk_len, _ = _chunking(seqlen, window)
+def num_checkpoints(seqlen: int, window: int, dstate: int | None = None) -> int:
+    """One checkpoint (h^L at a chunk's start) per CHECKPOINT_EVERY chunks (chunks of `tile_len(dstate)`)."""
+    chunk_len, _ = _chunking(seqlen, window, tile_len(dstate))
     return triton.cdiv(triton.cdiv(seqlen, chunk_len), CHECKPOINT_EVERY)
 
 
 def checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, window: int) -> tuple:
-    return (batch, dim, num_checkpoints(seqlen, window), dstate)
+    return (batch, dim, num_checkpoints(seqlen, window, dstate), dstate)
 
 
 def _new(shape, dtype, device):
@@ -540,38 +563,74 @@ def _device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class _Launch:
-    """Shapes, block sizes and flags shared by the kernels of one call."""
+def _block_rule(block_n: int, backward: bool):
+    """(largest BLOCK_D, pairs per thread, most warps) of the forward (with its right-carry kernel) or the
+    backward (with its left-carry kernel) at this BLOCK_N, T = tile_len. Register counts below are
+    ptxas's, sm_90 / sm_80, Mamba-layer flags in fp32 (benchmarks/triton_static.py has every flag set)."""
+    if not backward:
+        if block_n <= 4:
+            # (T, BLOCK_D) tiles are as many per thread as pairs at BLOCK_N 1: one pair per thread (at two,
+            # BLOCK_N 1 BLOCK_D 256 spills 56 / 116 B even at T = 8; at one it takes 208 / 220 registers)
+            return 32 * NUM_WARPS // block_n, 1, NUM_WARPS
+        # two pairs per thread (BLOCK_N 16: the LBVim layer's 168 / 167; BLOCK_N 256 at T = 8: 194 / 203)
+        return max(1, 32 * NUM_WARPS * FWD_PAIRS_PER_THREAD // block_n), FWD_PAIRS_PER_THREAD, NUM_WARPS
+    if block_n <= 2:
+        # 16 pairs in one warp, the sequence axis over two lanes: at one pair per thread BLOCK_N 1
+        # spills (BLOCK_D 128, 4 warps: 24 B on sm_80 at T = 8); BLOCK_D 16 takes 206 / 168 registers
+        return 16 // block_n, 0.5, 1
+    # one pair per thread; BLOCK_N 256 (BLOCK_D 1) needs 8 warps for that: 232 / 236 registers at T = 8
+    # (4 warps, two pairs per thread: 1.1 KB of spills at T = 16)
+    return max(1, 32 * NUM_WARPS * BWD_PAIRS_PER_THREAD // block_n), BWD_PAIRS_PER_THREAD, 2 * NUM_WARPS
 
-    def __init__(self, u, A, B, C, window, pairs_per_thread):
+
+class _Launch:
+    """Shapes, block sizes and flags shared by the kernels of one call (the forward's or the backward's)."""
+
+    def __init__(self, u, A, B, C, window, backward=False):
         self.batch, self.dim, self.seqlen = u.shape
         self.dstate = A.shape[1]
         self.window = min(window, self.seqlen)
-        self.chunk_len, self.straddle = _chunking(self.seqlen, window)
+        self.backward = backward
+        self.tile = tile_len(self.dstate)
+        self.chunk_len, self.straddle = _chunking(self.seqlen, window, self.tile)
         self.n_chunks = triton.cdiv(self.seqlen, self.chunk_len)
-        self.n_ckpt = num_checkpoints(self.seqlen, window)
+        self.n_ckpt = num_checkpoints(self.seqlen, window, self.dstate)
         self.b_const, self.c_const = B.dim() == 2, C.dim() == 2
         self.b_groups = 1 if self.b_const else B.shape[1]
         self.c_groups = 1 if self.c_const else C.shape[1]
         self.block_n = triton.next_power_of_2(self.dstate)
-        block_d = max(1, (32 * NUM_WARPS * pairs_per_thread) // self.block_n)
-        block_d = min(block_d, triton.next_power_of_2(self.dim))
+        full_d, pairs_per_thread, max_warps = _block_rule(self.block_n, backward)
+        block_d = min(full_d, triton.next_power_of_2(self.dim))
         for groups in (self.b_groups, self.c_groups):  # a program's channels share one B/C group
             per_group = self.dim // groups
             if groups > 1:
                 block_d = min(block_d, per_group & -per_group)  # largest power of two dividing it
         self.block_d = block_d
-        # Fewer warps for small blocks, so that threads do not spread over the sequence axis.
-        self.num_warps = max(1, min(NUM_WARPS, block_d * self.block_n // (32 * pairs_per_thread)))
+        # Blocks smaller than the full one (small dim, grouped B/C) get one pair per thread (the forward's
+        # BLOCK_N 16 BLOCK_D 4 spilled 8 B in bf16 at two), and in the backward at T = 16 (BLOCK_N 16) half
+        # a pair: one pair per thread spilled 4-12 B at BLOCK_D 2 on sm_80. Fewer warps than that would
+        # spread threads over the sequence axis, more would replicate.
+        if block_d < full_d:
+            pairs_per_thread = 0.5 if backward and self.tile == CHUNK_LEN else min(pairs_per_thread, 1)
+        threads = int(block_d * self.block_n / pairs_per_thread)
+        self.num_warps = max(1, min(max_warps, threads // 32))
         self.grid = (triton.cdiv(self.dim, block_d), self.batch)
 
     def sizes(self):
         return (self.dim, self.seqlen, self.dstate, self.n_chunks)
 
     def blocks(self):
+        # An explicit register limit for one-warp programs and for the backward at T = CHUNK_LEN / 2: without
+        # it ptxas aims at fewer registers (96 / 128 for one warp, 128 for two, 168 for four) and spills
+        # 4-20 B there (e.g. the backward at BLOCK_N 1 BLOCK_D 8, one warp: 128 registers, 8 B, with the
+        # limit 161; BLOCK_N 64 BLOCK_D 1, two warps, window 1: 168 and 20 B on sm_90, with it 212). Not at
+        # BLOCK_N 16's T = CHUNK_LEN with more warps, where no spill was measured without it and the limit
+        # changes the code (the LBVim forward would go from 167 to 219 registers on sm_80).
+        limit = self.num_warps == 1 or (self.backward and self.tile < CHUNK_LEN)
+        options = dict(num_warps=self.num_warps, **({"maxnreg": MAX_REGISTERS} if limit else {}))
         return dict(
-            WINDOW=self.window, CHUNK=self.chunk_len, BLOCK_D=self.block_d, BLOCK_N=self.block_n, T=CHUNK_LEN,
-            num_warps=self.num_warps,
+            WINDOW=self.window, CHUNK=self.chunk_len, BLOCK_D=self.block_d, BLOCK_N=self.block_n, T=self.tile,
+            **options,
         )
 
 
@@ -598,11 +657,11 @@ def _check_inputs(u):
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
     _check_inputs(u)
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = _Launch(u, A, B, C, window, FWD_PAIRS_PER_THREAD)
+    cfg = _Launch(u, A, B, C, window)
     dev = u.device
     out = _new(u.shape, u.dtype, dev)
     last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
-    checkpoints = _new(checkpoint_shape(cfg.batch, cfg.dim, cfg.seqlen, cfg.dstate, window), torch.float32, dev)
+    checkpoints = _new((cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate), torch.float32, dev)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), B_CONST=cfg.b_const)
     with _device_guard(dev):
         rcarry = None
@@ -625,7 +684,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     _check_inputs(u)
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = _Launch(u, A, B, C, window, BWD_PAIRS_PER_THREAD)
+    cfg = _Launch(u, A, B, C, window, backward=True)
     if tuple(checkpoints.shape) != (cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate):
         raise ValueError(
             f"checkpoints must have shape {(cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate)} "
