@@ -52,6 +52,7 @@ def read_or_skip(dataset, index: int):
         print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
         return None
 
+
 _MAX_CONSECUTIVE_BAD = 50
 
 

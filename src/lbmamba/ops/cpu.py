@@ -910,10 +910,15 @@ def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
     return None, _np(t, dtype, (0, 1, 3, 2))
 
 
-@functools.lru_cache(maxsize=None)
 def _placeholder(rank: int, dtype: torch.dtype) -> np.ndarray:
-    """A one-element array of this rank, for an absent input (shared between calls: never written)."""
-    return np.zeros((1,) * rank, dtype=_np_dtype(dtype))
+    """A one-element array of this rank, for an absent input."""
+    return _shared_zeros((1,) * rank, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_zeros(shape: tuple, dtype: torch.dtype) -> np.ndarray:
+    """Zeros standing in for an absent input (shared between calls: never written)."""
+    return np.zeros(shape, dtype=_np_dtype(dtype))
 
 
 def _np_dtype(dtype: torch.dtype):
@@ -980,13 +985,7 @@ def _kernel_layout(t, dtype: torch.dtype):
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
     """D or delta_bias as a (dim,) array; zeros when absent."""
-    return _np(t, dtype) if t is not None else _zeros(dim, dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros(dim: int, dtype: torch.dtype) -> np.ndarray:
-    """(dim,) zeros standing in for an absent D or delta_bias (shared between calls: never written)."""
-    return np.zeros(dim, dtype=_np_dtype(dtype))
+    return _np(t, dtype) if t is not None else _shared_zeros((dim,), dtype)
 
 
 def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray, threads: int):
