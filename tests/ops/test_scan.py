@@ -178,6 +178,38 @@ def test_last_state_matches_reference_and_carries_gradient():
     assert g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("seqlen,window", [(1, 4), (7, 1), (40, 4), (70, "auto")])
+def test_direct_inference_call_matches_the_op(form, seqlen, window):
+    """Without autograd, the fused backend runs directly (no registered op, no checkpoints, the last state
+    only when asked): the same values as through the op, including B / C given as (batch, N, L)."""
+    inputs = make_inputs(2, 40, seqlen, 5, bc=form, groups=2, seed=fresh_seed())
+    watched = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    op_out, op_last = selective_scan_fn(**watched, delta_softplus=True, return_last_state=True, window=window,
+                                        backend="cpu")
+    with torch.no_grad():
+        out = selective_scan_fn(**watched, delta_softplus=True, window=window, backend="cpu")
+        out2, last = selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True, window=window,
+                                       backend="cpu")
+    for a, b in ((out, op_out), (out2, op_out), (last, op_last)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's loop over the op: expected here
+def test_vmap_goes_through_the_op():
+    """Under a torch.func transform the tensors are wrapped: the call must not take the direct path."""
+    inputs = make_inputs(3, 8, 9, 4, bc="variable", seed=fresh_seed())
+    per_example = ("u", "delta", "B", "C", "z")
+    shared = {k: v for k, v in inputs.items() if k not in per_example}
+
+    def one(u, delta, B, C, z):
+        return selective_scan_fn(u[None], delta[None], B=B[None], C=C[None], z=z[None], **shared, backend="cpu")[0]
+
+    batched = torch.vmap(one)(*(inputs[k] for k in per_example))
+    looped = torch.stack([one(*(inputs[k][i] for k in per_example)) for i in range(3)])
+    torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-6)
+
+
 def test_cpu_backend_threads_agree(monkeypatch):
     """The result does not depend on how many threads ran it (no races in the reductions)."""
     from lbmamba.ops import cpu
@@ -345,6 +377,27 @@ def test_bad_backend():
     with pytest.raises(ValueError, match="backend='cpu' is not available"):
         kw = {k: (v.to("meta") if v is not None else None) for k, v in _good().items()}
         selective_scan_fn(**kw, backend="cpu")
+
+
+def test_triton_runs_d_state_up_to_its_limit(monkeypatch):
+    """The triton launch rule covers d_state up to MAX_DSTATE (beyond, register tiles spill): "auto" sends
+    larger d_state to the torch backend, and asking for triton, or calling it, says why."""
+    import types
+
+    pytest.importorskip("triton")
+    from lbmamba.ops import choose_backend, scan, triton_scan
+
+    monkeypatch.setattr(scan, "_UNAVAILABLE", {})
+    monkeypatch.setattr(triton_scan, "is_available", lambda: None)  # as on a GPU machine
+    monkeypatch.setattr(triton_scan, "supports", lambda device, dtype: True)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    limit = triton_scan.MAX_DSTATE
+    assert choose_backend("auto", on_gpu, limit) == "triton"
+    assert choose_backend("auto", on_gpu, limit + 1) == "torch"
+    with pytest.raises(ValueError, match=f"backend='triton' is not available.*d_state up to {limit}, got 300"):
+        choose_backend("triton", on_gpu, 300)
+    with pytest.raises(ValueError, match=f"A: the triton backend runs d_state up to {limit}, got {limit + 1}"):
+        triton_scan._check_inputs(torch.empty(1, 2, 3), torch.empty(2, limit + 1))
 
 
 def test_cpu_backend_says_when_a_first_call_compiles(monkeypatch, capsys):

@@ -1,14 +1,18 @@
 """The fused backends ("cpu", "triton") as one PyTorch custom op with a hand-written backward.
 
 A fused backend is a module with this interface (B and C arrive canonical: constant (dim, N) or
-grouped (batch, G, N, L); other tensors in the caller's dtypes, not necessarily contiguous):
+grouped (batch, G, N, L), and in `forward` also variable (batch, N, L); other tensors in the caller's
+dtypes, not necessarily contiguous):
 
     is_available() -> str | None        None when usable, else the reason it is not
     supports(device, dtype) -> bool     whether it runs tensors of this device and dtype of u
+    MAX_DSTATE: int | None              the largest d_state it runs (None: any)
     checkpoint_shape(batch, dim, seqlen, dstate, window) -> tuple of ints
-    forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window)
+    forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window,
+            keep_last_state=True, keep_checkpoints=True)
         -> out (u's dtype), last_state (batch, dim, N), checkpoints (checkpoint_shape(...): whatever
-           the backend's backward needs to recompute the states, e.g. h^L at every chunk start)
+           the backend's backward needs to recompute the states, e.g. h^L at every chunk start);
+           the backend may skip what the caller does not keep and return None for it
     backward(dout, dlast_state | None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints)
         -> du, ddelta, dA, dB, dC, dD (dim,), dz (empty when z is None), ddelta_bias (dim,)
 
@@ -29,8 +33,15 @@ import torch
 _MODULES = {"cpu": "lbmamba.ops.cpu", "triton": "lbmamba.ops.triton_scan"}
 
 
+#: the backend modules imported so far (importlib's own look-up costs a microsecond or two a call)
+_LOADED: dict = {}
+
+
 def backend_module(name: str):
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def fused_backend_names():

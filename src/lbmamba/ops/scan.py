@@ -17,18 +17,19 @@ _UNAVAILABLE: dict = {}
 
 
 @torch.compiler.assume_constant_result
-def _fused_unavailable(name: str, device_type: str, dtype: torch.dtype):
-    """None when fused backend `name` can run tensors of this device type and dtype, else why not.
+def _fused_unavailable(name: str, device_type: str, dtype: torch.dtype, dstate: int | None = None):
+    """None when fused backend `name` can run tensors of this device type and dtype (and d_state), else
+    why not.
 
     A constant to torch.compile: it is evaluated once while tracing, never inside the graph.
     """
-    key = (name, device_type, dtype)
+    key = (name, device_type, dtype, dstate)
     if key not in _UNAVAILABLE:
-        _UNAVAILABLE[key] = _why_unavailable(name, device_type, dtype)
+        _UNAVAILABLE[key] = _why_unavailable(name, device_type, dtype, dstate)
     return _UNAVAILABLE[key]
 
 
-def _why_unavailable(name: str, device_type: str, dtype: torch.dtype):
+def _why_unavailable(name: str, device_type: str, dtype: torch.dtype, dstate: int | None):
     try:
         module = _fused.backend_module(name)
     except ImportError as exc:  # a missing optional dependency (numba, triton)
@@ -36,71 +37,67 @@ def _why_unavailable(name: str, device_type: str, dtype: torch.dtype):
     reason = module.is_available()
     if reason is None and not module.supports(torch.device(device_type), dtype):
         reason = f"it does not run {dtype} tensors on {device_type}"
+    if reason is None and dstate is not None and module.MAX_DSTATE is not None and dstate > module.MAX_DSTATE:
+        reason = f"it runs d_state up to {module.MAX_DSTATE}, got {dstate}"
     return reason
 
 
-#: check_scan_args' and choose_backend's answers by what they depend on (each argument's type, shape,
-#: dtype and device, the window and the backend asked for): together they cost about 15 us, as much as
-#: the whole scan of one position at dim 1024
+#: whether a torch.func transform (vmap, grad, jvp) is running: its tensors are wrapped
+_functorch_active = torch._C._are_functorch_transforms_active
+#: tensor types the fused backends may be called with directly (not fake or functional tensors)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+#: _checked's answers by what they depend on: each argument's type, shape, dtype, device and
+#: requires_grad, the window and the backend asked for. The checks cost about 15 us, as much as the
+#: whole scan of one position at dim 1024.
 _CHECKED: dict = {}
 #: enough for every layer shape of a model at a few lengths; more distinct signatures (e.g. MIL bags of
 #: every length) start the table again rather than grow it without bound
 _CHECKED_MAX = 4096
 
 
-def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str]:
-    """(check_scan_args(...), choose_backend(backend, u)), from _CHECKED when these arguments' signature
-    passed before."""
+def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str, bool]:
+    """(check_scan_args(...), choose_backend(backend, u), direct), from _CHECKED when these arguments'
+    signature passed before.
+
+    direct: the fused backend may run without the registered op, because neither autograd, nor
+    torch.compile / export, nor a torch.func transform can see this call. The op's dispatch costs tens
+    of microseconds, which at short lengths was as much as the scan itself.
+    """
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     if torch.compiler.is_compiling():  # traced once per graph: nothing to save, and no global state in it
-        return check_scan_args(*tensors, window), choose_backend(backend, u)
+        return check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1]), False
     try:
         key = (type(window), window, backend) + tuple(
-            t if t is None else (type(t), t.shape, t.dtype, t.device) for t in tensors)
+            t if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad) for t in tensors)
         answer = _CHECKED.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
         key, answer = None, None
     if answer is None:
-        answer = check_scan_args(*tensors, window), choose_backend(backend, u)
+        shape, name = check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1])  # raise on bad input
+        present = [t for t in tensors if t is not None]
+        plain = all(type(t) in _PLAIN_TENSORS for t in present)
+        answer = shape, name, plain, any(t.requires_grad for t in present)
         if key is not None:
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED[key] = answer
-    return answer
+    shape, name, plain, needs_grad = answer
+    return shape, name, plain and not (needs_grad and torch.is_grad_enabled()) and not _functorch_active()
 
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-#: tensor types the fused backends may be called with directly (not fake, functional or batched tensors)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_inference_call(tensors) -> bool:
-    """True when neither autograd, nor torch.compile / export, nor a torch.func transform can see this
-    call: then the fused backend runs directly, without the registered op's dispatch (tens of
-    microseconds, which at short lengths was as much as the scan itself)."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if (grad and t.requires_grad) or type(t) not in _PLAIN_TENSORS or _is_functorch_wrapped(t):
-            return False
-    return True
-
-
-
-def choose_backend(backend: str, u: torch.Tensor) -> str:
-    """Resolve `backend` ("auto" or a name in BACKENDS) for tensors like `u`; raise if unusable."""
+def choose_backend(backend: str, u: torch.Tensor, dstate: int | None = None) -> str:
+    """Resolve `backend` ("auto" or a name in BACKENDS) for tensors like `u` (and d_state `dstate`, when
+    given); raise if unusable."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         preferred = {"cpu": "cpu", "cuda": "triton"}.get(u.device.type)
-        if preferred is not None and _fused_unavailable(preferred, u.device.type, u.dtype) is None:
+        if preferred is not None and _fused_unavailable(preferred, u.device.type, u.dtype, dstate) is None:
             return preferred
         return "torch"
     if backend in _fused.fused_backend_names():
-        reason = _fused_unavailable(backend, u.device.type, u.dtype)
+        reason = _fused_unavailable(backend, u.device.type, u.dtype, dstate)
         if reason is not None:
             raise ValueError(f"backend={backend!r} is not available for these inputs: {reason}")
     return backend
@@ -137,17 +134,19 @@ def selective_scan_fn(
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
     """
-    shape, name = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend)
+    shape, name, direct = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend)
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
     if name == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     window=window)
-    args = (u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window)
-    if _plain_inference_call(args[:8]):
-        out, last_state, _ = _fused.backend_module(name).forward(*args)
+    if direct:
+        out, last_state, _ = _fused.backend_module(name).forward(
+            u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), shape.window,
+            keep_last_state=bool(return_last_state), keep_checkpoints=False)
     else:
-        out, last_state, _ = _fused.lb_scan_fwd(*args, name)
+        out, last_state, _ = _fused.lb_scan_fwd(
+            u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name)
     return (out, last_state) if return_last_state else out
 
 

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import as_grouped
+
 #: Positions per register tile (a power of two). Windows up to this size never straddle chunks, and
 #: the checkpoints cost N / CHUNK_LEN floats per (batch, channel, position). Tests lower it so that
 #: short sequences cross chunks.
@@ -59,6 +61,10 @@ FWD_PAIRS_PER_THREAD = 2
 BWD_PAIRS_PER_THREAD = 1
 #: The register limit given to ptxas for one-warp programs (`_Launch.blocks`), the most a thread can have.
 MAX_REGISTERS = 255
+#: The largest d_state the launch rule covers: a program holds all of a channel's states, and at BLOCK_N
+#: 512 even one channel per program needs two (state, channel) pairs per thread in the backward, which
+#: spills. The dispatcher sends larger d_state to the `torch` backend.
+MAX_DSTATE = 256
 #: When True, outputs are allocated filled with NaN instead of uninitialised, so a check can prove
 #: that the kernels write every element they return (benchmarks/gpu_check.py sets it).
 POISON_OUTPUTS = False
@@ -646,16 +652,22 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
     return u, delta, A, B, C, D, z, delta_bias
 
 
-def _check_inputs(u):
+def _check_inputs(u, A):
     if not supports(u.device, u.dtype):
         raise ValueError(
             f"u: the triton backend runs float32 / float16 / bfloat16 tensors on CUDA "
             f"(or on the CPU with TRITON_INTERPRET=1), got {u.dtype} on {u.device.type}"
         )
+    if A.shape[1] > MAX_DSTATE:
+        raise ValueError(f"A: the triton backend runs d_state up to {MAX_DSTATE}, got {A.shape[1]} "
+                         f"(backend='torch' runs any)")
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
-    _check_inputs(u)
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True):
+    # the kernel writes the last state and the checkpoints whether kept or not: at GPU sizes they are a
+    # small part of its traffic, and a Python call's overhead is not this backend's bottleneck
+    _check_inputs(u, A)
+    B, C = as_grouped(B), as_grouped(C)
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = _Launch(u, A, B, C, window)
     dev = u.device
@@ -681,7 +693,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window):
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
-    _check_inputs(u)
+    _check_inputs(u, A)
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = _Launch(u, A, B, C, window, backward=True)
