@@ -606,7 +606,7 @@ def _forward_kernel(
                 Bt = Bg[bb, bg, start + ts:start + ts + tr] if not b_const else Bg[0, 0]
                 Ct = Cg[cb, cg, start + ts:start + ts + tr] if not c_const else Cg[0, 0]
                 for n in range(n_state):
-                    if window > 1 and tr > 1:  # (one position: its window ends there, h^R = x)
+                    if window > 1:
                         # right to left inside each window: a_t = exp(Δ_t A), x_t = Δ_t u_t B_t and
                         # h^R_t = a_t h^R_{t+1} + x_t, with h^R = 0 one past the window's end
                         for j in range(tr - 1, -1, -1):
