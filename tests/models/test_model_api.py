@@ -132,3 +132,17 @@ def test_state_dict_round_trip(name):
     target.load_state_dict(source.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted({min(n for n in MODEL_NAMES if _family(n) == f) for f in FAMILIES}))
+def test_training_after_inference_mode(name):
+    """A model first run under torch.inference_mode() (an evaluation, a benchmark) must still train: tables
+    it caches on that first call (scan orders per grid size) must not be inference tensors. The image size
+    is one no other test uses, so the tables are built here first."""
+    size = 48 if FAMILIES[_family(name)][2] == "NCHW" else None
+    model = _create(name, **({"img_size": size} if size else {}))
+    x = _image(size) if size else _input(name)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

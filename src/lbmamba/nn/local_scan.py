@@ -30,10 +30,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+
+from .tables import table_cache
 
 __all__ = ["DIRECTIONS", "parse_direction", "order", "inverse", "ScanPlan", "scan_plan", "V_REVERSE"]
 
@@ -63,7 +64,7 @@ def _check_grid(H: int, W: int) -> None:
         raise ValueError(f"the token grid must be at least 1 x 1, got {H} x {W}")
 
 
-@lru_cache(maxsize=512)
+@table_cache(maxsize=512)
 def _order(direction: str, H: int, W: int) -> torch.Tensor:
     kind, K, flip = parse_direction(direction)
     _check_grid(H, W)
@@ -88,7 +89,7 @@ def order(direction: str, H: int, W: int) -> torch.Tensor:
     return _order(direction, int(H), int(W)).clone()
 
 
-@lru_cache(maxsize=512)
+@table_cache(maxsize=512)
 def _inverse(direction: str, H: int, W: int, v_reverse: str) -> torch.Tensor:
     if v_reverse not in V_REVERSE:
         raise ValueError(f"v_reverse must be one of {V_REVERSE}, got {v_reverse!r}")
@@ -176,7 +177,7 @@ def _tables(direction: str, H: int, W: int, class_token: bool, v_reverse: str) -
     return gather, scatter
 
 
-@lru_cache(maxsize=256)
+@table_cache(maxsize=256)
 def scan_plan(directions: Tuple[str, ...], H: int, W: int, class_token: bool = False,
               v_reverse: str = "exact") -> ScanPlan:
     """The tables of `directions` on an H x W token grid (CPU tensors, cached; move with `.to(device)`).

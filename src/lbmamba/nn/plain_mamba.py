@@ -29,7 +29,6 @@ Parameter names and shapes are the official ones: `in_proj.{weight,bias}`, `conv
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Tuple
 
 import torch
@@ -39,12 +38,13 @@ from timm.layers import trunc_normal_
 
 from ..ops import resolve_window, selective_scan_fn
 from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
+from .tables import table_cache
 from .zigzag_scan import NUM_LABELS, NUM_ORDERS, zigzag_tables
 
 __all__ = ["PlainMamba2D", "stacked_zigzag_tables"]
 
 
-@lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def stacked_zigzag_tables(height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """(orders (4 L,), inverse (4 L,), labels (4, L)) for the stacked layout of `PlainMamba2D`.
 

@@ -26,7 +26,6 @@ Parameter names and shapes are VMamba's, so its checkpoints load unchanged::
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Tuple
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 from ..ops import resolve_window, selective_scan_fn
 from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
+from .tables import table_cache
 
 __all__ = ["SS2D", "Linear2d", "LayerNorm2d", "cross_scan_tables", "cross_scan", "cross_merge", "NUM_ROUTES"]
 
@@ -43,7 +43,7 @@ __all__ = ["SS2D", "Linear2d", "LayerNorm2d", "cross_scan_tables", "cross_scan",
 NUM_ROUTES = 4
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def cross_scan_tables(height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(order, inverse), both int64 (4, H * W) on `device` (default: the CPU), cached per (H, W, device).
 

@@ -19,10 +19,11 @@ an `index_select` / gather.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
+
+from .tables import table_cache
 
 __all__ = ["ZigZagTables", "zigzag_tables", "DIRECTION_LABELS", "NUM_ORDERS", "NUM_LABELS"]
 
@@ -70,7 +71,7 @@ def _labels(order: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=order.dtype), moves])
 
 
-@lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def _cpu_tables(height: int, width: int) -> ZigZagTables:
     rows, cols = _snake_rows(height, width), _snake_cols(height, width)
     orders = torch.stack([rows, rows.flip(0), cols, cols.flip(0)])
@@ -81,7 +82,7 @@ def _cpu_tables(height: int, width: int) -> ZigZagTables:
     return ZigZagTables(orders, inverse, labels)
 
 
-@lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def _device_tables(height: int, width: int, device: torch.device) -> ZigZagTables:
     return ZigZagTables(*(t.to(device) for t in _cpu_tables(height, width)))
 
