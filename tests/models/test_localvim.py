@@ -545,3 +545,13 @@ def test_engine_constructor_arguments_are_accepted():
     # the official schedule: layer i gets ([0] + linspace(0, rate, depth))[i], the final add the rate itself
     assert isinstance(model.layers[1].drop_path, torch.nn.Identity)
     assert model.layers[2].drop_path.drop_prob == pytest.approx(0.05) and model.drop_path.drop_prob == 0.1
+
+
+def test_plans_moved_to_a_device_under_inference_mode_are_normal_tensors():
+    """A layer's plan moved to its device on a first call under torch.inference_mode() is cached: it must not
+    be an inference tensor, or later training steps could not index with it ("meta" stands in for a GPU)."""
+    m = MultiMamba(8, ("h", "w2_flip"), d_state=4)
+    with torch.inference_mode():
+        plan = m.plan((5, 5), "meta")
+    tables = [t for group in plan.groups for t in (group.gather, group.scatter)]
+    assert tables and all(t.device.type == "meta" and not t.is_inference() for t in tables)

@@ -171,7 +171,8 @@ class MultiMamba(nn.Module):
         if plan is None:
             plan = scan_plan(self.directions, key[0], key[1], self.class_token, self.v_reverse)
             if device is not None and torch.device(device).type != "cpu":
-                plan = plan.to(device)
+                with torch.inference_mode(False):  # cached: see nn/tables.py for why not an inference tensor
+                    plan = plan.to(device)
             if len(self._plans) >= 64:  # e.g. multi-scale training: keep the cache small
                 self._plans.clear()
             self._plans[key] = plan
