@@ -98,7 +98,7 @@ TARGETS = dict(lb_over_w1_max=1.10, long_forward_min_copy_fraction=0.50, fwd_bwd
                model_inference_speedup_over_vim_min=1.5, segmentor_inference_speedup_over_vim_min=1.4)
 MODEL_NAMES = ("lbvim_tiny_patch16_224", "uvim_tiny_patch16_224", "vim_tiny_patch16_224")
 #: LBVim-T, then Vim-T: the pair the speed targets compare (classifiers and segmentors)
-SEGMENTOR_BACKBONES = ("lbvim_tiny_patch16_224", "vim_tiny_patch16_224")
+TARGET_PAIR = ("lbvim_tiny_patch16_224", "vim_tiny_patch16_224")
 
 
 def log(*args):
@@ -414,7 +414,7 @@ def run_models():
     batch, side, kwargs = SEGMENTOR_SETUP
     images = torch.randn(batch, 3, side, side, device=DEVICE)
     masks = torch.randint(0, 150, (batch, side, side), device=DEVICE)
-    for name in SEGMENTOR_BACKBONES:
+    for name in TARGET_PAIR:
         log(f"segmentor UperNet on {name} ({batch} x {side} px)")
         model = build_segmentor(name, 150, img_size=side, **kwargs).to(DEVICE)
         results["segmentors"][name] = time_model(model, batch, lambda m: m.losses(images, masks)["loss"], images)
@@ -462,7 +462,7 @@ def evaluate_targets(timings, models):
     for kind, floor in (("classifiers", TARGETS["model_inference_speedup_over_vim_min"]),
                         ("segmentors", TARGETS["segmentor_inference_speedup_over_vim_min"])):
         for precision in ("fp32", "bf16"):
-            lb, vim = (models[kind].get(n, {}).get(precision, {}).get("forward_ms") for n in SEGMENTOR_BACKBONES)
+            lb, vim = (models[kind].get(n, {}).get(precision, {}).get("forward_ms") for n in TARGET_PAIR)
             speedup = vim / lb if lb is not None and vim is not None else None
             name = f"LBVim-T / Vim-T {kind[:-1]} inference speed, {precision}"
             targets.append(target(name, speedup, f">= {floor}", lambda v, floor=floor: v >= floor))

@@ -36,7 +36,8 @@ import torch
 
 from .tables import table_cache
 
-__all__ = ["DIRECTIONS", "parse_direction", "order", "inverse", "ScanPlan", "scan_plan", "V_REVERSE"]
+__all__ = ["DIRECTIONS", "parse_direction", "order", "inverse", "ScanPlan", "scan_plan", "device_plan",
+           "V_REVERSE"]
 
 #: the eight directions of LocalMamba's search space
 DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
@@ -203,6 +204,14 @@ def scan_plan(directions: Tuple[str, ...], H: int, W: int, class_token: bool = F
     )
     padded = any(bool((g.gather == H * W + int(bool(class_token))).any()) for g in groups)
     return ScanPlan(directions, (H, W), bool(class_token), groups, padded)
+
+
+@table_cache(maxsize=256)
+def device_plan(directions: Tuple[str, ...], H: int, W: int, class_token: bool, v_reverse: str,
+                device: torch.device) -> ScanPlan:
+    """scan_plan(...) on `device` (cached per device: every forward asks for its input's)."""
+    plan = scan_plan(directions, H, W, class_token, v_reverse)
+    return plan if device.type == "cpu" else plan.to(device)
 
 
 def as_direction_lists(directions: Sequence[Sequence[str]]) -> Tuple[Tuple[str, ...], ...]:

@@ -28,14 +28,14 @@ they train independently). Here they are independent from the start, with the sa
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import resolve_window, selective_scan_fn
-from .local_scan import V_REVERSE, ScanPlan, parse_direction, scan_plan
+from .local_scan import V_REVERSE, ScanPlan, device_plan, parse_direction
 from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
 
 __all__ = ["MultiMamba", "ChannelGate", "causal_depthwise_conv1d"]
@@ -142,7 +142,6 @@ class MultiMamba(nn.Module):
         self.class_token = bool(class_token)
         self.v_reverse = v_reverse
         self.layer_idx = layer_idx
-        self._plans: Dict[Tuple, ScanPlan] = {}
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         for k in range(len(self.directions)):
@@ -166,17 +165,8 @@ class MultiMamba(nn.Module):
     # ------------------------------------------------------------------ tables
     def plan(self, grid: Tuple[int, int], device=None) -> ScanPlan:
         """The scan tables for this layer on an H x W grid, on `device` (cached per grid and device)."""
-        key = (int(grid[0]), int(grid[1]), str(device))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = scan_plan(self.directions, key[0], key[1], self.class_token, self.v_reverse)
-            if device is not None and torch.device(device).type != "cpu":
-                with torch.inference_mode(False):  # cached: see nn/tables.py for why not an inference tensor
-                    plan = plan.to(device)
-            if len(self._plans) >= 64:  # e.g. multi-scale training: keep the cache small
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+        return device_plan(self.directions, int(grid[0]), int(grid[1]), self.class_token, self.v_reverse,
+                           torch.device(device if device is not None else "cpu"))
 
     # ------------------------------------------------------------------ forward
     def _params(self, name: str, indices: Sequence[int]):
