@@ -506,14 +506,17 @@ def aligned_zeros(like, shape):
 
 
 @njit(**_JIT_EXACT)
-def block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc):
+def block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, with_a):
     """Copy the block's A (and B / C when they are constant (dim, N), else None) into Al / Bl / Cl, states
-    first; returns max |A| over the block, inf if any is not finite (for fast_exp_ok)."""
-    copy_transposed(Al, A, d0, lanes)
+    first; returns max |A| over the block, inf if any is not finite (for fast_exp_ok). Without `with_a`
+    (a single position: no decay to compute) A is neither copied nor read, and 0 is returned."""
     if Bc is not None:
         copy_transposed(Bl, Bc, d0, lanes)
     if Cc is not None:
         copy_transposed(Cl, Cc, d0, lanes)
+    if not with_a:
+        return acc.dtype.type(0)
+    copy_transposed(Al, A, d0, lanes)
     return abs_max_if_finite(Al, Al.shape[0], lanes, acc)
 
 
@@ -589,7 +592,7 @@ def _forward_kernel(
         if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
             for buffer in (dtl, ul, dtu, Al, Bl, Cl):
                 fill_rows(buffer, buffer.shape[0], width, zero)
-        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, seqlen > 1)
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             if start > 0 and keep_ckpt:  # h^L is 0 at the first chunk's start: no checkpoint for it
@@ -630,7 +633,16 @@ def _forward_kernel(
                                 h[n, c] = carried + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (carried + hr[j, c])
                     else:  # vanilla scan: a and x formed on the fly, no local backward state
-                        for j in range(tr):
+                        first = 0
+                        if start + ts == 0:  # h is 0 before the first position: no decay to compute
+                            bs = zero if b_const else Bt[0, n]
+                            cs = zero if c_const else Ct[0, n]
+                            for c in range(width):
+                                hv = dtu[0, c] * (Bl[n, c] if b_const else bs)
+                                h[n, c] = hv
+                                yl[0, c] += (Cl[n, c] if c_const else cs) * hv
+                            first = 1
+                        for j in range(first, tr):
                             bs = zero if b_const else Bt[j, n]
                             cs = zero if c_const else Ct[j, n]
                             for c in range(width):
@@ -711,7 +723,7 @@ def _backward_kernel(
             for i in range(rows_max):
                 fill_rows(q[i], n_state, width, zero)
         D_blk = Dv[d0:d1]
-        a_max = block_params(A, Bc, Cc, d0, lanes, Al, bv, cv, acc)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, bv, cv, acc, True)
         if has_dlast:
             for c in range(lanes):
                 row = dlast[b, d0 + c]
@@ -1044,10 +1056,11 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
     u_k, u_cl = _kernel_layout(u, ct)
     delta_k, delta_cl = _kernel_layout(delta, ct)
     z_k, z_cl = _kernel_layout(z, ct)
+    sweep = int(window) if seqlen > 1 else 1  # one position: h^R = x, so LB is the vanilla scan
     _run_tasks(
         _forward_kernel, batch * len(blocks), threads, width,
         u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct), Bc, Bg, Cc, Cg,
-        _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, int(window), chunk_length(window),
+        _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, sweep, chunk_length(sweep),
         blocks, keep_last_state, keep_checkpoints, out_k, last_k, ckpt_k,
     )
     return (out if u.dtype == ct else out.to(u.dtype)), last, ckpt
