@@ -147,6 +147,10 @@ def check_against_reference(backend, inputs, softplus, window, tol, seed, last_s
     assert torch.isfinite(out).all(), f"non-finite output ({ctx})"
     assert rel_err(out, r_out) < tol, f"out rel err {rel_err(out, r_out):.2e} ({ctx})"
     assert rel_err(last, r_last) < tol, f"last_state rel err {rel_err(last, r_last):.2e} ({ctx})"
+    with torch.no_grad():  # no autograd: the fused backends run directly, without the registered op
+        direct_out, direct_last = fast(**inputs, delta_softplus=softplus, return_last_state=True, window=window)
+    assert rel_err(direct_out, r_out) < tol, f"no-grad out rel err {rel_err(direct_out, r_out):.2e} ({ctx})"
+    assert rel_err(direct_last, r_last) < tol, f"no-grad last_state rel err {rel_err(direct_last, r_last):.2e} ({ctx})"
     for name, grad in grads.items():
         assert grad.shape == inputs[name].shape, f"d{name} shape {tuple(grad.shape)} ({ctx})"
         assert grad.dtype == inputs[name].dtype, f"d{name} dtype {grad.dtype} != {inputs[name].dtype} ({ctx})"

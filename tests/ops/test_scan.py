@@ -195,6 +195,36 @@ def test_direct_inference_call_matches_the_op(form, seqlen, window):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen", [1, 9])
+def test_direct_call_reads_the_mixers_layouts(dtype, seqlen):
+    """The direct path reads tensors by address with a plan made once per signature: the Mamba mixer's
+    layouts (x and z halves of one projection, B / C slices of another, delta channels last), half
+    precision, and new data under a plan made for earlier calls all give the reference's values."""
+    batch, dim, dstate = 2, 24, 4
+    for _ in range(2):  # the second round reuses the plans of the first with new data
+        seed = fresh_seed()
+        g = torch.Generator().manual_seed(seed)
+        xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(dtype).transpose(1, 2)  # (batch, 2 dim, L) view
+        u, z = xz.chunk(2, dim=1)  # channels fastest, every other block of channels: not dense
+        x_dbl = torch.randn(batch * seqlen, 3 + 2 * dstate, generator=g).to(dtype)
+        B = x_dbl[:, 3:3 + dstate].reshape(batch, seqlen, dstate).transpose(1, 2)  # (batch, N, L) strided slice
+        C = x_dbl[:, 3 + dstate:].reshape(batch, seqlen, dstate).transpose(1, 2)
+        delta = (torch.randn(batch, seqlen, dim, generator=g) * 0.3).to(dtype).transpose(1, 2)  # channels last
+        params = dict(A=-torch.rand(dim, dstate, generator=g) - 0.5, D=torch.randn(dim, generator=g),
+                      delta_bias=torch.randn(dim, generator=g) * 0.1)
+        inputs = dict(u=u, delta=delta, B=B, C=C, z=z, **params)
+        with torch.no_grad():
+            out, last = selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True, window=4,
+                                          backend="cpu")
+        ref, ref_last = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True,
+                                           return_last_state=True, window=4)
+        tol = 2e-5 if dtype == torch.float32 else 1e-2
+        assert out.dtype == dtype and out.shape == (batch, dim, seqlen)
+        assert rel_err(out, ref) < tol, f"seed {seed}"
+        assert rel_err(last, ref_last) < tol, f"seed {seed}"
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's loop over the op: expected here
 def test_vmap_goes_through_the_op():
     """Under a torch.func transform the tensors are wrapped: the call must not take the direct path."""

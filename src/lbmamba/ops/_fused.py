@@ -13,6 +13,9 @@ dtypes, not necessarily contiguous):
         -> out (u's dtype), last_state (batch, dim, N), checkpoints (checkpoint_shape(...): whatever
            the backend's backward needs to recompute the states, e.g. h^L at every chunk start);
            the backend may skip what the caller does not keep and return None for it
+    forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True)
+        -> run(u, delta, A, B, C, D, z, delta_bias, delta_softplus), the same as forward for tensors with
+           these types, shapes, strides, dtypes and devices (its set-up done once: short calls reuse it)
     backward(dout, dlast_state | None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints)
         -> du, ddelta, dA, dB, dC, dD (dim,), dz (empty when z is None), ddelta_bias (dim,)
 

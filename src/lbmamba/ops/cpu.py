@@ -26,8 +26,9 @@ them into SIMD code with no sums across SIMD lanes and no short loops over the N
   same sweep.
 Threads: the calling thread runs the tasks, helped by pool threads for calls big enough to gain from
 them (see _TaskPool: no fork-join, so a busy core never holds a call up). Per-call set-up is kept
-small (no whole-tensor copies, cached block tables, no 2-d slice copies in the kernels), so that a
-call's cost follows batch x dim x L x N down to short sequences.
+small, so that a call's cost follows batch x dim x L x N down to one position: no whole-tensor copies,
+no 2-d slice copies in the kernels, and in the forward a ForwardPlan made once per signature of the
+arguments, so that a call passes only the tensors' data addresses (_forward_at).
 Nothing of size (batch, dim, L, N) is ever allocated. Reductions over batch (A, D, delta_bias,
 constant B / C) or over the channels of a group (variable B / C) go to small per-task partial
 buffers summed afterwards, so threads never race.
@@ -505,6 +506,12 @@ def aligned_zeros(like, shape):
     return flat.reshape(shape)
 
 
+@njit(inline="always")
+def _rows_of(scratch, at, rows, width):
+    """(rows x width block of the flat `scratch` from offset `at`, the offset after it)."""
+    return scratch[at:at + rows * width].reshape((rows, width)), at + rows * width
+
+
 @njit(**_JIT_EXACT)
 def block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, with_a):
     """Copy the block's A (and B / C when they are constant (dim, N), else None) into Al / Bl / Cl, states
@@ -570,25 +577,30 @@ def _forward_kernel(
     # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
     # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
     # past a block's own hold zeros, so the hot loops may run over the whole width.
-    a = aligned_empty(u, (tile_max, width))
-    hr = aligned_empty(u, (tile_max, width))  # h^R over the tile
-    e_float = aligned_empty(u, (width,))  # the exponential's scratch
+    # One allocation, cut into blocks of whole rows (so each starts on a 64-byte boundary): fifteen were a
+    # tenth of a (1, 1024, 1, 16) call. Not zeroed: a full block writes every lane before reading it, and
+    # a narrower one zeroes its lanes past its own first.
+    scratch = aligned_empty(u, ((2 * tile_max + 5 * rows_max + 4 * n_state + 2) * width,))
+    a, at = _rows_of(scratch, 0, tile_max, width)
+    hr, at = _rows_of(scratch, at, tile_max, width)  # h^R over the tile
+    dtl, at = _rows_of(scratch, at, rows_max, width)
+    ul, at = _rows_of(scratch, at, rows_max, width)
+    dtu, at = _rows_of(scratch, at, rows_max, width)
+    yl, at = _rows_of(scratch, at, rows_max, width)
+    zl, at = _rows_of(scratch, at, rows_max, width)
+    Al, at = _rows_of(scratch, at, n_state, width)
+    Bl, at = _rows_of(scratch, at, n_state, width)
+    Cl, at = _rows_of(scratch, at, n_state, width)
+    h, at = _rows_of(scratch, at, n_state, width)
+    e_float = scratch[at:at + width]  # the exponential's scratch
     e_bits = e_float.view(np.int32)
-    dtl = aligned_zeros(u, (rows_max, width))
-    ul = aligned_zeros(u, (rows_max, width))
-    dtu = aligned_zeros(u, (rows_max, width))
-    yl = aligned_empty(u, (rows_max, width))
-    zl = aligned_empty(u, (rows_max, width))
-    Al = aligned_zeros(u, (n_state, width))
-    Bl = aligned_zeros(u, (n_state, width))
-    Cl = aligned_zeros(u, (n_state, width))
-    h = aligned_zeros(u, (n_state, width))
-    acc = aligned_empty(u, (width,))
+    acc = scratch[at + width:at + 2 * width]
     finished_last = False
     task = _fetch_add(counters, 0, 1)
     while task < n_tasks:  # take tasks until none is left (see _TaskPool)
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
-        fill_rows(h, n_state, width, zero)
+        if window > 1:  # the vanilla sweep's first position sets h without reading it
+            fill_rows(h, n_state, width, zero)
         if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
             for buffer in (dtl, ul, dtu, Al, Bl, Cl):
                 fill_rows(buffer, buffer.shape[0], width, zero)
@@ -659,6 +671,57 @@ def _forward_kernel(
         finished_last = _fetch_add(counters, 1, 1) == n_tasks - 1
         task = _fetch_add(counters, 0, 1)
     return finished_last
+
+
+@intrinsic
+def _pointer_at(typingctx, address, like):
+    """A pointer to like's dtype at the integer `address` (a torch tensor's data_ptr())."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return types.CPointer(like.dtype)(address, like), codegen
+
+
+@njit(inline="always")
+def _view(address, shape, like):
+    """The C-contiguous array of `shape` (like's dtype) at `address`: memory of a tensor the caller keeps alive."""
+    return numba.carray(_pointer_at(address, like), shape)
+
+
+@njit(inline="always")
+def _strided_view(address, shape, strides, like):
+    """_view with strides in bytes (any layout), for B and C as the forward kernel reads them."""
+    return np.lib.stride_tricks.as_strided(numba.carray(_pointer_at(address, like), (1,)), shape=shape, strides=strides)
+
+
+@njit(**_JIT_EXACT)
+def _forward_at(
+    counters, n_tasks, width, blocks, u_at, delta_at, z_at, A_at, D_at, bias_at, Bc_at, Bg_at, Cc_at, Cg_at, out_at,
+    last_at, ckpt_at, softplus, batch, dim, seqlen, dstate, Bg_shape, Bg_strides, Cg_shape, Cg_strides, ckpt_count,
+    u_cl, delta_cl, z_cl, has_z, window, chunk, keep_last, keep_ckpt, like,
+):
+    """_forward_kernel on tensors given by their data addresses (torch's data_ptr(), a tenth of the cost of
+    a numpy view, which took a third of a short call). u, delta and z are contiguous as (batch, L, dim)
+    when *_cl, else as (batch, dim, L); A, D, bias and constant B / C contiguous; grouped B / C
+    (batch, G, L, N) with strides. Bc_at / Cc_at None: B / C per position (Bg / Cg); absent z, last
+    state or checkpoints: addresses of placeholders, which the kernel does not touch. counters None: a call
+    on the calling thread alone (counters made here, a numpy array less to make and pass per call)."""
+    counters = np.zeros(2, dtype=np.int64) if counters is None else counters
+    layout = (batch, dim, seqlen)
+    cl_layout = (batch, seqlen, dim)
+    Bc = None if Bc_at is None else _view(Bc_at, (dim, dstate), like)
+    Cc = None if Cc_at is None else _view(Cc_at, (dim, dstate), like)
+    return _forward_kernel(
+        counters, n_tasks, width, _view(u_at, cl_layout if u_cl else layout, like),
+        _view(delta_at, cl_layout if delta_cl else layout, like), _view(bias_at, (dim,), like), softplus,
+        _view(A_at, (dim, dstate), like), Bc, _strided_view(Bg_at, Bg_shape, Bg_strides, like), Cc,
+        _strided_view(Cg_at, Cg_shape, Cg_strides, like), _view(D_at, (dim,), like),
+        _view(z_at, (cl_layout if z_cl else layout) if has_z else (1, 1, 1), like), has_z, u_cl, delta_cl, z_cl,
+        window, chunk, blocks, keep_last, keep_ckpt, _view(out_at, layout, like),
+        _view(last_at, (batch, dim, dstate) if keep_last else (1, 1, 1), like),
+        _view(ckpt_at, (batch, ckpt_count, dstate, dim) if keep_ckpt else (1, 1, 1, 1), like),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,10 +1048,11 @@ def scan_threads(batch: int, dim: int, seqlen: int, dstate: int) -> int:
     return 1 if batch * dim * seqlen * dstate < PARALLEL_MIN_WORK else max(1, torch.get_num_threads())
 
 
-def _run_tasks(loop, n_tasks: int, threads: int, *args) -> None:
-    """Run tasks 0..n_tasks-1 of `loop` (_forward_kernel / _backward_kernel, which take tasks from a
-    shared counter) on `threads` threads: the calling thread alone when one suffices, else with helpers
-    from the pool."""
+def _run_tasks(loop, n_tasks: int, threads: int, *args, lone_counters_made_by_loop: bool = False) -> None:
+    """Run tasks 0..n_tasks-1 of `loop` (_forward_at / _backward_kernel, which take tasks from a shared
+    counter) on `threads` threads: the calling thread alone when one suffices, else with helpers from the
+    pool. lone_counters_made_by_loop: on the calling thread alone, pass None for the counters (the loop
+    makes them)."""
     helpers = min(threads, n_tasks) - 1
     key = (loop, args[-1].dtype)  # the last argument is always a compute-dtype array
     timer = None
@@ -998,7 +1062,7 @@ def _run_tasks(loop, n_tasks: int, threads: int, *args) -> None:
         timer.start()
     try:
         if helpers < 1:
-            loop(np.zeros(2, dtype=np.int64), n_tasks, *args)
+            loop(None if lone_counters_made_by_loop else np.zeros(2, dtype=np.int64), n_tasks, *args)
         else:
             if key not in _RAN:  # compile on this thread first: helpers would each wait for the compiler
                 loop(np.full(2, n_tasks, dtype=np.int64), n_tasks, *args)
@@ -1034,36 +1098,137 @@ def _tasks(batch: int, dim: int, Bg: np.ndarray, Cg: np.ndarray, threads: int):
     return width, _blocks(dim, width, Bg.shape[1], Cg.shape[1])
 
 
-def _new(shape: tuple, dtype: torch.dtype) -> tuple:
-    """An uninitialised tensor and its array. Allocated by numpy and wrapped: at short lengths torch.empty's
-    couple of microseconds, three times a call, were a fifth of the call's preparation."""
-    array = np.empty(shape, dtype=_np_dtype(dtype))
-    return torch.from_numpy(array), array
+def _as_compute(t: torch.Tensor, ct: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    """t in the compute dtype, C-contiguous; a (batch, dim, L) tensor as (batch, L, dim) when channels_last."""
+    if channels_last:
+        t = t.transpose(1, 2)
+    return torch.empty(t.shape, dtype=ct).copy_(t)  # one copy (t.to() would keep t if only its strides differ)
+
+
+def _sequence_layout(t, ct: torch.dtype) -> tuple:
+    """(channels_last, convert) for a (batch, dim, L) input of the forward kernel: read as (batch, L, dim)
+    when channels are its fastest axis (the Mamba mixer's delta and z), else as (batch, dim, L); converted
+    (_as_compute) unless it is already contiguous that way in the compute dtype."""
+    if t is None:
+        return False, False
+    channels_last = t.shape[1] > 1 and t.stride(1) == 1
+    dense = (t.transpose(1, 2) if channels_last else t).is_contiguous()
+    return channels_last, not dense or t.dtype != ct
+
+
+def _needs_compute_copy(t, ct: torch.dtype) -> bool:
+    return t is not None and (t.dtype != ct or not t.is_contiguous())
+
+
+def _grouped_view(t, ct: torch.dtype, convert: bool) -> tuple:
+    """(shape, strides in bytes) of a grouped (batch, G, N, L) or variable (batch, N, L) B / C as the kernel
+    reads it: (batch, G, L, N), any strides (a slice of the mixer's projection is read in place)."""
+    strides = torch.empty(t.shape, dtype=ct).stride() if convert else t.stride()
+    itemsize = torch.finfo(ct).bits // 8
+    if t.dim() == 3:
+        (batch, dstate, seqlen), (sb, sn, sl) = t.shape, strides
+        return (batch, 1, seqlen, dstate), (sb * itemsize, 0, sl * itemsize, sn * itemsize)
+    (batch, groups, dstate, seqlen), (sb, sg, sn, sl) = t.shape, strides
+    return (batch, groups, seqlen, dstate), (sb * itemsize, sg * itemsize, sl * itemsize, sn * itemsize)
+
+
+class ForwardPlan:
+    """A forward call worked out once for its arguments' signature (shapes, strides, dtypes, which inputs
+    are given) and flags: the layouts the kernel reads, the conversions needed, placeholders for absent
+    inputs, the task blocks per thread count. Calling it on tensors of that signature reads only their
+    data addresses: at short lengths this preparation, done per call, cost more than the kernel."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True):
+        self.ct = ct = _compute_dtype(u)
+        self.out_dtype = u.dtype
+        self.shape = batch, dim, seqlen = tuple(u.shape)
+        self.dstate = dstate = A.shape[1]
+        (u_cl, convert_u), (delta_cl, convert_delta), (z_cl, convert_z) = (
+            _sequence_layout(t, ct) for t in (u, delta, z))
+        self.layouts = (u_cl, delta_cl, z_cl, False, False, False, False, False)
+        self.converts = (convert_u, convert_delta, convert_z) + tuple(
+            _needs_compute_copy(t, ct) for t in (A, B, C, D, delta_bias))
+        self.any_convert = any(self.converts)
+        self.B_const, self.C_const = B.dim() == 2, C.dim() == 2
+        self.placeholder = _placeholder(4, ct)
+        self.placeholder_at = self.placeholder.ctypes.data
+        self.zeros = _shared_zeros((dim,), ct)  # D / delta_bias when absent
+        self.zeros_at = self.zeros.ctypes.data
+        constant_view = ((1, 1, 1, 1), (0, 0, 0, 0))
+        B_view = constant_view if self.B_const else _grouped_view(B, ct, self.converts[4])
+        C_view = constant_view if self.C_const else _grouped_view(C, ct, self.converts[5])
+        self.group_counts = (B_view[0][1], C_view[0][1])
+        self.keep_last, self.keep_ckpt = bool(keep_last_state), bool(keep_checkpoints)
+        self.ckpt_shape = checkpoint_shape(batch, dim, seqlen, dstate, window)
+        sweep = int(window) if seqlen > 1 else 1  # one position: h^R = x, so LB is the vanilla scan
+        like = _placeholder(1, ct)  # the compute dtype, for the kernel's typing (and _run_tasks' key)
+        #: _forward_at's arguments after the per-call ones
+        self.fixed_args = (batch, dim, seqlen, dstate, *B_view, *C_view, self.ckpt_shape[1], u_cl, delta_cl, z_cl,
+                           z is not None, sweep, chunk_length(sweep), self.keep_last, self.keep_ckpt, like)
+        self._tasks: dict = {}
+        self.compiled = False  # whether a call of this plan has run (so the kernel is compiled or loaded)
+
+    def tasks(self, threads: int) -> tuple:
+        """(number of tasks, block width, blocks) on `threads` threads."""
+        answer = self._tasks.get(threads)
+        if answer is None:
+            batch, dim, _ = self.shape
+            width = block_width(batch, dim, threads)
+            blocks = _blocks(dim, width, *self.group_counts)
+            answer = self._tasks[threads] = batch * len(blocks), width, blocks
+        return answer
+
+    def __call__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        """(out in u's dtype, last state or None, checkpoints or None), as `forward`."""
+        if self.any_convert:  # the copies stay referenced by these names until the kernel has run
+            u, delta, z, A, B, C, D, delta_bias = (
+                _as_compute(t, self.ct, cl) if convert else t
+                for t, convert, cl in zip((u, delta, z, A, B, C, D, delta_bias), self.converts, self.layouts))
+        ct = self.ct
+        batch, dim, seqlen = self.shape
+        out = torch.empty(batch, dim, seqlen, dtype=ct)  # sizes as arguments: a third faster than a tuple
+        last = torch.empty(batch, dim, self.dstate, dtype=ct) if self.keep_last else None
+        ckpt = torch.empty(*self.ckpt_shape, dtype=ct) if self.keep_ckpt else None
+        threads = scan_threads(batch, dim, seqlen, self.dstate)
+        n_tasks, width, blocks = self.tasks(threads)
+        at, zeros_at = self.placeholder_at, self.zeros_at  # absent inputs (never read) and outputs (never written)
+        B_at, C_at = B.data_ptr(), C.data_ptr()
+        args = (
+            width, blocks, u.data_ptr(), delta.data_ptr(), at if z is None else z.data_ptr(), A.data_ptr(),
+            zeros_at if D is None else D.data_ptr(), zeros_at if delta_bias is None else delta_bias.data_ptr(),
+            B_at if self.B_const else None, at if self.B_const else B_at,
+            C_at if self.C_const else None, at if self.C_const else C_at,
+            out.data_ptr(), at if last is None else last.data_ptr(), at if ckpt is None else ckpt.data_ptr(),
+            bool(delta_softplus), *self.fixed_args,
+        )
+        if threads == 1 and self.compiled:  # the short call: straight into the kernel
+            _forward_at(None, n_tasks, *args)
+        else:
+            _run_tasks(_forward_at, n_tasks, threads, *args, lone_counters_made_by_loop=True)
+            self.compiled = True
+        return (out if self.out_dtype == ct else out.to(self.out_dtype)), last, ckpt
+
+
+#: ForwardPlans by signature, for calls through the registered op (the direct path keeps its own)
+_PLANS: dict = {}
+_PLANS_MAX = 4096
+
+
+def forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True):
+    """A ForwardPlan for arguments like these (see the fused-backend interface in lbmamba.ops._fused)."""
+    return ForwardPlan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state, keep_checkpoints)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True):
-    ct = _compute_dtype(u)
-    batch, dim, seqlen = u.shape
-    dstate = A.shape[1]
-    out, out_k = _new((batch, dim, seqlen), ct)
-    last, last_k = _new((batch, dim, dstate), ct) if keep_last_state else (None, _placeholder(3, ct))
-    ckpt, ckpt_k = _new(checkpoint_shape(batch, dim, seqlen, dstate, window), ct) if keep_checkpoints else (
-        None, _placeholder(4, ct))
-    Bc, Bg = _bc_kernel_layout(B, ct)
-    Cc, Cg = _bc_kernel_layout(C, ct)
-    threads = scan_threads(batch, dim, seqlen, dstate)
-    width, blocks = _tasks(batch, dim, Bg, Cg, threads)
-    u_k, u_cl = _kernel_layout(u, ct)
-    delta_k, delta_cl = _kernel_layout(delta, ct)
-    z_k, z_cl = _kernel_layout(z, ct)
-    sweep = int(window) if seqlen > 1 else 1  # one position: h^R = x, so LB is the vanilla scan
-    _run_tasks(
-        _forward_kernel, batch * len(blocks), threads, width,
-        u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct), Bc, Bg, Cc, Cg,
-        _per_channel(D, dim, ct), z_k, z is not None, u_cl, delta_cl, z_cl, sweep, chunk_length(sweep),
-        blocks, keep_last_state, keep_checkpoints, out_k, last_k, ckpt_k,
-    )
-    return (out if u.dtype == ct else out.to(u.dtype)), last, ckpt
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    key = (window, keep_last_state, keep_checkpoints) + tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = ForwardPlan(*tensors, window, keep_last_state, keep_checkpoints)
+    return plan(*tensors, delta_softplus)
 
 
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):

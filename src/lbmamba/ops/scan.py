@@ -47,7 +47,26 @@ _functorch_active = torch._C._are_functorch_transforms_active
 #: tensor types the fused backends may be called with directly (not fake or functional tensors)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
-#: _checked's answers by what they depend on: each argument's type, shape, dtype, device and
+class _Signature:
+    """_checked's answer for one signature of arguments, and the backend's forward plans for direct calls
+    with it (one per return_last_state)."""
+
+    __slots__ = ("shape", "name", "plain", "needs_grad", "plans")
+
+    def __init__(self, shape: ScanShape, name: str, plain: bool, needs_grad: bool):
+        self.shape, self.name, self.plain, self.needs_grad = shape, name, plain, needs_grad
+        self.plans: dict = {}
+
+    def direct_plan(self, keep_last_state: bool, tensors: tuple):
+        """The fused backend's forward for these arguments, run without the registered op (see _checked)."""
+        plan = self.plans.get(keep_last_state)
+        if plan is None:
+            plan = self.plans[keep_last_state] = _fused.backend_module(self.name).forward_plan(
+                *tensors, self.shape.window, keep_last_state=keep_last_state, keep_checkpoints=False)
+        return plan
+
+
+#: _checked's answers by what they depend on: each argument's type, shape, strides, dtype, device and
 #: requires_grad, the window and the backend asked for. The checks cost about 15 us, as much as the
 #: whole scan of one position at dim 1024.
 _CHECKED: dict = {}
@@ -56,34 +75,34 @@ _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 
 
-def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str, bool]:
+def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str, _Signature | None]:
     """(check_scan_args(...), choose_backend(backend, u), direct), from _CHECKED when these arguments'
     signature passed before.
 
-    direct: the fused backend may run without the registered op, because neither autograd, nor
-    torch.compile / export, nor a torch.func transform can see this call. The op's dispatch costs tens
-    of microseconds, which at short lengths was as much as the scan itself.
+    direct: the signature, whose fused backend may run without the registered op because neither
+    autograd, nor torch.compile / export, nor a torch.func transform can see this call; else None. The
+    op's dispatch costs tens of microseconds, which at short lengths was as much as the scan itself.
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     if torch.compiler.is_compiling():  # traced once per graph: nothing to save, and no global state in it
-        return check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1]), False
+        return check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1]), None
     try:
         key = (type(window), window, backend) + tuple(
-            t if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad) for t in tensors)
+            t if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors)
         answer = _CHECKED.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
         key, answer = None, None
     if answer is None:
         shape, name = check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1])  # raise on bad input
         present = [t for t in tensors if t is not None]
-        plain = all(type(t) in _PLAIN_TENSORS for t in present)
-        answer = shape, name, plain, any(t.requires_grad for t in present)
+        answer = _Signature(shape, name, all(type(t) in _PLAIN_TENSORS for t in present),
+                            any(t.requires_grad for t in present))
         if key is not None:
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED[key] = answer
-    shape, name, plain, needs_grad = answer
-    return shape, name, plain and not (needs_grad and torch.is_grad_enabled()) and not _functorch_active()
+    direct = answer.plain and not (answer.needs_grad and torch.is_grad_enabled()) and not _functorch_active()
+    return answer.shape, answer.name, answer if direct else None
 
 
 def choose_backend(backend: str, u: torch.Tensor, dstate: int | None = None) -> str:
@@ -140,10 +159,9 @@ def selective_scan_fn(
     if name == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     window=window)
-    if direct:
-        out, last_state, _ = _fused.backend_module(name).forward(
-            u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), shape.window,
-            keep_last_state=bool(return_last_state), keep_checkpoints=False)
+    if direct is not None:
+        plan = direct.direct_plan(bool(return_last_state), (u, delta, A, B, C, D, z, delta_bias))
+        out, last_state, _ = plan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     else:
         out, last_state, _ = _fused.lb_scan_fwd(
             u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name)

@@ -692,6 +692,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
     return out, last_state, checkpoints
 
 
+def forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True):
+    """`forward` bound to the window and flags (its set-up is small beside a GPU launch: nothing to keep)."""
+
+    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state, keep_checkpoints)
+
+    return run
+
+
 def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
     _check_inputs(u, A)
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
