@@ -599,8 +599,6 @@ def _forward_kernel(
     task = _fetch_add(counters, 0, 1)
     while task < n_tasks:  # take tasks until none is left (see _TaskPool)
         b, blk, d0, lanes, bb, bg, cb, cg = _task_layout(task, blocks, Bg, Cg, dim)
-        if window > 1:  # the vanilla sweep's first position sets h without reading it
-            fill_rows(h, n_state, width, zero)
         if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
             for buffer in (dtl, ul, dtu, Al, Bl, Cl):
                 fill_rows(buffer, buffer.shape[0], width, zero)
@@ -637,7 +635,15 @@ def _forward_kernel(
                                     hr[j, c] = av * hr[j + 1, c] + dtu[ts + j, c] * (Bl[n, c] if b_const else bs)
                         # left to right: h^L_t = a_t h^L_{t-1} + x_t (x recomputed: cheaper than storing it)
                         # and y_t += C_t (h^L_t + h^R_t - x_t) = C_t (a_t h^L_{t-1} + h^R_t)
-                        for j in range(tr):
+                        first = 0
+                        if start + ts == 0:  # h^L is 0 before the first position: h^L_0 = x_0, y_0 = C_0 h^R_0
+                            bs = zero if b_const else Bt[0, n]
+                            cs = zero if c_const else Ct[0, n]
+                            for c in range(width):
+                                h[n, c] = dtu[0, c] * (Bl[n, c] if b_const else bs)
+                                yl[0, c] += (Cl[n, c] if c_const else cs) * hr[0, c]
+                            first = 1
+                        for j in range(first, tr):
                             bs = zero if b_const else Bt[j, n]
                             cs = zero if c_const else Ct[j, n]
                             for c in range(width):
