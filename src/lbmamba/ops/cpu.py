@@ -506,10 +506,17 @@ def aligned_zeros(like, shape):
     return flat.reshape(shape)
 
 
+#: floats left between the blocks of a kernel's scratch. Back to back, blocks whose sizes are multiples of
+#: 4 KiB put the same element of each at the same address bits below 4 KiB, and loads then wait on
+#: unrelated stores (4K aliasing): in one interleaved run that made the LBVim-T layer 19 % slower. With
+#: the gap, three interleaved runs measured it and the long shape within 1 % of separate allocations.
+SCRATCH_GAP = 48
+
+
 @njit(inline="always")
 def _rows_of(scratch, at, rows, width):
-    """(rows x width block of the flat `scratch` from offset `at`, the offset after it)."""
-    return scratch[at:at + rows * width].reshape((rows, width)), at + rows * width
+    """(rows x width block of the flat `scratch` from offset `at`, the offset of the next block)."""
+    return scratch[at:at + rows * width].reshape((rows, width)), at + rows * width + SCRATCH_GAP
 
 
 @njit(**_JIT_EXACT)
@@ -577,10 +584,10 @@ def _forward_kernel(
     # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
     # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
     # past a block's own hold zeros, so the hot loops may run over the whole width.
-    # One allocation, cut into blocks of whole rows (so each starts on a 64-byte boundary): fifteen were a
-    # tenth of a (1, 1024, 1, 16) call. Not zeroed: a full block writes every lane before reading it, and
-    # a narrower one zeroes its lanes past its own first.
-    scratch = aligned_empty(u, ((2 * tile_max + 5 * rows_max + 4 * n_state + 2) * width,))
+    # One allocation, cut into blocks of whole rows (each on a 64-byte boundary; see SCRATCH_GAP): fifteen
+    # were 1.5 of the 26 us of a (1, 1024, 1, 16) call. Not zeroed: a full block writes every lane before
+    # reading it, and a narrower one zeroes its lanes past its own first.
+    scratch = aligned_empty(u, ((2 * tile_max + 5 * rows_max + 4 * n_state + 2) * width + 11 * SCRATCH_GAP,))
     a, at = _rows_of(scratch, 0, tile_max, width)
     hr, at = _rows_of(scratch, at, tile_max, width)  # h^R over the tile
     dtl, at = _rows_of(scratch, at, rows_max, width)
