@@ -240,6 +240,21 @@ def test_vmap_goes_through_the_op():
     torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # deprecated; shapes
+def test_jit_trace_records_the_op():
+    """torch.jit.trace cannot see a kernel called directly: while it records, the call goes through the op,
+    so the trace computes the scan on new inputs (it once failed inside numba on traced shapes)."""
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def scan(*tensors):
+        return selective_scan_fn(*tensors, True, window=4, backend="cpu")
+
+    first, second = (make_inputs(2, 8, 9, 4, bc="variable", seed=fresh_seed()) for _ in range(2))
+    with torch.no_grad():
+        traced = torch.jit.trace(scan, tuple(first[k] for k in names), check_trace=False)
+        torch.testing.assert_close(traced(*(second[k] for k in names)), scan(*(second[k] for k in names)))
+
+
 def test_cpu_backend_threads_agree(monkeypatch):
     """The result does not depend on how many threads ran it (no races in the reductions)."""
     from lbmamba.ops import cpu

@@ -44,6 +44,8 @@ def _why_unavailable(name: str, device_type: str, dtype: torch.dtype, dstate: in
 
 #: whether a torch.func transform (vmap, grad, jvp) is running: its tensors are wrapped
 _functorch_active = torch._C._are_functorch_transforms_active
+#: whether torch.jit.trace is recording (it would not see a kernel called directly)
+_jit_tracing = torch._C._is_tracing
 #: tensor types the fused backends may be called with directly (not fake or functional tensors)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
@@ -80,7 +82,8 @@ def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[Scan
     signature passed before.
 
     direct: the signature, whose fused backend may run without the registered op because neither
-    autograd, nor torch.compile / export, nor a torch.func transform can see this call; else None. The
+    autograd, nor torch.compile / export, nor a torch.func transform, nor torch.jit.trace can see this
+    call; else None. The
     op's dispatch costs tens of microseconds, which at short lengths was as much as the scan itself.
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias)
@@ -101,7 +104,8 @@ def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[Scan
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED[key] = answer
-    direct = answer.plain and not (answer.needs_grad and torch.is_grad_enabled()) and not _functorch_active()
+    direct = (answer.plain and not (answer.needs_grad and torch.is_grad_enabled()) and not _functorch_active()
+              and not _jit_tracing())
     return answer.shape, answer.name, answer if direct else None
 
 
