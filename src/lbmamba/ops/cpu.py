@@ -565,7 +565,7 @@ def _fetch_add(typingctx, counters, index, value):
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT_EXACT)  # no sums across lanes to vectorise; the inlined exponential needs exact flags
+@njit(inline="always", **_JIT_EXACT)  # one body, in _forward_at (see there); exact flags for the inlined exponential
 def _forward_kernel(
     counters, n_tasks, width, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z, u_cl, delta_cl, z_cl, window,
     chunk, blocks, keep_last, keep_ckpt, out, last, ckpt,
@@ -719,7 +719,12 @@ def _forward_at(
     when *_cl, else as (batch, dim, L); A, D, bias and constant B / C contiguous; grouped B / C
     (batch, G, L, N) with strides. Bc_at / Cc_at None: B / C per position (Bg / Cg); absent z, last
     state or checkpoints: addresses of placeholders, which the kernel does not touch. counters None: a call
-    on the calling thread alone (counters made here, a numpy array less to make and pass per call)."""
+    on the calling thread alone (counters made here, a numpy array less to make and pass per call).
+
+    _forward_kernel is inlined here (numba's inline="always"), so that one compiled body is all there is:
+    called as a separate function, its rounding differed between the process that compiled it and the
+    processes that loaded it from numba's cache (last bits only, most likely other multiply-adds fused), so a run
+    resumed in a new process no longer matched one that never stopped (cold cache: CI)."""
     counters = np.zeros(2, dtype=np.int64) if counters is None else counters
     layout = (batch, dim, seqlen)
     cl_layout = (batch, seqlen, dim)
