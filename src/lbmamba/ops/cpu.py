@@ -584,8 +584,8 @@ def _forward_kernel(
     # The hot loops touch only these contiguous thread-local blocks (indices LLVM can vectorise);
     # the per-state tiles (a and h^R of one state over a tile of positions) stay in L1. Lanes
     # past a block's own hold zeros, so the hot loops may run over the whole width.
-    # One allocation, cut into blocks of whole rows (each on a 64-byte boundary; see SCRATCH_GAP): fifteen
-    # were 1.5 of the 26 us of a (1, 1024, 1, 16) call. Not zeroed: a full block writes every lane before
+    # One allocation, cut into blocks of whole rows (each on a 64-byte boundary; see SCRATCH_GAP): thirteen
+    # cost about 1 us of a 26 us (1, 1024, 1, 16) call. Not zeroed: a full block writes every lane before
     # reading it, and a narrower one zeroes its lanes past its own first.
     scratch = aligned_empty(u, ((2 * tile_max + 5 * rows_max + 4 * n_state + 2) * width + 11 * SCRATCH_GAP,))
     a, at = _rows_of(scratch, 0, tile_max, width)
