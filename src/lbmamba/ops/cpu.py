@@ -1002,9 +1002,9 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _np(t: torch.Tensor, dtype: torch.dtype, axes: tuple | None = None, contiguous: bool = True) -> np.ndarray:
+def _np(t: torch.Tensor, dtype: torch.dtype, axes: tuple | None = None) -> np.ndarray:
     """t detached, in the compute dtype, axes permuted by `axes` (as numpy.transpose), as a C-contiguous
-    array (with `contiguous`): copied only when it is not one already. Each step only when needed, and
+    array: copied only when it is not one already. Each step only when needed, and
     views taken in numpy: each of torch's no-op .to(), .transpose() and .contiguous() costs about a
     microsecond, and a short call makes a dozen of these."""
     if t.requires_grad:
@@ -1014,7 +1014,7 @@ def _np(t: torch.Tensor, dtype: torch.dtype, axes: tuple | None = None, contiguo
     array = t.numpy()  # a view, strided like t
     if axes is not None:
         array = array.transpose(axes)
-    return array if not contiguous or array.flags.c_contiguous else np.ascontiguousarray(array)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 def _bc_kernel_layout(t: torch.Tensor, dtype: torch.dtype):
@@ -1099,11 +1099,12 @@ def _kernel_layout(t, dtype: torch.dtype):
     z): a placeholder of the right rank."""
     if t is None:
         return _placeholder(3, dtype), False
-    array = _np(t, dtype, contiguous=False)  # numpy's strides are cheaper to read than torch's
-    channels_last = array.strides[1] == array.itemsize
-    if channels_last:
-        array = array.transpose(0, 2, 1)
-    return (array if array.flags.c_contiguous else np.ascontiguousarray(array)), channels_last
+    channels_last, convert = _sequence_layout(t, dtype)  # the forward's rule, so both read alike
+    if convert:
+        t = _as_compute(t, dtype, channels_last)
+    elif channels_last:
+        t = t.transpose(1, 2)
+    return _np(t, dtype), channels_last
 
 
 def _per_channel(t, dim: int, dtype: torch.dtype) -> np.ndarray:
@@ -1124,7 +1125,7 @@ def _as_compute(t: torch.Tensor, ct: torch.dtype, channels_last: bool = False) -
 
 
 def _sequence_layout(t, ct: torch.dtype) -> tuple:
-    """(channels_last, convert) for a (batch, dim, L) input of the forward kernel: read as (batch, L, dim)
+    """(channels_last, convert) for a (batch, dim, L) input of the kernels: read as (batch, L, dim)
     when channels are its fastest axis (the Mamba mixer's delta and z), else as (batch, dim, L); converted
     (_as_compute) unless it is already contiguous that way in the compute dtype."""
     if t is None:
