@@ -4,12 +4,22 @@ backend with the float64 reference, MIL bags and labels on disk, and fixtures th
 
 Test modules import the plain functions (`from conftest import make_inputs`); `tests/` is on the path
 (see `pythonpath` in pyproject.toml), also for the Triton interpreter subprocess.
+
+Random inputs are the same on every run, so a failure replays: before each test, torch's, numpy's and
+Python's global generators are seeded from the test's node id, and `fresh_seed()` draws seeds from a
+generator seeded the same way (adding or removing a test shifts no other test's seeds). The environment
+variable LBMAMBA_TEST_SEED changes the base these seeds are derived from: unset (or 0) the fixed base 0,
+`LBMAMBA_TEST_SEED=random` a fresh base per session (new inputs every run), `LBMAMBA_TEST_SEED=<int>` that
+base. The base is printed in pytest's header and under every failure; run the failed test again with
+LBMAMBA_TEST_SEED=<that base> to replay it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+import random
 import subprocess
 import sys
 
@@ -25,9 +35,62 @@ from lbmamba.ops import selective_scan_fn, selective_scan_ref
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
+SEED_VARIABLE = "LBMAMBA_TEST_SEED"
+
+
+def _base_seed() -> int:
+    text = os.environ.get(SEED_VARIABLE, "").strip()
+    if text.lower() == "random":
+        return int.from_bytes(os.urandom(4), "little") % 2**31
+    try:
+        return int(text or 0)
+    except ValueError:
+        raise ValueError(f"{SEED_VARIABLE} must be an integer or 'random', got {text!r}") from None
+
+
+#: the base every test seed is derived from (see the module's docstring)
+BASE_SEED = _base_seed()
+
+
+def seed_for(label: str) -> int:
+    """A seed in [0, 2**31) for `label` (a test's node id), from the base seed: the same on every run."""
+    text = f"{BASE_SEED}:{label}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "little") % 2**31
+
+
+_seeds = random.Random(seed_for(""))  # reseeded per test by _seed_every_test
+
+
 def fresh_seed() -> int:
-    """A new seed per call (reported in failure messages, so a failure can be replayed)."""
-    return int.from_bytes(os.urandom(4), "little") % 2**31
+    """A seed for a test's random inputs, a different one per call; the n-th call of a test gives the same
+    seed on every run with the same base (report it in failure messages)."""
+    return _seeds.randrange(2**31)
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test(request):
+    """Seed torch, numpy, Python's `random` and `fresh_seed` from the test's node id and the base seed."""
+    global _seeds
+    seed = seed_for(request.node.nodeid)
+    _seeds = random.Random(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    yield
+
+
+def pytest_report_header(config):
+    how = "fresh this session" if os.environ.get(SEED_VARIABLE, "").strip().lower() == "random" else "fixed"
+    return f"test seeds: base {BASE_SEED} ({how}; {SEED_VARIABLE}=<int> or random to change it)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        report.sections.append(("test seeds", f"base {BASE_SEED}: {SEED_VARIABLE}={BASE_SEED} replays this test's "
+                                              f"random inputs (its seeds come from its node id {item.nodeid!r})"))
+    return report
 
 
 def make_inputs(batch, dim, seqlen, dstate, bc="variable", groups=2, B=None, C=None, with_D=True, with_z=True,

@@ -82,8 +82,7 @@ def _add_command(sub, name: str, table: ConfigTable, func: Callable, help_text: 
             kwargs: Dict[str, Any] = dict(action="store_const", const=not key.default)
         else:
             kwargs = dict(metavar=key_name.upper())
-        help_text = key.help + (f" (one of: {', '.join(map(str, key.choices))})" if key.choices else "")
-        p.add_argument(table.flag(key_name), dest=dest, help=help_text, **kwargs)
+        p.add_argument(table.flag(key_name), dest=dest, help=table.flag_help(key_name), **kwargs)
         for alias in key.aliases:
             p.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **kwargs)
     p.set_defaults(func=func, table=table)

@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from lbmamba.engine import UserError
-from lbmamba.engine.classification import check_model_name, evaluate_model, suggest_model_names
+from lbmamba.engine.classification import evaluate_model
 from lbmamba.engine.distributed import DistInfo
+from lbmamba.engine.models import check_model_name, suggest_model_names
 
 
 class _Fixed(nn.Module):
@@ -52,17 +53,17 @@ def _reference_groups(model, weight_decay, skip_list=("pos_embed", "cls_token"))
 def test_optimizer_groups_follow_the_reference_rule(name):
     import timm
 
-    from lbmamba.engine.classification import weight_decay_groups
+    from lbmamba.engine.optim import param_groups
 
     model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=24, depth=2)
 
     def by_decay(groups):
         return {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups if g["params"]}
 
-    assert by_decay(weight_decay_groups(model, 0.05)) == by_decay(_reference_groups(model, 0.05))
+    assert by_decay(param_groups(model, "vim_imagenet", 0.05)) == by_decay(_reference_groups(model, 0.05))
     a_log = id(model.layers[0].mixer.A_log)
-    assert a_log in by_decay(weight_decay_groups(model, 0.05))[0.05]  # 2-d: decayed, as in the reference
-    assert a_log in by_decay(weight_decay_groups(model, 0.05, no_decay_ssm=True))[0.0]  # the option
+    assert a_log in by_decay(param_groups(model, "vim_imagenet", 0.05))[0.05]  # 2-d: decayed, as in the reference
+    assert a_log in by_decay(param_groups(model, "vim_imagenet", 0.05, no_decay_ssm=True))[0.0]  # the option
 
 
 def test_an_epoch_stepped_schedule_steps_as_the_reference_loop(tmp_path, restore_globals):

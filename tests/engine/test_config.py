@@ -18,8 +18,8 @@ from lbmamba.engine import (
     Key,
     UserError,
 )
-from lbmamba.engine.classification import batch_plan
 from lbmamba.engine.config import parse_override
+from lbmamba.engine.loaders import batch_plan
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 RECIPES = os.path.join(CONFIGS, "classification")
@@ -105,6 +105,23 @@ def test_every_table_is_consistent(table):
     for name, key in table.keys.items():
         assert key.effect in ("model", "run", "none", "once"), name
         assert table.flag(name).startswith("--")
+
+
+def test_a_no_flag_is_described_by_what_it_turns_off():
+    table = ConfigTable("demo", {
+        "progress": Key(True, "show a progress bar", flag=True),
+        "train": Key(True, "also measure training throughput", flag=True),
+        "mask": Key(True, "mask heads; false: boxes only", flag=True, off_help="boxes only, no mask heads"),
+        "quiet": Key(False, "print nothing", flag=True),
+        "size": Key(8, "the size", flag=True, choices=(8, 16)),
+    })
+    assert table.flag_help("progress") == "do not show a progress bar; sets progress=false (default true)"
+    assert table.flag_help("train") == "do not measure training throughput; sets train=false (default true)"
+    assert table.flag_help("mask") == "boxes only, no mask heads; sets mask=false (default true)"
+    assert table.flag_help("quiet") == "print nothing"
+    assert table.flag_help("size") == "the size (one of: 8, 16)"
+    with pytest.raises(ValueError, match="off_help"):
+        Key(False, "print nothing", off_help="print something")
 
 
 # each recipe's resolved values: model, global batch, peak lr (base lr x global batch / 512), weight decay, drop path

@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import corrupt_copy
 from lbmamba.data.detection import write_digit_detection
-from lbmamba.engine import TrainingDivergedError, UserError, evaluate_det, predict_det, train_det
-from lbmamba.engine.detection import DET_TRAIN, detection_losses, detector_groups, draw_detections
-from lbmamba.engine.iterations import lr_factor
-from lbmamba.engine.records import read_jsonl
+from lbmamba.engine import UserError, evaluate_det, predict_det, train_det
+from lbmamba.engine.detection import DET_TRAIN, detection_losses, draw_detections
+from lbmamba.engine.optim import param_groups
+from lbmamba.engine.schedule import lr_factor
 from lbmamba.models import build_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_globals")
@@ -56,12 +56,12 @@ def test_warmup_then_step_is_mmdet_linear_then_multistep():
 def test_parameter_groups_reproduce_lbmambas_constructor_and_offer_the_intended_decay():
     model = build_detector("lbvim_tiny_patch16_224", 3, img_size=64, out_channels=16, head_conv_channels=16,
                            head_fc_channels=32, backbone_kwargs={"embed_dim": 16, "depth": 4, "patch_size": 8})
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.state_dict(keep_vars=True).items()}
 
     def scales(groups):
         return {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
 
-    groups = detector_groups(model, 0.05, "lbmamba", 0.7)
+    groups = param_groups(model, "lbmamba_det", 0.05, layer_decay=0.7)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     scale = scales(groups)
     assert scale["backbone.body.pos_embed"] == pytest.approx(0.7 ** 13)  # LBMamba's run: num_layers 12
@@ -70,13 +70,13 @@ def test_parameter_groups_reproduce_lbmambas_constructor_and_offer_the_intended_
     assert scale["roi_heads.stages.0.box_predictor.cls_score.weight"] == 1.0
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert no_decay == {"backbone.body.pos_embed"}  # Mamba norms, biases, A_log and D are decayed there
-    intended = scales(detector_groups(model, 0.05, "per_layer", 0.7))
+    intended = scales(param_groups(model, "per_layer_det", 0.05, layer_decay=0.7))
     assert intended["backbone.body.pos_embed"] == pytest.approx(0.7 ** 5)  # depth 4: embeddings 0.7^(4 + 1)
     assert intended["backbone.body.layers.0.mixer.in_proj.weight"] == pytest.approx(0.7 ** 4)
     assert intended["backbone.body.layers.3.mixer.in_proj.weight"] == pytest.approx(0.7)
     assert intended["backbone.fpn.simfp_2.0.weight" if "backbone.fpn.simfp_2.0.weight" in intended
                     else next(k for k in intended if k.startswith("backbone.fpn."))] == 1.0
-    assert set(scales(detector_groups(model, 0.05, "off")).values()) == {1.0}
+    assert set(scales(param_groups(model, "off_det", 0.05)).values()) == {1.0}
 
 
 def test_losses_are_grouped_over_the_stages_and_sum_to_the_total(scenes):
@@ -97,33 +97,6 @@ def test_losses_are_grouped_over_the_stages_and_sum_to_the_total(scenes):
     torch.testing.assert_close(grouped["loss_rpn"], raw["loss_objectness"] + raw["loss_rpn_box_reg"])
     torch.testing.assert_close(sum(grouped[p] for p in ("loss_rpn", "loss_cls", "loss_box", "loss_mask")),
                                grouped["loss"])
-
-
-# ----------------------------------------------------------------------------------------------- runs
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(scenes, tmp_path):
-    whole = train_det(dict(TINY, data=scenes, output=str(tmp_path / "whole")))
-    assert whole["iters"] == 4 and whole["num_classes"] == 10 and os.path.isfile(whole["checkpoint"])
-    assert 0.0 <= whole["val_box_AP50"] <= 1.0 and "val_mask_AP" in whole
-    part = train_det(dict(TINY, data=scenes, output=str(tmp_path / "part"), stop_after_iters=2))
-    assert part["stopped_early"] and _state(part["last_checkpoint"])["iter"] == 2
-    resumed = train_det({"resume": str(tmp_path / "part")})
-    assert resumed["iters"] == 4
-    a, b = _state(whole["last_checkpoint"]), _state(resumed["last_checkpoint"])
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
-    assert resumed["val_box_AP"] == whole["val_box_AP"]
-    rows = read_jsonl(resumed["metrics"])
-    assert [r["iter"] for r in rows] == [1, 2, 3, 4]  # continued, no repeats
-    assert all(np.isfinite(r["train_loss_" + p]) for r in rows for p in ("rpn", "cls", "box", "mask"))
-    assert rows[3]["lr"] == pytest.approx(1e-4) and rows[2]["lr"] == pytest.approx(1e-3)  # x0.1 from 0-based 3
-    again = train_det({"resume": str(tmp_path / "part")})  # a finished run: its summary, nothing retrained
-    assert again["iters"] == 4 and again["wall_s"] == resumed["wall_s"]
-
-
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(scenes, tmp_path):
-    with pytest.raises(TrainingDivergedError, match="iteration 4"):
-        train_det(dict(TINY, data=scenes, output=str(tmp_path / "nan"), debug_nan_iter=3))
-    assert _state(tmp_path / "nan" / "last.pth")["iter"] == 2  # save_every 2: written after iteration 2
 
 
 def test_eval_and_predict_take_the_model_and_data_from_the_checkpoint(scenes, tmp_path):

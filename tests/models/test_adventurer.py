@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import lbmamba.models.adventurer  # noqa: F401  (registers the models)
 from lbmamba.models import CheckpointMismatchError, load_checkpoint, read_file
-from lbmamba.models.adventurer import flip_patch_tokens, layer_flips, resample_pos_embed
+from lbmamba.models.adventurer import flip_patch_tokens, layer_flips
 from lbmamba.nn.mamba2 import Mamba2, gated_rms_norm
 from lbmamba.ops import resolve_window, selective_scan_ref
 
@@ -530,7 +530,10 @@ def test_checkpoint_of_another_size_resamples_pos_embed_with_the_class_entry_las
     pos = model.pos_embed.detach()
     assert pos.shape == (1, 37, 16)
     torch.testing.assert_close(pos[:, -1], sd["pos_embed"][:, -1], rtol=0, atol=0)
-    torch.testing.assert_close(pos, resample_pos_embed(sd["pos_embed"], (6, 6)))
+    from timm.layers import resample_abs_pos_embed  # the patch entries: timm's resampler (antialiased bicubic)
+
+    want = resample_abs_pos_embed(sd["pos_embed"][:, :-1], [6, 6], [4, 4], num_prefix_tokens=0)
+    torch.testing.assert_close(pos[:, :-1], want, rtol=0, atol=0)
 
 
 def test_mismatched_checkpoint_is_reported():

@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 from conftest import OTHER_BACKBONES
-from lbmamba.models.detector import (
+from lbmamba.models.dense import (
     CASCADE_BOX_STDS,
     CASCADE_IOU_THRESHOLDS,
     CASCADE_STAGE_WEIGHTS,
@@ -160,7 +160,7 @@ def test_training_gives_a_finite_loss_dict_per_stage_and_backward_reaches_every_
     for i, stage in enumerate(model.roi_heads.stages):
         for part in (stage.box_head, stage.box_predictor, stage.mask_head, stage.mask_predictor):
             assert all(p.grad is not None for p in part.parameters()), (i, type(part).__name__)
-    assert model.backbone.body.patch_embed.proj.weight.grad is not None
+    assert model.backbone.body.model.patch_embed.proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("kind", ["cascade_mask_rcnn", "mask_rcnn"])
@@ -337,43 +337,6 @@ def test_test_time_scores_average_the_stages_logits_and_masks_average_their_sigm
     torch.testing.assert_close(out["boxes"], torch.tensor([[20.0, 20.0, 80.0, 90.0]] * K))
     torch.testing.assert_close(out["masks"], torch.full((K, 1, 28, 28), sum(torch.sigmoid(torch.tensor(v))
                                                                               for v in mask_logits).item() / 3))
-
-
-# ------------------------------------------------------------------------------------------- optimiser helpers
-def test_default_lr_scales_are_lbmambas_run_embeddings_0_7_pow_13_and_everything_else_1():
-    model = tiny()
-    names = dict(model.named_parameters())
-    assert model.reference_name("backbone.body.layers.2.mixer.A_log") == "backbone.layers.2.mixer.A_log"
-    assert model.reference_name("backbone.fpn.lateral_convs.0.0.weight") == "neck.lateral_convs.0.0.weight"
-    for name in names:
-        want = 0.7 ** 13 if ("pos_embed" in name or "patch_embed" in name) else 1.0
-        assert model.lr_scale(name) == pytest.approx(want), name
-    assert "backbone.body.pos_embed" in names and "backbone.body.patch_embed.proj.weight" in names
-
-
-def test_per_layer_lr_decay_scales_layer_i_by_decay_pow_depth_minus_i():
-    model = tiny()
-    assert model.num_layers == 4
-    for name in dict(model.named_parameters()):
-        if name.startswith("backbone.body.layers."):
-            i = int(name.split(".")[3])
-            want = 0.7 ** (4 - i)
-        elif "pos_embed" in name or "patch_embed" in name:
-            want = 0.7 ** 5
-        else:
-            want = 1.0
-        assert model.lr_scale(name, per_layer=True) == pytest.approx(want), name
-
-
-def test_no_weight_decay_is_lbmambas_position_embedding_and_vit_block_norms():
-    assert tiny().no_weight_decay() == {"backbone.body.pos_embed"}
-    torch.manual_seed(0)
-    vit = build_detector("vit_tiny_patch16_224", K, backbone_kwargs=dict(img_size=64, embed_dim=32, depth=2,
-                                                                          num_heads=2), **SMALL_HEADS)
-    names = vit.no_weight_decay()
-    assert "backbone.body.pos_embed" in names and "backbone.body.blocks.0.norm1.weight" in names
-    assert "backbone.body.blocks.0.attn.qkv.bias" not in names
-    assert vit.layer_id("backbone.body.blocks.1.attn.qkv.weight") == 2
 
 
 # ------------------------------------------------------------------------------------------- arguments

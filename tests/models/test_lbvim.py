@@ -420,18 +420,26 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
-def test_no_weight_decay_and_group_matcher():
+def test_no_weight_decay_is_the_reference_vims_and_the_ssm_marks_stay():
+    """Vim's `no_weight_decay()` names pos_embed and cls_token only: with timm's rule A_log (2-d) is decayed,
+    D (1-d) is not. A_log / D keep their `_no_weight_decay` marks, which an optimizer may read on its own."""
+    for name in ("vim_tiny_patch16_224", "lbvim_tiny_patch16_224"):
+        model = small(name)
+        assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+        mixers = [layer.mixer for layer in model.layers]
+        names = ("A_log", "D", "A_b_log", "D_b") if name.startswith("vim") else ("A_log", "D")
+        assert all(getattr(m, n)._no_weight_decay for m in mixers for n in names)
     vim = small("vim_tiny_patch16_224")
-    nwd = vim.no_weight_decay()
-    assert {"pos_embed", "cls_token"} <= nwd
-    for i in range(2):
-        assert {f"layers.{i}.mixer.{n}" for n in ("A_log", "D", "A_b_log", "D_b")} <= nwd
-    assert "layers.0.mixer.in_proj.weight" not in nwd
     from timm.optim import param_groups_weight_decay
 
-    groups = param_groups_weight_decay(vim, 0.05, no_weight_decay_list=nwd)
+    groups = param_groups_weight_decay(vim, 0.05, no_weight_decay_list=vim.no_weight_decay())
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert id(vim.layers[1].mixer.A_log) in no_decay and id(vim.pos_embed) in no_decay
+    assert id(vim.pos_embed) in no_decay and id(vim.cls_token) in no_decay and id(vim.layers[1].mixer.D) in no_decay
+    assert id(vim.layers[1].mixer.A_log) not in no_decay and id(vim.layers[1].mixer.A_b_log) not in no_decay
+
+
+def test_group_matcher_groups_the_stem_each_layer_and_the_final_norm():
+    vim = small("vim_tiny_patch16_224")
     grouped = timm.models.group_parameters(vim, vim.group_matcher())
     assert "patch_embed.proj.weight" in grouped[0] and len(grouped) == 2 + 2  # stem, 2 layers, norm_f
 

@@ -1,11 +1,7 @@
 """The UperNet segmentor: feature pyramids, mmseg's parameter names, losses, inference modes, weight
-loading, optimiser helpers, and the CPU benchmark's quick run."""
+loading and optimiser helpers (the CPU benchmark's quick run: benchmarks/tests/test_seg_cpu.py)."""
 
 import copy
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -24,10 +20,10 @@ from lbmamba.models import (
     predict_logits,
     resample_pos_embed,
 )
-from lbmamba.models.segmentor import FCNHead, UPerHead, default_out_indices
+from lbmamba.models.dense.backbone import default_out_indices
+from lbmamba.models.dense.uper_head import FCNHead, UPerHead
 from lbmamba.ops import resolve_window
 
-ROOT = Path(__file__).resolve().parents[2]
 K = 5  # classes
 TINY = dict(embed_dim=32, depth=4, patch_size=16)  # every backbone here: 4 layers of width 32
 HEADS = dict(head_channels=16, aux_channels=8)
@@ -241,7 +237,7 @@ def test_a_segmentor_state_dict_of_another_image_size_resizes_pos_embed():
     source = randomise(tiny(img_size=32))
     target = tiny(img_size=64)
     report = load_backbone_weights(target, {"state_dict": source.state_dict()})
-    assert target.backbone.pos_embed.shape == (1, 16, 32) and "pos_embed resized" in report.summary()
+    assert target.backbone.model.pos_embed.shape == (1, 16, 32) and "pos_embed resized" in report.summary()
     torch.testing.assert_close(target.decode_head.conv_seg.weight, source.decode_head.conv_seg.weight)
 
 
@@ -293,6 +289,43 @@ def test_sync_batchnorm_conversion_keeps_the_state_dict_and_the_output():
         torch.testing.assert_close(synced(x), before)
     synced.train()
     synced.losses(x, torch.zeros(2, 64, 64, dtype=torch.long))["loss"].backward()  # one process: plain BN maths
+
+
+def test_the_wrapped_backbone_is_a_submodule_whose_keys_sit_at_the_top_of_the_state_dict():
+    model = tiny("vim_tiny_patch16_224", neck="vim")
+    assert model.backbone.model in list(model.backbone.children())
+    names = [name for name, _ in model.named_parameters()]
+    assert "backbone.model.layers.3.mixer.A_log" in names and "backbone.fpn1.0.weight" in names
+    keys = list(model.state_dict())
+    assert not any(".model." in k for k in keys)
+    references = ["backbone." + model.backbone.state_dict_key(n[len("backbone."):]) if n.startswith("backbone.")
+                  else n for n in names]
+    assert references == [k for k in keys if k in set(references)]  # the same tensors in the same order
+    assert model.backbone.state_dict_key("model.pos_embed") == "pos_embed"
+    assert model.backbone.state_dict_key("outnorm_0.weight") == "outnorm_0.weight"
+
+
+def test_load_state_dict_names_missing_and_unexpected_keys_as_the_checkpoint_does():
+    model = tiny()
+    source = randomise(tiny(seed=3)).state_dict()
+    model.load_state_dict(dict(reversed(list(source.items()))))  # strict, in any order
+    assert all(torch.equal(source[k], v) for k, v in model.state_dict().items())
+    state = dict(source)
+    del state["backbone.layers.0.mixer.D"]
+    state["backbone.head.weight"] = torch.zeros(1)
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["backbone.layers.0.mixer.D"]
+    assert result.unexpected_keys == ["backbone.head.weight"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "backbone.layers.0.mixer.D"'):
+        model.load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_the_segmentor_compiles_to_the_same_logits():
+    model = randomise(tiny("vim_tiny_patch16_224", neck="vim")).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -357,11 +390,11 @@ def test_rmsnorm_classification_checkpoint_loads_into_a_layernorm_backbone(tmp_p
     assert sorted(report.unexpected_keys) == ["head.bias", "head.weight", "norm_f.weight"]
     assert "pos_embed resized from [1, 4, 32] to [1, 16, 32]" in report.summary()
     for i in range(4):
-        norm = model.backbone.layers[i].norm
+        norm = model.backbone.model.layers[i].norm
         assert isinstance(norm, nn.LayerNorm)
         torch.testing.assert_close(norm.weight, source.layers[i].norm.weight)
         assert torch.equal(norm.bias, torch.zeros(32))
-    torch.testing.assert_close(model.backbone.layers[2].mixer.A_log, source.layers[2].mixer.A_log)
+    torch.testing.assert_close(model.backbone.model.layers[2].mixer.A_log, source.layers[2].mixer.A_log)
     assert "backbone.layers.0.mixer.in_proj.weight" in report.loaded
 
 
@@ -373,7 +406,7 @@ def test_a_reference_vim_checkpoint_with_a_middle_class_token_loads_into_a_backb
     report = load_backbone_weights(model, path)
     assert "cls_token" in report.unexpected_keys and "index 2" in report.summary()
     pos = source.pos_embed
-    torch.testing.assert_close(model.backbone.pos_embed, torch.cat([pos[:, :2], pos[:, 3:]], 1))
+    torch.testing.assert_close(model.backbone.model.pos_embed, torch.cat([pos[:, :2], pos[:, 3:]], 1))
     assert not report.zeroed_biases
     assert report.missing_keys and all(k.startswith("backbone.fpn") for k in report.missing_keys)
     with torch.no_grad():
@@ -399,6 +432,16 @@ def test_a_checkpoint_of_another_width_is_a_mismatch_not_a_crash(tmp_path):
         load_backbone_weights(tiny(), path)
 
 
+def test_with_strict_false_mis_shaped_tensors_are_skipped_and_reported(tmp_path):
+    _, path = _classification_checkpoint(tmp_path, embed_dim=48)
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_backbone_weights(model, path, strict=False)
+    skipped = [name for name, _, _ in report.mismatched_keys]
+    assert "backbone.layers.0.mixer.in_proj.weight" in skipped and "mis-shaped tensors skipped" in report.summary()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # every tensor was mis-shaped
+
+
 # ------------------------------------------------------------------------------------------- timm models
 def test_a_timm_vit_runs_through_the_adapter_with_residual_features():
     vit = dict(img_size=64, embed_dim=32, depth=4, num_heads=2)
@@ -412,35 +455,8 @@ def test_a_timm_vit_runs_through_the_adapter_with_residual_features():
             norm = getattr(model.backbone, f"outnorm_{i}")
             torch.testing.assert_close(got, norm(w.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
     assert "backbone.blocks.0.attn.qkv.weight" in model.state_dict()
-    assert model.layer_id("backbone.blocks.2.attn.qkv.weight") == 3
     with pytest.raises(ValueError, match="feature_source='mixer' needs a backbone that returns.*use feature_source"):
         build_segmentor("vit_tiny_patch16_224", K, feature_source="mixer", backbone_kwargs=vit, **HEADS)
-
-
-# ------------------------------------------------------------------------------------------- optimiser helpers
-def test_no_weight_decay_follows_lbmambas_paramwise_cfg_and_returns_full_names():
-    model = tiny("vim_tiny_patch16_224")
-    names = model.no_weight_decay()
-    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.layers.0.norm.weight",
-            "backbone.layers.0.norm.bias", "backbone.outnorm_3.bias", "backbone.layers.1.mixer.A_log",
-            "backbone.layers.1.mixer.D", "backbone.layers.1.mixer.D_b"} <= names
-    # substring keys: A_b_log matches none of them; the heads' BatchNorms are named "bn"
-    assert "backbone.layers.1.mixer.A_b_log" not in names
-    assert not any(n.startswith(("decode_head", "auxiliary_head")) for n in names)
-    vim_rule = model.no_weight_decay("vim")
-    assert "decode_head.bottleneck.bn.weight" in vim_rule and "decode_head.conv_seg.bias" in vim_rule
-    assert "backbone.layers.1.mixer.D" in vim_rule and "backbone.layers.1.mixer.A_log" not in vim_rule
-
-
-def test_layer_ids_number_embeddings_0_layer_i_as_i_plus_1_and_the_rest_depth_plus_1():
-    model = tiny()
-    assert model.num_layers == 4
-    assert model.layer_id("backbone.pos_embed") == 0
-    assert model.layer_id("backbone.patch_embed.proj.weight") == 0
-    assert model.layer_id("backbone.layers.0.mixer.in_proj.weight") == 1
-    assert model.layer_id("backbone.layers.3.norm.weight") == 4
-    for name in ("backbone.outnorm_0.weight", "decode_head.conv_seg.weight", "auxiliary_head.convs.0.bn.bias"):
-        assert model.layer_id(name) == 5
 
 
 # ------------------------------------------------------------------------------------------- bad arguments
@@ -483,14 +499,14 @@ def test_inference_refuses_a_model_in_training_mode():
         predict_logits(tiny().train(), images())
 
 
-def test_a_deep_copy_for_an_ema_keeps_the_wrapped_backbone_and_the_adapter_sharing_tensors():
+def test_a_deep_copy_for_an_ema_is_independent_and_train_eval_reach_the_wrapped_backbone():
     model = tiny()
     ema = copy.deepcopy(model)
-    assert ema.backbone.model.pos_embed is ema.backbone.pos_embed
-    assert ema.backbone.model.layers[0] is ema.backbone.layers[0]
-    assert ema.backbone.pos_embed is not model.backbone.pos_embed
+    assert ema.backbone.model.pos_embed is not model.backbone.model.pos_embed
+    assert list(ema.state_dict()) == list(model.state_dict())
     ema.eval()
     assert not ema.backbone.model.training and model.backbone.model.training
+    assert not any(m.training for m in ema.modules())
 
 
 def test_bad_images_and_masks_raise_clear_messages():
@@ -507,20 +523,6 @@ def test_bad_images_and_masks_raise_clear_messages():
         BackboneAdapter(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="backbone must be a BackboneAdapter"):
         Segmentor(nn.Linear(2, 2), K)
-
-
-# ------------------------------------------------------------------------------------------- benchmark
-def test_the_cpu_benchmark_quick_run_writes_its_numbers(tmp_path):
-    out = tmp_path / "seg.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seg_cpu.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert set(report["models"]) == {"LBVim-T", "Vim-T"}
-    for row in report["models"].values():
-        assert row["params_m"] > 20 and row["gflops"] > row["gflops_counted"] > 0
-        assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
-    assert "LBVim-T / Vim-T inference" in proc.stdout
 
 
 @pytest.mark.parametrize("name, kwargs, source", OTHER_BACKBONES, ids=[b[0] for b in OTHER_BACKBONES])

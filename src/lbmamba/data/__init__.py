@@ -20,6 +20,7 @@ from .images import (
     build_image_folder,
     build_transforms,
     check_image_folder,
+    find_classification_data,
     resolve_split_dir,
 )
 from .segmentation import (
@@ -49,6 +50,7 @@ __all__ = [
     "build_image_folder",
     "build_transforms",
     "check_image_folder",
+    "find_classification_data",
     "resolve_split_dir",
     "ADE20K_CLASSES",
     "ADE20K_PALETTE",

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .digits import DIGITS_CLASSES
 
 __all__ = [
     "DataError",
@@ -223,3 +225,38 @@ def build_transforms(cfg: dict, model=None, is_training: bool = True):
         std=std,
     )
 
+
+def find_classification_data(cfg: Mapping[str, Any], need_train: bool = True) -> Dict[str, Any]:
+    """Where an image-classification data set is and which classes it has (no images read yet): `cfg`'s
+    `data` ("digits", or an ImageFolder root), `train_split` and `val_split`. {"kind": "digits" | "folder",
+    "classes", and for a folder "root", "train_dir", "val_dir"}."""
+    data = cfg.get("data")
+    if data is None:
+        raise DataError("no data given (set --data DIR, an ImageFolder root, or --data digits)")
+    if str(data).lower() == "digits":
+        return {"kind": "digits", "classes": list(DIGITS_CLASSES)}
+    root = os.path.expanduser(str(data))
+    if not os.path.exists(root):
+        raise DataError(f"data directory not found: {root}")
+    if not os.path.isdir(root):
+        raise DataError(f"data must be a directory (ImageFolder layout with train/ and val/), got a file: {root}")
+    info: Dict[str, Any] = {"kind": "folder", "root": root}
+    val_dir = resolve_split_dir(root, cfg["val_split"])
+    if need_train:
+        train_dir = os.path.join(root, cfg["train_split"])
+        if not os.path.isdir(train_dir) or val_dir == root:
+            missing = [p for p in (train_dir, os.path.join(root, cfg["val_split"])) if not os.path.isdir(p)]
+            raise DataError(
+                f"expected {root}/{cfg['train_split']}/<class>/* and {root}/{cfg['val_split']}/<class>/* "
+                f"(missing: {', '.join(missing)})"
+            )
+        info["train_dir"] = train_dir
+        info["classes"] = check_image_folder(train_dir, cfg["train_split"])
+    val_classes = check_image_folder(val_dir, cfg["val_split"])
+    info.setdefault("classes", val_classes)
+    info["val_dir"] = val_dir
+    unknown = sorted(set(val_classes) - set(info["classes"]))
+    if unknown:
+        raise DataError(f"{val_dir} has class folders that {info.get('train_dir', 'the model')} lacks: "
+                        f"{', '.join(unknown[:5])}")
+    return info

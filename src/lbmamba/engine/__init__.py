@@ -1,4 +1,5 @@
-"""Training, evaluation and benchmarking: one module per task on one set of run helpers.
+"""Training, evaluation and benchmarking: one module per task on one training loop (`loop.fit`) and one set of run
+helpers.
 
     from lbmamba.engine import train, evaluate, bench, train_mil, evaluate_mil, extract_features, train_seg
     result = train({"epochs": 5})            # the digits default, 5 epochs
@@ -10,8 +11,9 @@ Every command is a plain function `command(overrides=None, config_path=None)` ov
 (`TRAIN`, `EVAL`, `BENCH`, `MIL_TRAIN`, `MIL_EVAL`, `EXTRACT`, `SEG_TRAIN`, `SEG_EVAL`, `SEG_PREDICT`, `DET_TRAIN`,
 `DET_EVAL`, `DET_PREDICT`):
 the table's defaults <- the YAML file at `config_path` <- `overrides`. It returns the final figures as a
-JSON-able dict (None on ranks other than 0 under torchrun) and raises `UserError` for bad input. No
-argument parsing lives here (that is `lbmamba.cli`).
+JSON-able dict (None on ranks other than 0 under torchrun) and raises `UserError` for bad input. Each training
+command is a `loop.Task` that `loop.fit` runs (docs/architecture.md shows how to add one). No argument parsing
+lives here (that is `lbmamba.cli`).
 """
 
 from .bench import BENCH, bench

@@ -122,6 +122,9 @@ class Key:
         effect: "model" (defines the network), "run" (changes the result), "none" (does not) or "once"
             (this invocation only, e.g. `stop_after_epochs`: a resumed run starts it from its default).
         hidden: not listed in `--help` (test hooks).
+        off_help: what `--no-<key>` does, for a bool flag key whose default is true, where "do not " + `help`
+            does not read well (the generated text drops a leading "also": `--no-train` "do not measure
+            training throughput").
     """
 
     default: Any
@@ -135,6 +138,7 @@ class Key:
     aliases: Tuple[str, ...] = ()
     effect: str = "run"
     hidden: bool = False
+    off_help: str = ""
 
     def __post_init__(self):
         kind = self.kind or _kind_of(self.default)
@@ -144,6 +148,8 @@ class Key:
             raise ValueError(f"config key effect must be one of {EFFECTS}, got {self.effect!r}")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "nullable", self.nullable or self.default is None)
+        if self.off_help and not (kind == "bool" and self.default is True):
+            raise ValueError("off_help is the text of a --no-<key> flag: only for a bool key whose default is true")
 
 
 def _kind_of(default: Any) -> str:
@@ -338,6 +344,16 @@ class ConfigTable:
         key = self.keys[name]
         dashed = name.replace("_", "-")
         return f"--no-{dashed}" if key.kind == "bool" and key.default is True else f"--{dashed}"
+
+    def flag_help(self, name: str) -> str:
+        """The `--help` text of the key's flag: what giving the flag does. For `--no-<key>` (a bool key whose
+        default is true) that is the opposite of the key's own help: its `off_help`, or "do not <help>"."""
+        key = self.keys[name]
+        text = key.help + (f" (one of: {', '.join(map(str, key.choices))})" if key.choices else "")
+        if self.flag(name).startswith("--no-"):
+            text = key.off_help or "do not " + re.sub(r"^also\s+", "", key.help)
+            text += f"; sets {name}=false (default true)"
+        return text
 
     def describe(self) -> str:
         """One entry per key: name, default, help (for `--help`)."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..data import DataError, read_image
@@ -31,33 +31,31 @@ from ..data.detection import (
     write_digit_detection,
 )
 from ..models import DETECTOR_KINDS, FEATURE_SOURCES, Detector, build_detector, load_detector_weights
-from ..models.checkpoint import CheckpointMismatchError
-from .classification import ShardSampler, bad_image_limit, batch_plan, check_model_name, loader_workers
 from .coco_eval import COCO_METRICS, coco_evaluate, to_coco_results
 from .config import Key
+from .dense import (
+    DenseTask,
+    class_palette,
+    config_from_checkpoint,
+    eval_loader,
+    generated_data_root,
+    input_images,
+    load_dense_weights,
+    model_for,
+)
 from .device import autocast
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, gather_objects, session
+from .distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects, session
 from .errors import UserError, user_errors
 from .files import atomic_path, write_text
-from .iterations import (
-    SCHEDULES,
-    Loop,
-    LossModule,
-    config_from_checkpoint,
-    finished_summary,
-    input_images,
-    iteration_loader,
-    run_result,
-    start_run,
-    train_iterations,
-)
+from .loaders import bad_sample_limit, too_many_bad_samples
+from .models import check_model_name
 from .records import progress
-from .rng import seed_everything, seed_worker
-from .runs import Run, note, open_run
-from .segmentation import SEG_TRAIN, class_palette
+from .runs import note, open_run
+from .schedule import SCHEDULES
+from .segmentation import SEG_TRAIN
 
 __all__ = ["DET_TRAIN", "DET_EVAL", "DET_PREDICT", "train_det", "evaluate_det", "predict_det", "evaluate_detector",
-           "detector_groups", "detection_losses", "DIGIT_DETECTION", "LAYER_DECAY_MODES"]
+           "DetectionTask", "detection_losses", "DIGIT_DETECTION", "LAYER_DECAY_MODES"]
 
 DIGIT_DETECTION = "digit_scenes"
 #: the generated set `det train` uses with no data arguments (scenes of 96-160 px, 1-5 digits of 16-64 px)
@@ -219,35 +217,8 @@ def _build(cfg: Mapping[str, Any], num_classes: int) -> Detector:
 
 
 def _load_weights(model: Detector, source, name: str, whole_only: bool) -> None:
-    """Our detector checkpoint into `model` (whole_only: eval / predict refuse a classification checkpoint), or
-    classification weights into its backbone, said in one line."""
-    try:
-        report = load_detector_weights(model, source)
-    except CheckpointMismatchError as exc:
-        raise UserError(f"{name}: {exc}") from exc
-    if whole_only and report.kind != "detector":
-        raise UserError(f"{name} holds no detection heads (no rpn.* / roi_heads.* weights): a classification "
-                        "checkpoint starts a detector with `det train --init-checkpoint`")
-    if not whole_only:
-        note(f"init_checkpoint: {report.summary()}")
-
-
-def detector_groups(model: Detector, weight_decay: float, mode: str = "lbmamba",
-                    decay_rate: float = 0.7) -> List[Dict[str, Any]]:
-    """AdamW parameter groups as LBMamba's LayerDecayOptimizerConstructor: no weight decay on the model's
-    `no_weight_decay()` names; lr scale `model.lr_scale(name)` (mode "lbmamba": its run, embeddings
-    decay^13, the rest 1; "per_layer": the intended per-layer decay; "off": 1 everywhere)."""
-    skip = model.no_weight_decay()
-    groups: Dict[Tuple[bool, float], Dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = name not in skip
-        scale = 1.0 if mode == "off" else model.lr_scale(name, decay_rate, per_layer=mode == "per_layer")
-        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale})
-        group["params"].append(param)
-    return list(groups.values())
+    load_dense_weights(model, source, name, load_detector_weights, "detector", "detection heads (no rpn.* / "
+                       "roi_heads.* weights)", "det train", whole_only)
 
 
 def detection_losses(model: Detector, images: List[torch.Tensor],
@@ -269,18 +240,9 @@ def detection_losses(model: Detector, images: List[torch.Tensor],
 # ----------------------------------------------------------------------------------------------- data
 def _data_root(cfg: Mapping[str, Any], run_dir: Optional[str]) -> str:
     """The data folder: a user folder, or the digit scenes written once (into the run folder when there is one)."""
-    data = cfg.get("data")
-    if data is None:
-        raise UserError("no data given (set --data DIR, a folder with COCO-format annotations, or "
-                        f"--data {DIGIT_DETECTION})")
-    if str(data) == DIGIT_DETECTION:
-        root = os.path.join(run_dir, "data") if run_dir else os.path.join(tempfile.gettempdir(),
-                                                                          "lbmamba-digit-detection")
-        return str(write_digit_detection(root, **DIGIT_DETECTION_SET))
-    root = os.path.abspath(os.path.expanduser(str(data)))
-    if not os.path.isdir(root):
-        raise DataError(f"data folder not found: {root}")
-    return root
+    return generated_data_root(cfg, run_dir, DIGIT_DETECTION, "lbmamba-digit-detection",
+                               lambda root: write_digit_detection(root, **DIGIT_DETECTION_SET),
+                               "a folder with COCO-format annotations")
 
 
 def _split_paths(cfg: Mapping[str, Any], root: str, split: str, images: Optional[str] = None,
@@ -301,21 +263,8 @@ def _split_paths(cfg: Mapping[str, Any], root: str, split: str, images: Optional
 
 
 def _val_loader(dataset: CocoDetectionDataset, cfg: Mapping[str, Any], dist: DistInfo) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg["batch_size"], sampler=ShardSampler(len(dataset), dist.rank,
-                                                                                   dist.world_size),
-                      num_workers=loader_workers(cfg, dist, in_process=_in_process(cfg)),
-                      collate_fn=collate_detection, worker_init_fn=seed_worker, pin_memory=dist.device.type == "cuda")
-
-
-def _in_process(cfg: Mapping[str, Any]) -> bool:
-    """The digit scenes (small PNGs) are read in this process."""
-    return str(cfg.get("data")) == DIGIT_DETECTION
-
-
-def _too_many_bad(bad: int, total: int, cfg: Mapping[str, Any], where: str) -> UserError:
-    return UserError(
-        f"too many unreadable images {where}: {bad} of {total} (more than max_bad_images {cfg['max_bad_images']} "
-        f"and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction")
+    return eval_loader(dataset, cfg, dist, cfg["batch_size"], collate_detection,
+                       str(cfg.get("data")) == DIGIT_DETECTION)
 
 
 def _to_device(batch: Tuple, device: torch.device) -> Tuple:
@@ -395,98 +344,78 @@ def train_det(overrides: Optional[Mapping[str, Any]] = None,
     found: Dict[str, Any] = {}
     with open_run(DET_TRAIN, overrides, config_path, lambda cfg: f"det-{cfg['model']}",
                   lambda cfg: _prepare_train(cfg, found)) as run:
-        return _train_det(run, found)
+        return DetectionTask(run, found).train()
 
 
-def _run_data(run: Run, found: Dict[str, Any]) -> Dict[str, Any]:
-    """The run's data: the digit scenes are written into the run folder (once, by rank 0)."""
-    if found.get("root"):
-        return found
-    if run.dist.is_main:
-        _data_root(run.cfg, run.dir)
-    barrier(run.dist)
-    root = _data_root(run.cfg, run.dir)
-    return dict(root=root, train=_split_paths(run.cfg, root, "train"), val=_split_paths(run.cfg, root, "val"))
+class DetectionTask(DenseTask):
+    """(Cascade) Mask R-CNN on a plain backbone, trained as mmdetection trains it (on the dense template)."""
 
+    command, task_name, what, score_name = "det train", "detection", "images", "box_AP"
+    generated = DIGIT_DETECTION
+    curves, shown = _CURVES, _SHOWN
+    loss_parts = _LOSS_PARTS
+    collate = staticmethod(collate_detection)
 
-def _train_det(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    cfg, dist, device = run.cfg, run.dist, run.dist.device
-    wall_start = time.perf_counter()
-    data = _run_data(run, found)
-    done = finished_summary(run, "det train")
-    if done is not None:
-        return done if dist.is_main else None
-    size = cfg["img_size"]
-    train_ds = CocoDetectionDataset(*data["train"], LSJTrainTransform(size, tuple(cfg["lsj_ratio"]), cfg["hflip"]),
-                                    skip_bad=True)
-    val_ds = CocoDetectionDataset(*data["val"], LSJTestTransform(size), skip_bad=True)
-    class_names = train_ds.class_names
-    if val_ds.class_names != class_names:
-        raise UserError(f"the training and validation JSONs have different categories: {class_names[1:]} vs "
-                        f"{val_ds.class_names[1:]}")
-    num_classes = len(class_names) - 1
-    if cfg.get("num_classes") and cfg["num_classes"] != num_classes:
-        raise UserError(f"num_classes is {cfg['num_classes']} but {data['train'][1]} has {num_classes} categories")
-    cfg["num_classes"] = num_classes
-    if dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count):
-        note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes removed, "
-             f"{train_ds.crowd_count} crowd annotations left out of training")
+    def find_data(self, run_dir: Optional[str]) -> Dict[str, Any]:
+        root = _data_root(self.cfg, run_dir)
+        return dict(root=root, train=_split_paths(self.cfg, root, "train"), val=_split_paths(self.cfg, root, "val"))
 
-    seed_everything(cfg["seed"])  # identical initial weights on every rank
-    model = _build(cfg, num_classes)
-    if cfg.get("init_checkpoint") and run.checkpoint is None:
-        _load_weights(model, cfg["init_checkpoint"], "init_checkpoint", whole_only=False)
-    model.to(device)
-    params = sum(p.numel() for p in model.parameters())
-    accum, global_batch, lr = batch_plan(cfg, dist.world_size)
-    if len(train_ds) // dist.world_size < cfg["batch_size"]:
-        raise UserError(f"the training set ({len(train_ds)} images, {len(train_ds) // dist.world_size} per process) "
-                        f"is smaller than one batch ({cfg['batch_size']}); lower batch_size")
+    def datasets(self, data: Mapping[str, Any]):
+        cfg, size = self.cfg, self.cfg["img_size"]
+        train_ds = CocoDetectionDataset(*data["train"], LSJTrainTransform(size, tuple(cfg["lsj_ratio"]), cfg["hflip"]),
+                                        skip_bad=True)
+        val_ds = CocoDetectionDataset(*data["val"], LSJTestTransform(size), skip_bad=True)
+        self.class_names = train_ds.class_names
+        if val_ds.class_names != self.class_names:
+            raise UserError(f"the training and validation JSONs have different categories: {self.class_names[1:]} "
+                            f"vs {val_ds.class_names[1:]}")
+        num_classes = len(self.class_names) - 1
+        if cfg.get("num_classes") and cfg["num_classes"] != num_classes:
+            raise UserError(f"num_classes is {cfg['num_classes']} but {data['train'][1]} has {num_classes} "
+                            "categories")
+        cfg["num_classes"] = num_classes
+        if self.dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count):
+            note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes removed, "
+                 f"{train_ds.crowd_count} crowd annotations left out of training")
+        self.label_to_category_id = dict(train_ds.label_to_category_id)
+        return train_ds, val_ds
 
-    groups = detector_groups(model, cfg["weight_decay"], cfg["layer_decay_mode"], cfg["layer_decay"])
-    start = start_run(run, model, groups, lr, f"{cfg['model']} + {cfg['kind']} on {os.path.basename(data['root'])}",
-                      _CURVES, _SHOWN)
-    val_loader = _val_loader(val_ds, cfg, dist)
-    if dist.is_main:
-        note(f"lbmamba det train: {cfg['model']} + {cfg['kind']} ({params / 1e6:.2f} M params, {num_classes} classes) "
-             f"on {data['root']}: {len(train_ds)} train / {len(val_ds)} val images; {dist.world_size} process(es) "
-             f"on {device.type}; global batch {global_batch}, lr {lr:.3g}; {start.where(run)}")
+    def build_model(self, num_classes: int) -> nn.Module:
+        return _build(self.cfg, num_classes)
 
-    def evaluate(iteration: int) -> Tuple[Dict[str, Any], float]:
-        scores = evaluate_detector(model, val_ds, val_loader, dist, cfg, desc=f"val {iteration}")
-        if scores["bad_images"] > bad_image_limit(cfg, len(val_ds)):
-            raise _too_many_bad(scores["bad_images"], len(val_ds), cfg, "in the validation set")
+    def load_init(self, model: nn.Module, path: str) -> None:
+        _load_weights(model, path, "init_checkpoint", whole_only=False)
+
+    def describe(self, data: Mapping[str, Any]) -> str:
+        return f"{self.cfg['model']} + {self.cfg['kind']}"
+
+    def make_val_loader(self, dataset) -> DataLoader:
+        return _val_loader(dataset, self.cfg, self.dist)
+
+    def to_device(self, inputs: Tuple) -> Tuple:
+        return _to_device(inputs, self.dist.device)
+
+    def losses(self, model: nn.Module, images, targets) -> Dict[str, torch.Tensor]:
+        return detection_losses(model, images, targets)
+
+    def evaluate(self, model: nn.Module, count: int) -> Tuple[Dict[str, Any], float]:
+        scores = evaluate_detector(model, self.val_ds, self.val_loader, self.dist, self.cfg, desc=f"val {count}")
+        self.check_val_bad(scores["bad_images"], len(self.val_ds), "in the validation set")
         return _score_row(scores), float(scores["bbox"]["AP"])
 
-    end = train_iterations(Loop(
-        run=run, model=model, step=LossModule(model, detection_losses), start=start,
-        loader=iteration_loader(train_ds, cfg, dist, start.iteration, accum, collate_detection, _in_process(cfg)),
-        to_device=lambda batch: _to_device(batch, device), loss_parts=_LOSS_PARTS, evaluate=evaluate,
-        too_many_bad=lambda bad, total, where: _too_many_bad(bad, total, cfg, where), accum=accum,
-        lr=lr, state={"num_classes": num_classes, "class_names": list(class_names),
-                      "label_to_category_id": dict(train_ds.label_to_category_id)}))
-    if not dist.is_main:
-        return None
-    return run_result(run, end, start.record, "box_AP", wall_start, model=cfg["model"], kind=cfg["kind"], params=params,
-                      num_classes=num_classes, global_batch_size=global_batch)
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {**super().checkpoint_extra(), "label_to_category_id": self.label_to_category_id}
+
+    def result_extra(self) -> Dict[str, Any]:
+        return {"kind": self.cfg["kind"]}
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict
 def _model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], names: Optional[Sequence[str]],
                device: torch.device) -> Tuple[Detector, List[str]]:
     """The detector of `cfg` with the checkpoint's weights, and its class names (background first)."""
-    names = list(cfg.get("class_names") or (ckpt or {}).get("class_names") or names or [])
-    num_classes = cfg.get("num_classes") or (ckpt or {}).get("num_classes") or max(len(names) - 1, 0)
-    if not num_classes:
-        raise UserError("the number of classes is unknown: set num_classes (or class_names)")
-    if names and len(names) != num_classes + 1:
-        raise UserError(f"{len(names)} class names (background first) for a model with {num_classes} classes")
-    model = _build(cfg, int(num_classes))
-    if ckpt is not None:
-        _load_weights(model, ckpt, cfg["checkpoint"], whole_only=True)
-    else:
-        note("no checkpoint given: the detector has random weights")
-    return model.to(device).eval(), names or ["background"] + [str(i) for i in range(1, int(num_classes) + 1)]
+    return model_for(cfg, ckpt, names, device, lambda n: _build(cfg, n),
+                     lambda model: _load_weights(model, ckpt, cfg["checkpoint"], whole_only=True), True, "detector")
 
 
 @user_errors()
@@ -505,8 +434,8 @@ def evaluate_det(overrides: Optional[Mapping[str, Any]] = None,
         if len(dataset) == 0:
             raise UserError(f"no images to evaluate in {ann_file}")
         scores = evaluate_detector(model, dataset, _val_loader(dataset, cfg, dist), dist, cfg)
-        if scores["bad_images"] > bad_image_limit(cfg, len(dataset)):
-            raise _too_many_bad(scores["bad_images"], len(dataset), cfg, f"in {image_dir}")
+        if scores["bad_images"] > bad_sample_limit(cfg, len(dataset)):
+            raise too_many_bad_samples(scores["bad_images"], len(dataset), cfg, "images", f"in {image_dir}")
         if not dist.is_main:
             return None
         if cfg.get("results_json"):

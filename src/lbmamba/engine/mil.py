@@ -19,6 +19,7 @@ and ends with the results of an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -46,20 +47,25 @@ from ..data.mil import (
 )
 from ..models.mil import MIL_INITS, MODEL_NAMES, create_mil_model
 from .config import ConfigTable, Key
-from .device import AMP_MODES, autocast, grad_scaler, threads_key
+from .device import autocast, grad_scaler
 from .distributed import DistInfo, session
-from .errors import TrainingDivergedError, UserError, user_errors
+from .errors import UserError, user_errors
 from .files import atomic_save, jsonable, write_csv, write_h5
+from .loop import FORMAT, Plan, Task, check_resumable, fit
 from .metrics import classification_metrics, mean_std
-from .records import LOGS, RunRecord, progress
-from .rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything, seed_worker
+from .optim import create_optimizer, param_groups, preset_for
+from .records import RunRecord, progress
+from .rng import derive_seed, seed_everything, seed_worker
+from .run_keys import run_keys
 from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .schedule import Schedule
 
 __all__ = ["MIL_TRAIN", "MIL_EVAL", "PAPER_PRESET", "DIGITS_PRESET", "train_mil", "evaluate_mil", "evaluate_bags",
-           "early_stopping_state", "early_stopping_step", "should_stop",
+           "should_stop", "FoldTask",
            "load_mil_checkpoint", "write_digits_bags", "write_split_file"]
 
-CHECKPOINT_FORMAT = "lbmamba-mil"
+#: the fold checkpoints of lbmamba before the one run format (`mil eval` still reads them)
+_OLD_CHECKPOINT_FORMAT = "lbmamba-mil"
 DIGITS = "digits-bags"
 
 #: the paper's / MambaMIL's recipe: what real data gets for the keys left at null
@@ -107,8 +113,6 @@ MIL_TRAIN = ConfigTable("mil train", {
     "drop_rate": _preset_key("drop_rate", "dropout after the input projection", "float", aliases=("--dropout",),
                              effect="model"),
     "grad_checkpointing": Key(False, "recompute mixer layers in the backward (huge bags)", flag=True, effect="none"),
-    "amp": Key(None, "mixed precision: null (fp32) | bf16 | fp16 (fp16 uses a GradScaler)", kind="str",
-               choices=AMP_MODES, flag=True),
     # optimisation
     "opt": Key("adam", "adam: Adam with L2 weight decay on every parameter (MambaMIL's); adamw: decoupled decay, "
                        "none on biases, norms, A_log and D", choices=("adam", "adamw"), flag=True),
@@ -118,23 +122,10 @@ MIL_TRAIN = ConfigTable("mil train", {
     "patience": _preset_key("patience", "early-stopping patience on the validation loss", "int"),
     "stop_epoch": _preset_key("stop_epoch", "early stopping may stop a fold only after the 0-based epoch "
                                             "stop_epoch: at least stop_epoch + 2 epochs run", "int"),
-    "seed": Key(0, "seed of the generated folds, initialisation and shuffling", flag=True),
     # run
-    "output": Key(None, "the run folder (null: runs/<time>-mil-<model>)", kind="str", flag=True, aliases=("--out",),
-                  effect="none"),
-    "overwrite": Key(False, "move a run already in `output` aside (to <output>.old-<time>) and start anew", flag=True,
-                     effect="once"),
-    "resume": Key(None, "continue the run in this folder at the fold and epoch where it stopped", kind="str",
-                  flag=True, effect="once"),
-    "allow_config_change": Key(False, "resume although result-changing keys differ (the model must match)",
-                               effect="once"),
-    "device": Key("auto", "auto | cpu | cuda | cuda:N", flag=True, effect="none"),
     "workers": Key(0, "data-loading worker processes", low=0, flag=True, effect="none"),
-    "threads": threads_key(),
-    "progress": Key(True, "show progress bars", flag=True, effect="none"),
-    "log": Key("csv", "also keep the per-epoch figures as metrics.csv (csv) or TensorBoard events in "
-                      "<run>/tensorboard (tensorboard; pip install tensorboard); null: metrics.jsonl only",
-               nullable=True, choices=LOGS, flag=True, effect="none"),
+    **run_keys("mil-<model>", "seed of the generated folds, initialisation and shuffling", unit=None,
+               distributed=False, resume="continue the run in this folder at the fold and epoch where it stopped"),
 })
 
 MIL_EVAL = ConfigTable("mil eval", {
@@ -283,16 +274,22 @@ def evaluate_bags(model: nn.Module, dataset: Dataset, device: torch.device, show
 
 
 def load_mil_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
-    """(model in eval mode, checkpoint dict without the weights) from a `mil train` fold checkpoint."""
+    """A `mil train` fold checkpoint (`fold_<k>.pt`, of the one run format or of lbmamba before it) as its
+    model in eval mode and the rest: {"config": the model's constructor arguments, "class_names", "fold", ...}."""
     ckpt = load_training_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+    if ckpt.get("format") == FORMAT and "model_config" in ckpt:
+        meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "config", "model_config")}
+        meta["config"] = ckpt["model_config"]
+    elif ckpt.get("format") == _OLD_CHECKPOINT_FORMAT and "config" in ckpt:
+        meta = {k: v for k, v in ckpt.items() if k != "model"}
+    else:
         raise UserError(f"checkpoint {path}: not a `lbmamba mil train` fold checkpoint (no MIL model config inside)")
     try:
-        model = create_mil_model(**ckpt["config"])
+        model = create_mil_model(**meta["config"])
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path}: the stored model does not rebuild: {exc}") from exc
-    return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}
+    return model.to(device).eval(), meta
 
 
 # ---------------------------------------------------------------------- training
@@ -362,7 +359,10 @@ def _run_data(run: Run, bags: Optional[_Bags]) -> Tuple[_Bags, str]:
 
 
 def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
+    """The fold driver: each fold not finished yet is a run of the training loop; after each, its row joins
+    summary.csv and last.pth."""
     cfg = run.cfg
+    check_resumable(run.checkpoint, run.path(LAST))
     bags, dataset_name = _run_data(run, bags)
     model_config = _model_config(cfg, bags.in_dim, len(bags.table.class_names))
     state = run.checkpoint or {}
@@ -372,7 +372,7 @@ def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
     if done >= set(bags.splits) and saved is not None:  # else: write the summary the run did not get to write
         note(f"lbmamba mil train: the run in {run.dir} already finished ({len(done)} folds); nothing to do")
         return saved
-    at_fold, at_epoch = state.get("fold"), int(state.get("epoch", 0))
+    at_fold, at_epoch = state.get("fold"), int(state.get("epoch") or 0)
     record = RunRecord(run.dir, _CURVES, f"MIL {cfg['model']} on {os.path.basename(dataset_name)}", group="fold",
                        shown=_SHOWN, log=cfg["log"],
                        keep=(lambda r: r["fold"] in done or (r["fold"] == at_fold and r["epoch"] <= at_epoch))
@@ -381,9 +381,9 @@ def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
         if k in done:
             continue
         resume = state if state.get("fold") == k and "model" in state else None
-        rows.append(_train_fold(run, k, split, bags, model_config, rows, record, resume))
+        rows.append(FoldTask(run, k, split, bags, model_config, rows).train(record, resume))
         _write_summary_csv(run.path("summary.csv"), rows)
-        atomic_save({"config": jsonable(cfg), "finished": jsonable(rows)}, run.path(LAST))
+        atomic_save({"format": FORMAT, "config": jsonable(cfg), "finished": jsonable(rows)}, run.path(LAST))
     result = _summary(cfg, rows, bags, dataset_name, run, start)
     record.finish(result)
     return result
@@ -417,124 +417,86 @@ def _write_summary_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     write_csv(path, out)
 
 
-def _optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    lr, weight_decay = cfg["lr"], cfg["weight_decay"]
-    if cfg["opt"] == "adam":  # MambaMIL's: torch.optim.Adam, L2 on every parameter
-        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    skip = model.no_weight_decay()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr)
+class FoldTask(Task):
+    """One fold as MambaMIL trains it: one bag per step, cross-entropy, the config's optimizer preset (Adam with
+    L2 by default), a constant lr, validation loss every epoch with CLAM's early stopping, the best epoch kept
+    as `fold_<k>.pt` and scored on the fold's test split."""
 
+    unit = "epoch"
+    samples = "bags"
+    worst_score = -math.inf  # the score is minus the validation loss
 
-def _train_fold(run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, model_config: Dict[str, Any],
-                finished: List[Dict[str, Any]], record: RunRecord,
-                resume: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Train one fold with early stopping on the validation loss (from `resume`, the run's last.pth, when it
-    stopped in this fold); score the best epoch on the test split; return the fold's row."""
-    cfg, device = run.cfg, run.dist.device
-    if not split["val"]:
-        warnings.warn(f"fold {fold}: empty val split: no early stopping, the last epoch is kept", stacklevel=2)
-    train_ds, val_ds, test_ds = bags.dataset(split["train"], cfg["max_instances"]), bags.dataset(split["val"]), \
-        bags.dataset(split["test"])
-    seed_everything(cfg["seed"], fold)
-    model = create_mil_model(**model_config).to(device)
-    if cfg["grad_checkpointing"]:
-        model.set_grad_checkpointing(True)
-    optimizer = _optimizer(model, cfg)
-    scaler = grad_scaler(device, cfg["amp"])
-    gen = torch.Generator()
-    sampler = balanced_sampler(train_ds.labels, generator=gen) if cfg["balanced"] else None
-    loader = DataLoader(train_ds, batch_size=1, shuffle=sampler is None, sampler=sampler,
-                        generator=gen if sampler is None else None, collate_fn=collate_bag, num_workers=cfg["workers"],
-                        worker_init_fn=seed_worker)
-    best_path = run.path(f"fold_{fold}.pt")
-    early = early_stopping_state()
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler.is_enabled():
-            scaler.load_state_dict(resume["scaler"])
-        early = dict(resume["early"])
-        restore_rng_state(resume.get("rng"))
-    while early["epoch"] < cfg["epochs"] and not (
-            len(val_ds) and should_stop(early["epoch"], early["bad_epochs"], cfg["patience"], cfg["stop_epoch"])):
-        epoch = early["epoch"]
-        seed_everything(cfg["seed"], fold, epoch + 1)
-        gen.manual_seed(derive_seed(cfg["seed"], fold, epoch, 1))
-        epoch_start = time.perf_counter()
-        train_loss = _train_epoch(model, loader, optimizer, scaler, device, fold, epoch, cfg)
-        if len(val_ds):
-            val = evaluate_bags(model, val_ds, device, cfg["progress"], "val", cfg["workers"], cfg["amp"])
-            monitor = val["loss"]
-        else:  # no validation split: keep the last epoch
-            val, monitor = {"loss": float("nan"), "auc": float("nan")}, -float(epoch)
-        if early_stopping_step(early, monitor):
-            early["best_val_loss"] = val["loss"]
-            atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
-                         "config": jsonable(model.config), "class_names": list(bags.table.class_names), "fold": fold,
-                         "epoch": epoch + 1, "val_loss": float(val["loss"]), "seed": cfg["seed"]}, best_path)
-        atomic_save({"config": jsonable(cfg), "finished": jsonable(finished), "fold": fold, "epoch": epoch + 1,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "early": early, "rng": capture_rng_state()}, run.path(LAST))
-        record.add({"fold": fold, "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                    "val_auc": val["auc"], "epoch_seconds": time.perf_counter() - epoch_start})
-    model.load_state_dict(load_training_checkpoint(best_path)["model"])
-    test = evaluate_bags(model, test_ds, device, cfg["progress"], "test", cfg["workers"], cfg["amp"])
-    return {"fold": fold, "test_auc": test["auc"], "test_f1": test["f1"], "test_acc": test["acc"],
-            "test_loss": test["loss"], "val_loss": early["best_val_loss"], "best_epoch": early["best_epoch"],
-            "epochs_run": early["epoch"], "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
-            "checkpoint": best_path}
+    def __init__(self, run: Run, fold: int, split: Dict[str, List[str]], bags: _Bags, model_config: Dict[str, Any],
+                 finished: List[Dict[str, Any]]):
+        super().__init__(run)
+        self.fold, self.bags, self.model_config, self.finished = fold, bags, model_config, finished
+        self.label = f"fold {fold}, "
+        if not split["val"]:
+            warnings.warn(f"fold {fold}: empty val split: no early stopping, the last epoch is kept", stacklevel=3)
+        self.train_ds = bags.dataset(split["train"], run.cfg["max_instances"])
+        self.val_ds, self.test_ds = bags.dataset(split["val"]), bags.dataset(split["test"])
 
+    @property
+    def best_path(self) -> str:
+        return self.run.path(f"fold_{self.fold}.pt")
 
-def early_stopping_state() -> Dict[str, Any]:
-    """A fold's early-stopping state (plain values: it goes into last.pth): the best monitored value, its
-    1-based epoch, epochs since it improved, epochs done, the best epoch's validation loss."""
-    return {"best": float("inf"), "best_epoch": 0, "bad_epochs": 0, "epoch": 0, "best_val_loss": float("nan")}
+    def train(self, record: RunRecord, resume: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        """Train the fold (from `resume`, a last.pth that stopped in it) and return its row of results."""
+        cfg, device = self.cfg, self.dist.device
+        seed_everything(cfg["seed"], self.fold)
+        model = create_mil_model(**self.model_config).to(device)
+        if cfg["grad_checkpointing"]:
+            model.set_grad_checkpointing(True)
+        preset = preset_for("mil", cfg)
+        optimizer = create_optimizer(preset, param_groups(model, preset, cfg["weight_decay"]), cfg["lr"], cfg)
+        self.generator = torch.Generator()
+        sampler = balanced_sampler(self.train_ds.labels, generator=self.generator) if cfg["balanced"] else None
+        self.loader = DataLoader(self.train_ds, batch_size=1, shuffle=sampler is None, sampler=sampler,
+                                 generator=self.generator if sampler is None else None, collate_fn=collate_bag,
+                                 num_workers=cfg["workers"], worker_init_fn=seed_worker)
+        plan = Plan(model, optimizer, Schedule(), grad_scaler(device, cfg["amp"]), lr=cfg["lr"],
+                    updates_per_epoch=len(self.loader))
+        end = fit(self, plan, record, resume)
+        model.load_state_dict(load_training_checkpoint(self.best_path)["model"])
+        test = evaluate_bags(model, self.test_ds, device, cfg["progress"], "test", cfg["workers"], cfg["amp"])
+        return {"fold": self.fold, "test_auc": test["auc"], "test_f1": test["f1"], "test_acc": test["acc"],
+                "test_loss": test["loss"], "val_loss": -end.best_score if len(self.val_ds) else float("nan"),
+                "best_epoch": end.best_at, "epochs_run": end.count, "n_train": len(self.train_ds),
+                "n_val": len(self.val_ds), "n_test": len(self.test_ds), "checkpoint": self.best_path}
 
+    # ------------------------------------------------------------------ what the loop asks
+    def train_batches(self, epoch: int, update: int):
+        seed_everything(self.cfg["seed"], self.fold, epoch + 1)
+        self.generator.manual_seed(derive_seed(self.cfg["seed"], self.fold, epoch, 1))
+        return ((feats, label, slide, 0) for feats, label, slide in self.loader)
 
-def early_stopping_step(early: Dict[str, Any], monitor: float) -> bool:
-    """Count one epoch with validation value `monitor`; True when it is the best so far (strictly lower, as
-    CLAM's EarlyStopping: a tie counts as no improvement)."""
-    early["epoch"] += 1
-    if monitor < early["best"]:
-        early.update(best=monitor, best_epoch=early["epoch"], bad_epochs=0)
-        return True
-    early["bad_epochs"] += 1
-    return False
+    def losses(self, model: nn.Module, feats: torch.Tensor, label: torch.Tensor, slide) -> Dict[str, torch.Tensor]:
+        # a bag's features were checked when it was read: a non-finite loss means the training diverged
+        return {"loss": F.cross_entropy(model(feats).float(), label.view(1))}
+
+    def evaluate(self, model: nn.Module, count: int) -> Tuple[Dict[str, Any], float]:
+        if not len(self.val_ds):  # no validation split: the last epoch is the best
+            return {"val_loss": float("nan"), "val_auc": float("nan")}, float(count)
+        cfg = self.cfg
+        val = evaluate_bags(model, self.val_ds, self.dist.device, cfg["progress"], "val", cfg["workers"], cfg["amp"])
+        return {"val_loss": val["loss"], "val_auc": val["auc"]}, -val["loss"]
+
+    def stop_early(self, epochs_done: int, evals_since_best: int) -> bool:
+        cfg = self.cfg
+        return bool(len(self.val_ds)) and should_stop(epochs_done, evals_since_best, cfg["patience"], cfg["stop_epoch"])
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"fold": self.fold, "finished": jsonable(self.finished), "model_config": jsonable(self.model_config),
+                "class_names": list(self.bags.table.class_names), "seed": self.cfg["seed"]}
+
+    def row_extra(self) -> Dict[str, Any]:
+        return {"fold": self.fold}
 
 
 def should_stop(epochs_done: int, bad_epochs: int, patience: int, stop_epoch: int) -> bool:
-    """CLAM's / MambaMIL's early stopping after an epoch: `patience` epochs without a lower validation loss,
-    and the epoch just done (0-based: epochs_done - 1) past `stop_epoch`."""
+    """CLAM's / MambaMIL's early stopping after an epoch: `patience` epochs without a lower validation loss (a
+    tie counts as none), and the epoch just done (0-based: epochs_done - 1) past `stop_epoch`."""
     return bad_epochs >= patience and epochs_done - 1 > stop_epoch
-
-
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 scaler: "torch.amp.GradScaler", device: torch.device, fold: int, epoch: int,
-                 cfg: Mapping[str, Any]) -> float:
-    model.train()
-    total, count = 0.0, 0
-    for feats, label, slide in progress(loader, desc=f"fold {fold} epoch {epoch + 1}", enabled=cfg["progress"]):
-        with autocast(device, cfg["amp"]):
-            logits = model(feats.to(device, non_blocking=True))
-        loss = F.cross_entropy(logits.float(), label.view(1).to(device))
-        if not torch.isfinite(loss):  # the features were checked when the bag was read: the training diverged
-            raise TrainingDivergedError(
-                f"fold {fold}, epoch {epoch + 1}: the loss became {float(loss)} on slide {slide!r}; the last good "
-                "epoch's state is kept. Lower lr (resume with allow_config_change=true), or use amp=bf16 instead "
-                "of fp16"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total += float(loss.detach())
-        count += 1
-    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------------- scoring a checkpoint

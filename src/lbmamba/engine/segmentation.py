@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,9 +20,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import (
-    ADE20K_CLASSES,
-    ADE20K_PALETTE,
-    DataError,
     SegmentationDataset,
     SegTestTransform,
     SegTrainTransform,
@@ -35,36 +31,34 @@ from ..data import (
 )
 from ..data.segmentation import SPLITS
 from ..models import FEATURE_SOURCES, NECKS, Segmentor, build_segmentor, load_backbone_weights, predict_logits
-from ..models.checkpoint import CheckpointMismatchError
-from .classification import ShardSampler, bad_image_limit, batch_plan, check_model_name, loader_workers
 from .config import ConfigTable, Key
-from .device import AMP_MODES, autocast, threads_key
-from .distributed import DistInfo, all_reduce_sum, barrier, session
+from .dense import (
+    DenseTask,
+    class_palette,
+    config_from_checkpoint,
+    eval_loader,
+    generated_data_root,
+    input_images,
+    load_dense_weights,
+    model_for,
+)
+from .device import autocast
+from .distributed import DistInfo, all_reduce_sum, session
 from .errors import UserError, user_errors
 from .files import atomic_path
-from .iterations import (
-    Loop,
-    LossModule,
-    config_from_checkpoint,
-    finished_summary,
-    input_images,
-    iteration_loader,
-    lr_factor,
-    run_result,
-    start_run,
-    train_iterations,
-)
+from .loaders import bad_sample_limit, too_many_bad_samples
 from .metrics import confusion_matrix, segmentation_scores
-from .records import LOGS, progress
-from .rng import seed_everything, seed_worker
-from .runs import Run, note, open_run
+from .models import check_model_name
+from .records import progress
+from .run_keys import run_keys
+from .runs import note, open_run
+from .schedule import POLY_SCHEDULES
 
-__all__ = ["SEG_TRAIN", "SEG_EVAL", "SEG_PREDICT", "train_seg", "evaluate_seg", "predict_seg", "lr_factor",
-           "evaluate_segmentor", "optimizer_groups", "DIGIT_SCENES", "LAYOUTS"]
+__all__ = ["SEG_TRAIN", "SEG_EVAL", "SEG_PREDICT", "train_seg", "evaluate_seg", "predict_seg",
+           "evaluate_segmentor", "SegmentationTask", "DIGIT_SCENES", "LAYOUTS"]
 
 DIGIT_SCENES = "digit_scenes"
 LAYOUTS = ("auto", "ade20k", "generic")
-SCHEDULES = ("warmup_then_poly", "poly_with_warmup")
 EVAL_MODES = ("slide", "whole")
 
 
@@ -148,7 +142,7 @@ SEG_TRAIN = ConfigTable("seg train", {
                        kind="float", positive=True),
     "schedule": Key("warmup_then_poly", "warmup_then_poly: linear warm-up, then poly decay over the remaining "
                     "iterations (mmseg 1.x, LBMamba); poly_with_warmup: poly over all iterations, scaled by the "
-                    "warm-up (mmseg 0.x, Vim)", choices=SCHEDULES),
+                    "warm-up (mmseg 0.x, Vim)", choices=POLY_SCHEDULES),
     "warmup_iters": Key(50, "linear warm-up iterations (ADE20K: 1500)", low=0),
     "warmup_ratio": Key(1e-6, "learning-rate factor at the start of the warm-up", positive=True),
     "poly_power": Key(1.0, "power of the poly decay", positive=True),
@@ -167,26 +161,8 @@ SEG_TRAIN = ConfigTable("seg train", {
                       effect="none"),
     "log_every": Key(50, "record the training loss every N iterations", positive=True, effect="none"),
     # run
-    "amp": Key(None, "mixed precision: null (fp32) | bf16 | fp16 (fp16 uses a GradScaler)", kind="str",
-               choices=AMP_MODES, flag=True),
-    "device": Key("auto", "auto | cpu | cuda | cuda:N (under torchrun: LOCAL_RANK's GPU)", flag=True, effect="none"),
-    "seed": Key(0, "base seed (data order and augmentation depend on seed, pass over the data and rank)", flag=True),
-    "output": Key(None, "the run folder (null: runs/<time>-seg-<model>); a folder holding a run is refused unless "
-                  "overwrite", kind="str", flag=True, effect="none"),
-    "overwrite": Key(False, "move a run already in `output` aside and start anew", flag=True, effect="once"),
-    "resume": Key(None, "continue the run in this folder (or its last.pth) with its own config", kind="str",
-                  flag=True, effect="once"),
-    "progress": Key(True, "show a progress bar (rank 0)", flag=True, effect="none"),
-    "log": Key("csv", "also keep the figures as metrics.csv (csv) or TensorBoard events (tensorboard); null: "
-               "metrics.jsonl only", nullable=True, choices=LOGS, flag=True, effect="none"),
-    "threads": threads_key(),
-    "allow_config_change": Key(False, "resume although result-changing keys differ (the model must match)",
-                               effect="once"),
-    "stop_after_iters": Key(None, "stop after this many iterations of this invocation (for tests and job limits)",
-                            kind="int", positive=True, flag=True, effect="once"),
-    "debug_nan_iter": Key(None, "test hook: make the loss NaN at this (0-based) iteration", kind="int", hidden=True),
-    "debug_dump_rank_state": Key(False, "test hook: every rank saves its parameters to <output>/rank<r>_params.pth",
-                                 hidden=True, effect="once"),
+    **run_keys("seg-<model>", "base seed (data order and augmentation depend on seed, pass over the data and "
+                  "rank)", unit="iter"),
 }, check=_check_seg)
 
 _EVAL_KEYS = ["model", "model_kwargs", "neck", "head_channels", "aux_channels", "dropout", "feature_source",
@@ -226,27 +202,6 @@ _CURVES = [("loss", "loss", [("train_loss", "train"), ("train_loss_decode", "dec
 _SHOWN = ("iter", "train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr", "seconds")
 
 
-# ----------------------------------------------------------------------------------------------- optimizer
-def optimizer_groups(model: Segmentor, weight_decay: float, layer_decay: Optional[float],
-                     decay_rule: str = "lbmamba") -> List[Dict[str, Any]]:
-    """AdamW parameter groups: no decay on the model's `no_weight_decay(decay_rule)` names; with
-    `layer_decay`, the lr of a parameter in layer i of n (0: embeddings, n + 1: neck and heads) is scaled by
-    layer_decay^(n + 1 - i), as Vim's layer-decay optimizer constructor does."""
-    skip = set(model.no_weight_decay(decay_rule))
-    groups: Dict[Tuple[bool, float], Dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = name not in skip
-        scale = 1.0
-        if layer_decay is not None:
-            scale = layer_decay ** (model.num_layers + 1 - model.layer_id(name))
-        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale})
-        group["params"].append(param)
-    return list(groups.values())
-
-
 # ----------------------------------------------------------------------------------------------- data
 def _layout(root: str, layout: str) -> str:
     if layout != "auto":
@@ -256,17 +211,9 @@ def _layout(root: str, layout: str) -> str:
 
 def _data_root(cfg: Mapping[str, Any], run_dir: Optional[str]) -> str:
     """The data folder: a user folder, or the digit scenes written once (into the run folder when there is one)."""
-    data = cfg.get("data")
-    if data is None:
-        raise UserError("no data given (set --data DIR, a folder in the ADE20K or generic layout, or "
-                        f"--data {DIGIT_SCENES})")
-    if str(data) == DIGIT_SCENES:
-        root = os.path.join(run_dir, "data") if run_dir else os.path.join(tempfile.gettempdir(), "lbmamba-digit-scenes")
-        return str(write_digit_scenes(root, seed=0))
-    root = os.path.abspath(os.path.expanduser(str(data)))
-    if not os.path.isdir(root):
-        raise DataError(f"data folder not found: {root}")
-    return root
+    return generated_data_root(cfg, run_dir, DIGIT_SCENES, "lbmamba-digit-scenes",
+                               lambda root: write_digit_scenes(root, seed=0),
+                               "a folder in the ADE20K or generic layout")
 
 
 def _splits(cfg: Mapping[str, Any], layout: str) -> Tuple[str, str]:
@@ -297,12 +244,7 @@ def _in_process(cfg: Mapping[str, Any]) -> bool:
     return str(cfg.get("data")) == DIGIT_SCENES
 
 
-def _too_many_bad(bad: int, total: int, cfg: Mapping[str, Any], where: str) -> UserError:
-    return UserError(
-        f"too many unreadable or inconsistent image / mask pairs {where}: {bad} of {total} (more than max_bad_images "
-        f"{cfg['max_bad_images']} and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise "
-        "max_bad_fraction"
-    )
+_PAIRS = "or inconsistent image / mask pairs"
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -320,25 +262,9 @@ def _build(cfg: Mapping[str, Any], num_classes: int) -> Segmentor:
         raise UserError(f"cannot build a segmentor on {cfg['model']!r}: {exc}") from exc
 
 
-def _load_weights(model: Segmentor, checkpoint: Mapping[str, Any], source: str) -> None:
-    """A segmentor checkpoint (ours, or a state dict with mmseg's names, its position embedding resized)
-    into `model`, strictly; a classification checkpoint is refused with what to do instead."""
-    try:
-        report = load_backbone_weights(model, checkpoint)
-    except CheckpointMismatchError as exc:
-        raise UserError(f"{source}: {exc}") from exc
-    if report.kind != "segmentor":
-        raise UserError(f"{source} holds no segmentation heads (no decode_head.* weights): a classification "
-                        "checkpoint starts a segmentor with `seg train --init-checkpoint`")
-
-
-def _init_weights(model: Segmentor, path: str) -> None:
-    """init_checkpoint: classification weights into the backbone (or a whole segmentor), said in one line."""
-    try:
-        report = load_backbone_weights(model, path)
-    except CheckpointMismatchError as exc:
-        raise UserError(f"init_checkpoint: {exc}") from exc
-    note(f"init_checkpoint: {report.summary()}")
+def _load_weights(model: Segmentor, source, name: str, whole_only: bool) -> None:
+    load_dense_weights(model, source, name, load_backbone_weights, "segmentor", "segmentation heads (no decode_head.* "
+                       "weights)", "seg train", whole_only)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -378,9 +304,7 @@ def evaluate_segmentor(model: Segmentor, loader: DataLoader, dist: DistInfo, cfg
 
 def _val_loader(dataset: Dataset, cfg: Mapping[str, Any], dist: DistInfo) -> DataLoader:
     # batch 1: every validation image keeps its own size, as mmsegmentation's test loop does
-    return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
-                      num_workers=loader_workers(cfg, dist, in_process=_in_process(cfg)), collate_fn=collate_pad,
-                      worker_init_fn=seed_worker, pin_memory=dist.device.type == "cuda")
+    return eval_loader(dataset, cfg, dist, 1, collate_pad, _in_process(cfg))
 
 
 def _score_row(scores: Mapping[str, Any], prefix: str = "val_") -> Dict[str, float]:
@@ -424,10 +348,6 @@ def _prepare_train(cfg: Dict[str, Any], found: Dict[str, Any]) -> Dict[str, Any]
     return cfg
 
 
-def _run_name(cfg: Mapping[str, Any]) -> str:
-    return f"seg-{cfg['model']}"
-
-
 @user_errors()
 def train_seg(overrides: Optional[Mapping[str, Any]] = None,
               config_path: Optional[str] = None) -> Optional[Dict[str, Any]]:
@@ -436,102 +356,74 @@ def train_seg(overrides: Optional[Mapping[str, Any]] = None,
     Returns the final figures on rank 0 (None on other ranks): val_mIoU, val_mAcc, val_aAcc,
     best_val_mIoU, best_iter, iters, train_loss, checkpoint (best.pth), last_checkpoint, output, ..."""
     found: Dict[str, Any] = {}  # the data the prepare step found (one look at the folders)
-    with open_run(SEG_TRAIN, overrides, config_path, _run_name, lambda cfg: _prepare_train(cfg, found)) as run:
-        return _train_seg(run, found)
+    with open_run(SEG_TRAIN, overrides, config_path, lambda cfg: f"seg-{cfg['model']}",
+                  lambda cfg: _prepare_train(cfg, found)) as run:
+        return SegmentationTask(run, found).train()
 
 
-def _run_data(run: Run, found: Dict[str, Any]) -> Dict[str, Any]:
-    """The run's data: the digit scenes are written into the run folder (once, by rank 0)."""
-    if found.get("root"):
-        return found
-    cfg = run.cfg
-    if run.dist.is_main:
-        _data_root(cfg, run.dir)
-    barrier(run.dist)
-    root = _data_root(cfg, run.dir)
-    train_split, val_split = _splits(cfg, "generic")
-    names = _class_names(root, "generic")
-    cfg["num_classes"] = cfg.get("num_classes") or len(names)
-    return dict(root=root, layout="generic", classes=names, train=find_pairs(root, "generic", train_split),
-                val=find_pairs(root, "generic", val_split))
+class SegmentationTask(DenseTask):
+    """UperNet on a plain backbone, trained as mmsegmentation trains it (on the dense template)."""
 
+    command, task_name, what, score_name = "seg train", "segmentation", _PAIRS, "mIoU"
+    generated = DIGIT_SCENES
+    curves, shown = _CURVES, _SHOWN
+    loss_parts = ("loss_decode", "loss_aux")
+    min_batch = 2  # BatchNorm in the heads
+    collate = staticmethod(collate_pad)
 
-def _seg_losses(model: Segmentor, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return model.losses(images, masks)
+    def find_data(self, run_dir: Optional[str]) -> Dict[str, Any]:
+        cfg = self.cfg
+        root = _data_root(cfg, run_dir)
+        train_split, val_split = _splits(cfg, "generic")
+        names = _class_names(root, "generic")
+        cfg["num_classes"] = cfg.get("num_classes") or len(names)
+        return dict(root=root, layout="generic", classes=names, train=find_pairs(root, "generic", train_split),
+                    val=find_pairs(root, "generic", val_split))
 
+    def datasets(self, data: Mapping[str, Any]) -> Tuple[Dataset, Dataset]:
+        cfg = self.cfg
+        self.class_names = list(data["classes"])
+        reduce_zero = _reduce_zero_label(cfg, data["layout"])
+        n = cfg["num_classes"]
+        return (SegmentationDataset(data["train"], n, _train_transform(cfg), reduce_zero, skip_bad=True),
+                SegmentationDataset(data["val"], n, _test_transform(cfg), reduce_zero, skip_bad=True))
 
-def _train_seg(run: Run, found: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    cfg, dist, device = run.cfg, run.dist, run.dist.device
-    wall_start = time.perf_counter()
-    data = _run_data(run, found)
-    class_names, num_classes = data["classes"], cfg["num_classes"]
-    done = finished_summary(run, "seg train")
-    if done is not None:
-        return done if dist.is_main else None
+    def build_model(self, num_classes: int) -> nn.Module:
+        return _build(self.cfg, num_classes)
 
-    seed_everything(cfg["seed"])  # identical initial weights on every rank
-    model = _build(cfg, num_classes)
-    if cfg.get("init_checkpoint") and run.checkpoint is None:
-        _init_weights(model, cfg["init_checkpoint"])
-    if dist.distributed and device.type == "cuda":  # mmseg's SyncBN; gloo (CPU) has no SyncBatchNorm
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    params = sum(p.numel() for p in model.parameters())
+    def load_init(self, model: nn.Module, path: str) -> None:
+        _load_weights(model, path, "init_checkpoint", whole_only=False)
 
-    reduce_zero = _reduce_zero_label(cfg, data["layout"])
-    train_ds = SegmentationDataset(data["train"], num_classes, _train_transform(cfg), reduce_zero, skip_bad=True)
-    val_ds = SegmentationDataset(data["val"], num_classes, _test_transform(cfg), reduce_zero, skip_bad=True)
-    accum, global_batch, lr = batch_plan(cfg, dist.world_size)
-    batch = cfg["batch_size"]
-    if batch < 2 and not (dist.distributed and device.type == "cuda"):  # SyncBatchNorm spans the processes there
-        raise UserError(f"batch_size {batch}: the heads' BatchNorm needs at least 2 images per step in one process "
-                        "(a 1x1 pooled map has one value per channel); set batch_size >= 2")
-    if len(train_ds) // dist.world_size < batch:
-        raise UserError(f"the training set ({len(train_ds)} images, {len(train_ds) // dist.world_size} per process) "
-                        f"is smaller than one batch ({batch}); lower batch_size")
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.dist.distributed and self.dist.device.type == "cuda":  # mmseg's SyncBN; gloo (CPU) has none
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
-    groups = optimizer_groups(model, cfg["weight_decay"], cfg.get("layer_decay"), cfg["decay_rule"])
-    start = start_run(run, model, groups, lr, f"{cfg['model']} + UperNet on {os.path.basename(data['root'])}",
-                      _CURVES, _SHOWN)
-    val_loader = _val_loader(val_ds, cfg, dist)
-    if dist.is_main:
-        note(f"lbmamba seg train: {cfg['model']} + UperNet ({params / 1e6:.2f} M params, {num_classes} classes) on "
-             f"{data['root']}: {len(train_ds)} train / {len(val_ds)} val images; {dist.world_size} process(es) on "
-             f"{device.type}; global batch {global_batch}, lr {lr:.3g}; {start.where(run)}")
+    def check_batch(self, batch: int) -> None:
+        if batch < 2 and not (self.dist.distributed and self.dist.device.type == "cuda"):  # SyncBN spans processes
+            raise UserError(f"batch_size {batch}: the heads' BatchNorm needs at least 2 images per step in one "
+                            "process (a 1x1 pooled map has one value per channel); set batch_size >= 2")
 
-    def evaluate(iteration: int) -> Tuple[Dict[str, Any], float]:
-        scores = evaluate_segmentor(model, val_loader, dist, cfg, class_names, desc=f"val {iteration}")
-        if scores["bad_images"] > bad_image_limit(cfg, len(val_ds)):
-            raise _too_many_bad(scores["bad_images"], len(val_ds), cfg, "in the validation set")
+    def describe(self, data: Mapping[str, Any]) -> str:
+        return f"{self.cfg['model']} + UperNet"
+
+    def make_val_loader(self, dataset: Dataset) -> DataLoader:
+        return _val_loader(dataset, self.cfg, self.dist)
+
+    def losses(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return model.losses(images, masks)
+
+    def evaluate(self, model: nn.Module, count: int) -> Tuple[Dict[str, Any], float]:
+        scores = evaluate_segmentor(model, self.val_loader, self.dist, self.cfg, self.class_names, desc=f"val {count}")
+        self.check_val_bad(scores["bad_images"], len(self.val_ds), "in the validation set")
         return _score_row(scores), float(scores["mIoU"])
-
-    end = train_iterations(Loop(
-        run=run, model=model, step=LossModule(model, _seg_losses), start=start,
-        loader=iteration_loader(train_ds, cfg, dist, start.iteration, accum, collate_pad, _in_process(cfg)),
-        to_device=lambda b: tuple(t.to(device, non_blocking=True) for t in b), loss_parts=("loss_decode", "loss_aux"),
-        evaluate=evaluate, too_many_bad=lambda bad, total, where: _too_many_bad(bad, total, cfg, where),
-        accum=accum, lr=lr, state={"num_classes": num_classes, "class_names": list(class_names)}, min_batch=2))
-    if not dist.is_main:
-        return None
-    return run_result(run, end, start.record, "mIoU", wall_start, model=cfg["model"], params=params,
-                      num_classes=num_classes, global_batch_size=global_batch)
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict
 def _model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], class_names: Optional[List[str]],
                device: torch.device) -> Tuple[Segmentor, List[str]]:
-    names = list(cfg.get("class_names") or (ckpt or {}).get("class_names") or class_names or [])
-    num_classes = cfg.get("num_classes") or (ckpt or {}).get("num_classes") or len(names)
-    if not num_classes:
-        raise UserError("the number of classes is unknown: set num_classes (or class_names)")
-    if names and len(names) != num_classes:
-        raise UserError(f"{len(names)} class names for a model with {num_classes} classes")
-    model = _build(cfg, int(num_classes))
-    if ckpt is not None:
-        _load_weights(model, ckpt, cfg["checkpoint"])
-    else:
-        note("no checkpoint given: the segmentor has random weights")
-    return model.to(device).eval(), names or [str(i) for i in range(int(num_classes))]
+    return model_for(cfg, ckpt, class_names, device, lambda n: _build(cfg, n),
+                     lambda model: _load_weights(model, ckpt, cfg["checkpoint"], whole_only=True), False, "segmentor")
 
 
 @user_errors()
@@ -552,8 +444,8 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
         if len(dataset) == 0:
             raise UserError(f"no images to evaluate in {root} (split {split})")
         scores = evaluate_segmentor(model, _val_loader(dataset, cfg, dist), dist, cfg, names)
-        if scores["bad_images"] > bad_image_limit(cfg, len(dataset)):
-            raise _too_many_bad(scores["bad_images"], len(dataset), cfg, f"in {split}")
+        if scores["bad_images"] > bad_sample_limit(cfg, len(dataset)):
+            raise too_many_bad_samples(scores["bad_images"], len(dataset), cfg, _PAIRS, f"in {split}")
         if not dist.is_main:
             return None
         note(_class_table(scores))
@@ -567,18 +459,6 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
                 "images_per_s": round(scores["images_per_s"], 3), "model": cfg["model"],
                 "checkpoint": cfg.get("checkpoint"), "data": root, "split": split, "eval_mode": cfg["eval_mode"],
                 "device": str(dist.device)}
-
-
-def class_palette(names: Sequence[str]) -> np.ndarray:
-    """(classes, 3) uint8 colours: ADE20K's own for its classes, else ADE20K's palette in turn, with
-    reproducible random colours beyond its 150."""
-    colours = np.asarray(ADE20K_PALETTE, dtype=np.uint8)
-    if len(names) > len(colours):
-        extra = np.random.default_rng(0).integers(0, 256, size=(len(names) - len(colours), 3), dtype=np.uint8)
-        colours = np.concatenate([colours, extra])
-    if tuple(names) != tuple(ADE20K_CLASSES) and names and names[0] == "background":
-        colours = np.concatenate([np.zeros((1, 3), np.uint8), colours])  # background stays black
-    return colours[: len(names)]
 
 
 @user_errors()

@@ -10,29 +10,27 @@ from .checkpoint import (
     read_file,
     unwrap_state_dict,
 )
-from .detector import (
+from .dense import (
     DETECTOR_KINDS,
+    FEATURE_SOURCES,
+    NECKS,
+    BackboneAdapter,
+    BackboneLoadReport,
     CascadeRoIHeads,
     DetectionBackbone,
     Detector,
+    Segmentor,
     SimpleFeaturePyramid,
     build_detector,
+    build_segmentor,
+    load_backbone_weights,
     load_detector_weights,
+    predict_logits,
 )
 from .lbvim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
 from .localvim import LocalVisionMamba  # noqa: F401  (registers LocalVim / LB-LocalVim with timm)
 from .mil import ABMIL, MIL_MODELS, MambaMIL, create_mil_model
 from .plainmamba import PlainMamba  # noqa: F401  (registers PlainMamba / LB-PlainMamba with timm)
-from .segmentor import (
-    FEATURE_SOURCES,
-    NECKS,
-    BackboneAdapter,
-    BackboneLoadReport,
-    Segmentor,
-    build_segmentor,
-    load_backbone_weights,
-    predict_logits,
-)
 from .vmamba import VMamba  # noqa: F401  (registers VMamba / LB-VMamba with timm)
 
 __all__ = [

@@ -21,45 +21,45 @@ LB-Adventurer is the same network with the mixer's scan replaced by the LB scan 
 
 Parameter names and shapes are those of the official code (`Adventurer` in models_mamba.py with
 `MambaCustom`), so its `{'model': ..., 'model_ema': ...}` checkpoints load unchanged (see
-docs/models.md).
+docs/models.md): the 'model' weights are taken (pass `read_file(path)['model_ema']` for the EMA ones),
+and `pos_embed` is resampled to the model's grid with the class token's entry kept last. (The official
+fine-tuning script takes the first entry as the class token's, which does not fit this layout; this
+code does not copy that.)
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, lecun_normal_, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-try:  # timm >= 1.0.12
-    from timm.models import checkpoint
-except ImportError:  # pragma: no cover
-    from torch.utils.checkpoint import checkpoint as _torch_checkpoint
-
-    def checkpoint(function, *args, **kwargs):
-        return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
-
 from ..nn import RMSNorm
 from ..nn.mamba2 import Mamba2
-from ._build import build_with_cfg
-from .checkpoint import unwrap_state_dict
+from ..nn.pos_embed import split_class_token
+from ._build import LBMAMBA_PAPER, build_with_cfg, checkpoint_filter_fn, default_cfg
+from ._family import (
+    PlainModelMixin,
+    check_intermediates_args,
+    layer_drop_path_rates,
+    layer_feature_info,
+    rescale_out_proj,
+    tokens_to_map,
+)
 
 __all__ = ["Adventurer", "AdventurerBlock", "SwiGLU", "FLIP_SCHEDULES", "layer_flips", "flip_patch_tokens",
-           "checkpoint_filter_fn", "resample_pos_embed"]
+           "checkpoint_filter_fn"]
 
 #: which layers flip their patch tokens (n = layer index):
 #: "released": n // 2 == 1, layers 2 and 3 only (the released code's condition; the default);
 #: "pairs": (n // 2) % 2 == 1, layers 2, 3, 6, 7, ... (the author's fix: a flip between every two layers);
 #: "alternate": n % 2 == 1, every odd layer (the other fix the author named); "none": no flips.
 FLIP_SCHEDULES = ("released", "pairs", "alternate", "none")
-GLOBAL_POOLS = ("token", "avg", "")
 
 
 def layer_flips(schedule: str, n: int) -> bool:
@@ -79,39 +79,6 @@ def flip_patch_tokens(x: torch.Tensor) -> torch.Tensor:
     """Reverse the patch tokens of a (B, patches + 1, C) sequence, keeping the class token last.
     Its own inverse."""
     return torch.cat([x[:, :-1].flip(1), x[:, -1:]], dim=1)
-
-
-def resample_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: Tuple[int, int],
-    old_grid: Optional[Tuple[int, int]] = None,
-    interpolation: str = "bicubic",
-    antialias: bool = True,
-) -> torch.Tensor:
-    """Resize Adventurer's (1, patches + 1, C) position embedding to `new_grid` patches.
-
-    The class token's entry is the LAST one: it is kept as it is and stays last. `old_grid` defaults
-    to a square grid. (The official fine-tuning script takes the first entry as the class token's,
-    which does not fit this layout; this function does not copy that.)
-    """
-    num_old = pos_embed.shape[1] - 1
-    if old_grid is None:
-        side = int(round(math.sqrt(num_old)))
-        if side * side != num_old:
-            raise ValueError(
-                f"cannot infer the position-embedding grid of {num_old} patch tokens (not a square); pass old_grid"
-            )
-        old_grid = (side, side)
-    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if old_grid[0] * old_grid[1] != num_old:
-        raise ValueError(f"old_grid {old_grid} does not match {num_old} patch tokens in pos_embed")
-    if old_grid == new_grid:
-        return pos_embed
-    patches = resample_abs_pos_embed(
-        pos_embed[:, :-1], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
-        interpolation=interpolation, antialias=antialias,
-    )
-    return torch.cat([patches, pos_embed[:, -1:]], dim=1)
 
 
 class SwiGLU(nn.Module):
@@ -152,7 +119,7 @@ class AdventurerBlock(nn.Module):
         return hidden_states + self.drop_path(self.mlp(self.norm_mlp(hidden_states)))
 
 
-class Adventurer(nn.Module):
+class Adventurer(PlainModelMixin, nn.Module):
     """Adventurer / LB-Adventurer: a plain causal vision backbone on Mamba-2 blocks.
 
     Args:
@@ -178,6 +145,9 @@ class Adventurer(nn.Module):
         drop_path_rate: stochastic depth; layer i gets ([0] + linspace(0, rate, depth))[i], as the
             official code (layer 0 and 1 get 0, the last layer gets rate * (depth - 2) / (depth - 1)).
     """
+
+    global_pools = ("token", "avg", "")
+    class_token = "tail"  # the class token is the last token, after the patches
 
     def __init__(
         self,
@@ -205,14 +175,13 @@ class Adventurer(nn.Module):
         super().__init__()
         layer_flips(flip_schedule, 0)  # validate
         self.num_classes = num_classes
-        self.global_pool = self._check_pool(global_pool)
+        self.global_pool = self._check_pool(global_pool, self.class_token)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.depth = depth
         self.window = window
         self.flip_schedule = flip_schedule
         self.num_prefix_tokens = 1  # the class token (it sits at the end of the sequence)
         self.dynamic_img_size = True
-        self.grad_checkpointing = False
         norm_layer = partial(RMSNorm, eps=norm_eps)
 
         self.patch_embed = PatchEmbed(
@@ -225,7 +194,7 @@ class Adventurer(nn.Module):
 
         mixer_cls = partial(Mamba2, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                             ngroups=ngroups, window=window, **(ssm_cfg or {}))
-        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # [0] + linspace(0, rate, depth)
+        dpr = layer_drop_path_rates(drop_path_rate, depth)
         mlp_hidden = int(embed_dim * mlp_ratio)
         self.layers = nn.ModuleList(
             [
@@ -236,18 +205,8 @@ class Adventurer(nn.Module):
         self.norm_f = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [
-            dict(module=f"layers.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
-            for i in range(depth)
-        ]
+        self.feature_info = layer_feature_info(depth, embed_dim, self.patch_embed.patch_size[0])
         self.init_weights()
-
-    @staticmethod
-    def _check_pool(global_pool) -> str:
-        global_pool = {"mean": "avg", None: ""}.get(global_pool, global_pool)
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('mean' = 'avg'), got {global_pool!r}")
-        return global_pool
 
     def init_weights(self):
         """The official initialisation.
@@ -267,67 +226,15 @@ class Adventurer(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for layer in self.layers:
-            out_proj = layer.mixer.out_proj
-            nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
-            with torch.no_grad():
-                out_proj.weight.div_(math.sqrt(self.depth))
-
-    # ------------------------------------------------------------------ timm API
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        names = {"pos_embed", "cls_token"}
-        names.update(name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False))
-        return names
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^cls_token|^pos_embed|^patch_embed",
-            blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = self._check_pool(global_pool)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.head = self.head.to(self.pos_embed.device)
-
-    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Hook used by `lbmamba.load_checkpoint`: unwrap and resize pos_embed for this model."""
-        return checkpoint_filter_fn(state_dict, self)
+        rescale_out_proj(self.layers, self.depth)
 
     def layer_is_flipped(self, index: int) -> bool:
         """Whether layer `index` flips its patch tokens (see `flip_schedule`)."""
         return layer_flips(self.flip_schedule, index)
 
     # ------------------------------------------------------------------ forward
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        x = self.patch_embed(x)
-        x = torch.cat([x, self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
-        pos_embed = self.pos_embed
-        if tuple(grid) != tuple(self.patch_embed.grid_size):
-            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size)
-        return self.pos_drop(x + pos_embed.to(x.dtype)), grid
-
     def _run_layer(self, index: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        flip = self.layer_is_flipped(index)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, flip)
-        return layer(x, flip)
+        return self._checkpointed(layer, x, self.layer_is_flipped(index))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, patches + 1, embed_dim): patches in image order, class
@@ -336,20 +243,6 @@ class Adventurer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = self._run_layer(i, layer, x)
         return self.norm_f(x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "token":
-            return x[:, -1]
-        if self.global_pool == "avg":
-            return x[:, :-1].mean(dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -375,11 +268,9 @@ class Adventurer(nn.Module):
         Returns:
             (final normalised tokens as forward_features gives them, intermediates) or the list alone.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_intermediates_args(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         take = set(take_indices)
-        batch = x.shape[0]
         x, grid = self._embed(x)
         layers = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates, prefixes = [], []
@@ -387,9 +278,9 @@ class Adventurer(nn.Module):
             x = self._run_layer(i, layer, x)
             if i in take:
                 y = self.norm_f(x) if norm else x
-                spatial, prefix = y[:, :-1], y[:, -1:]
+                spatial, prefix = split_class_token(y, self.class_token)
                 if output_fmt == "NCHW":
-                    spatial = spatial.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                    spatial = tokens_to_map(spatial, grid)
                 intermediates.append(spatial)
                 prefixes.append(prefix)
         if return_prefix_tokens:
@@ -398,97 +289,45 @@ class Adventurer(nn.Module):
             return intermediates
         return self.norm_f(x), intermediates
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks after the last one `indices` needs (and norm_f / the head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Adventurer) -> Dict[str, torch.Tensor]:
-    """Adapt an official Adventurer checkpoint (or our own) to `model`.
-
-    Unwraps `{'model': ...}` (the official files also hold 'model_ema', 'optimizer', 'args', ...; the
-    'model' weights are taken: pass `read_file(path)['model_ema']` to load the EMA weights) and
-    `{'state_dict': ...}`, drops `module.` / `_orig_mod.` prefixes, and resamples `pos_embed` (class
-    token entry last) to the model's patch grid when the checkpoint was trained at another size. The
-    names need no renaming.
-    """
-    state_dict = unwrap_state_dict(state_dict)
-    pos_embed = state_dict.get("pos_embed")
-    if isinstance(pos_embed, torch.Tensor) and pos_embed.dim() == 3 and pos_embed.shape != model.pos_embed.shape:
-        state_dict = dict(state_dict)
-        state_dict["pos_embed"] = resample_pos_embed(pos_embed.float(), model.patch_embed.grid_size).to(pos_embed.dtype)
-    return state_dict
-
 
 # ---------------------------------------------------------------------- timm registration
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 _ADVENTURER_PAPER = dict(paper_ids="arXiv:2410.07599",
                          paper_name="Causal Image Modeling for Efficient Visual Understanding")
-_LB_PAPER = dict(paper_ids="arXiv:2506.15976", paper_name="LBMamba: Locally Bi-directional Mamba")
 
 default_cfgs = generate_default_cfgs(
     {
-        "adventurer_tiny_patch16_224": _cfg(**_ADVENTURER_PAPER),
-        "adventurer_small_patch16_224": _cfg(**_ADVENTURER_PAPER),
-        "lb_adventurer_tiny_patch16_224": _cfg(**_LB_PAPER),
-        "lb_adventurer_small_patch16_224": _cfg(**_LB_PAPER),
+        "adventurer_tiny_patch16_224": default_cfg(**_ADVENTURER_PAPER),
+        "adventurer_small_patch16_224": default_cfg(**_ADVENTURER_PAPER),
+        "lb_adventurer_tiny_patch16_224": default_cfg(**LBMAMBA_PAPER),
+        "lb_adventurer_small_patch16_224": default_cfg(**LBMAMBA_PAPER),
     }
 )
 
 ADVENTURER_ARGS = dict(patch_size=16, depth=12, d_state=64, expand=2, headdim=64, window=1)
 LB_ADVENTURER_ARGS = dict(ADVENTURER_ARGS, window="auto")
 
-
-def _build(variant: str, base: Dict[str, Any], pretrained: bool, **kwargs) -> Adventurer:
-    return build_with_cfg(Adventurer, variant, pretrained, checkpoint_filter_fn, dict(base, **kwargs))
+_build = partial(build_with_cfg, Adventurer)
 
 
 @register_model
 def adventurer_tiny_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
     """Adventurer-T: width 256, depth 12, Mamba-2 (N 64, 8 heads), class token last (11.6 M params)."""
-    return _build("adventurer_tiny_patch16_224", dict(ADVENTURER_ARGS, embed_dim=256), pretrained, **kwargs)
+    return _build("adventurer_tiny_patch16_224", pretrained, dict(ADVENTURER_ARGS, embed_dim=256), **kwargs)
 
 
 @register_model
 def adventurer_small_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
     """Adventurer-S: width 512, depth 12 (44.5 M params)."""
-    return _build("adventurer_small_patch16_224", dict(ADVENTURER_ARGS, embed_dim=512), pretrained, **kwargs)
+    return _build("adventurer_small_patch16_224", pretrained, dict(ADVENTURER_ARGS, embed_dim=512), **kwargs)
 
 
 @register_model
 def lb_adventurer_tiny_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
     """LB-Adventurer-T: Adventurer-T with the LB scan (window "auto"; W 8 at 224 px)."""
-    return _build("lb_adventurer_tiny_patch16_224", dict(LB_ADVENTURER_ARGS, embed_dim=256), pretrained, **kwargs)
+    return _build("lb_adventurer_tiny_patch16_224", pretrained, dict(LB_ADVENTURER_ARGS, embed_dim=256), **kwargs)
 
 
 @register_model
 def lb_adventurer_small_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
     """LB-Adventurer-S: Adventurer-S with the LB scan (window "auto")."""
-    return _build("lb_adventurer_small_patch16_224", dict(LB_ADVENTURER_ARGS, embed_dim=512), pretrained, **kwargs)
+    return _build("lb_adventurer_small_patch16_224", pretrained, dict(LB_ADVENTURER_ARGS, embed_dim=512), **kwargs)

@@ -24,34 +24,33 @@ weight initialisation (`init_weights`). The model follows timm's vision_transfor
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-
-try:  # timm >= 1.0.12
-    from timm.models import checkpoint
-except ImportError:  # pragma: no cover
-    from torch.utils.checkpoint import checkpoint as _torch_checkpoint
-
-    def checkpoint(function, *args, **kwargs):
-        return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 from ..nn.block import Block
 from ..nn.local_scan import V_REVERSE, as_direction_lists
 from ..nn.multi_mamba import MultiMamba
 from ..nn.norm import RMSNorm, add_norm
-from ..nn.rope import GridRope, resize_grid_table
-from ._build import build_with_cfg
-from .checkpoint import unwrap_state_dict
+from ..nn.pos_embed import resample_pos_embed, split_class_token
+from ..nn.rope import GridRope
+from ._build import LBMAMBA_PAPER, build_with_cfg, checkpoint_filter_fn, default_cfg
+from ._family import (
+    PlainModelMixin,
+    check_intermediates_args,
+    layer_drop_path_rates,
+    layer_feature_info,
+    rescale_out_proj,
+    residual_stream_output,
+    tokens_to_map,
+)
 
-__all__ = ["LocalVisionMamba", "checkpoint_filter_fn", "resize_pos_embed", "LOCALVIM_TINY_DIRECTIONS",
-           "LOCALVIM_SMALL_DIRECTIONS"]
+__all__ = ["LocalVisionMamba", "checkpoint_filter_fn", "LOCALVIM_TINY_DIRECTIONS", "LOCALVIM_SMALL_DIRECTIONS"]
 
 #: LocalVim-T's searched directions, layers 0-19 (official `local_vim_tiny`)
 LOCALVIM_TINY_DIRECTIONS = (
@@ -79,51 +78,6 @@ LOCALVIM_TINY_DIRECTIONS = (
 #: LocalVim-S: the second (winning) `local_vim_small` definition of the official file
 LOCALVIM_SMALL_DIRECTIONS = (("h", "h_flip", "w2", "w2_flip"),) * 20
 
-CLASS_TOKEN_POSITIONS = (None, "middle")
-GLOBAL_POOLS = ("", "mean", "token")
-#: what `forward_intermediates` returns per layer: the residual stream or the mixer output
-INTERMEDIATE_SOURCES = ("residual", "mixer")
-
-
-def _split_middle(x: torch.Tensor, has_token: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(patch tokens, class token (B, 1, C) or None) of a (B, N (+1), C) sequence with the token at (N) // 2."""
-    if not has_token:
-        return x, None
-    c = (x.shape[1] - 1) // 2
-    return torch.cat([x[:, :c], x[:, c + 1:]], dim=1), x[:, c:c + 1]
-
-
-def _insert_middle(patches: torch.Tensor, token: Optional[torch.Tensor]) -> torch.Tensor:
-    if token is None:
-        return patches
-    c = patches.shape[1] // 2
-    return torch.cat([patches[:, :c], token, patches[:, c:]], dim=1)
-
-
-def resize_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: Tuple[int, int],
-    old_grid: Optional[Tuple[int, int]] = None,
-    class_token: Optional[str] = None,
-) -> torch.Tensor:
-    """Resize a (1, tokens, C) position embedding to `new_grid` as the official code does (bicubic,
-    align_corners False, no antialiasing). With `class_token="middle"` the token's entry (index
-    (tokens - 1) // 2) is kept and re-inserted in the middle of the new sequence. `old_grid` defaults to
-    a square grid."""
-    has_token = class_token is not None
-    num_old = pos_embed.shape[1] - int(has_token)
-    if old_grid is None:
-        side = int(round(math.sqrt(num_old)))
-        if side * side != num_old:
-            raise ValueError(f"cannot infer the grid of a position embedding of {num_old} patch tokens (not a "
-                             f"square); pass old_grid")
-        old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    patches, token = _split_middle(pos_embed, has_token)
-    return _insert_middle(resize_grid_table(patches, old_grid, new_grid), token)
-
-
 class _LocalBlock(Block):
     """`lbmamba.nn.Block` whose mixer also gets the token grid."""
 
@@ -146,7 +100,7 @@ def _layer_directions(directions, depth: int) -> Tuple[Tuple[str, ...], ...]:
     return tuple(per_layer[i % len(per_layer)] for i in range(depth))
 
 
-class LocalVisionMamba(nn.Module):
+class LocalVisionMamba(PlainModelMixin, nn.Module):
     """LocalVim: a plain vision Mamba with LocalMamba's multi-direction mixer (LocalVim-T / -S / the middle
     class token variant; the LB versions with window "auto").
 
@@ -175,6 +129,11 @@ class LocalVisionMamba(nn.Module):
             `rate` (official; LocalVim-T was trained with 0.1).
     """
 
+    global_pools = ("", "mean", "token")
+    class_token_places = (None, "middle")
+    pos_embed_antialias = False  # the official code's bicubic resize (mmseg's), no antialiasing
+    stem_pattern = r"^cls_token|^pos_embed|^patch_embed|^rope"
+
     def __init__(
         self,
         img_size: Union[int, Tuple[int, int]] = 224,
@@ -202,8 +161,7 @@ class LocalVisionMamba(nn.Module):
         ssm_cfg: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
-        if class_token not in CLASS_TOKEN_POSITIONS:
-            raise ValueError(f"class_token must be one of {CLASS_TOKEN_POSITIONS}, got {class_token!r}")
+        self._check_class_token(class_token)
         if rope and class_token is not None:
             raise ValueError("rope=True with a class token is not a LocalVim configuration (the official class "
                              "token variant has no RoPE): pass rope=False")
@@ -221,7 +179,6 @@ class LocalVisionMamba(nn.Module):
         self.rope_residual = rope_residual
         self.window = window
         self.dynamic_img_size = True
-        self.grad_checkpointing = False
         self.directions = _layer_directions(directions, depth)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -232,7 +189,7 @@ class LocalVisionMamba(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.rope = GridRope(embed_dim, self.patch_embed.grid_size, rope_pt_seq_len, rope_theta) if rope else None
 
-        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # [0] + linspace(0, rate, depth)
+        dpr = layer_drop_path_rates(drop_path_rate, depth)
         self.layers = nn.ModuleList([
             _LocalBlock(
                 embed_dim,
@@ -247,23 +204,12 @@ class LocalVisionMamba(nn.Module):
         ])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Identity()  # LocalVim has no dropout before the classifier (`drop_rate` is pos_drop)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [
-            dict(module=f"layers.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
-            for i in range(depth)
-        ]
+        self.feature_info = layer_feature_info(depth, embed_dim, self.patch_embed.patch_size[0])
         self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_pool(global_pool: str, class_token: Optional[str]) -> str:
-        global_pool = {"avg": "mean", None: ""}.get(global_pool, global_pool)
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('avg' = 'mean'), got {global_pool!r}")
-        if global_pool == "token" and class_token is None:
-            raise ValueError("global_pool='token' needs a class token: set class_token='middle'")
-        return global_pool
-
     def init_weights(self):
         """The official initialisation.
 
@@ -285,57 +231,32 @@ class LocalVisionMamba(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         trunc_normal_(self.pos_embed, std=0.02)
-        for layer in self.layers:
-            out_proj = layer.mixer.out_proj
-            nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
-            with torch.no_grad():
-                out_proj.weight.div_(math.sqrt(self.depth))
+        rescale_out_proj(self.layers, self.depth)
 
     # ------------------------------------------------------------------ timm API
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        names = {"pos_embed", "cls_token"}
-        names.update(name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False))
-        return names
+    def checkpoint_filter(self, state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Adapt an official (or our own) LocalVim checkpoint to this model (hook used by
+        `lbmamba.load_checkpoint` and timm's pretrained loading).
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^cls_token|^pos_embed|^patch_embed|^rope",
-            blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = self._check_pool(global_pool, self.class_token)
-        head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(head, nn.Linear):
-            trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-        self.head = head.to(self.pos_embed.device)
-
-    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Hook used by `lbmamba.load_checkpoint`: unwrap, resize pos_embed / RoPE tables for this model."""
-        return checkpoint_filter_fn(state_dict, self)
+        Unwraps `{'model': ...}` (the official training checkpoints, which also hold 'ema_model' and
+        'optimizer') / `{'state_dict': ...}` (their converted files) and `module.` / `_orig_mod.` prefixes.
+        When the checkpoint was trained on another grid, `pos_embed` (the middle class token's entry kept)
+        and `rope.freqs_cos` / `rope.freqs_sin` are resized bicubically to the model's grid, as the official
+        dense backbone does. A checkpoint without the RoPE tables gets the model's own (they are not learned).
+        """
+        state_dict = dict(super().checkpoint_filter(state_dict))
+        if self.rope is not None:
+            for name in ("freqs_cos", "freqs_sin"):
+                key, own = f"rope.{name}", getattr(self.rope, name)
+                table = state_dict.get(key)
+                if table is None:
+                    state_dict[key] = own.detach().clone()
+                elif table.dim() == 2 and table.shape != own.shape:
+                    state_dict[key] = resample_pos_embed(table.float(), self.pos_embed_grid,
+                                                         antialias=False).to(table.dtype)
+        return state_dict
 
     # ------------------------------------------------------------------ forward
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = _insert_middle(x, self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1))
-        pos_embed = resize_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.class_token)
-        return self.pos_drop(x + pos_embed.to(x.dtype)), grid
-
     def _rope_tables(self, grid):
         return None if self.rope is None else self.rope.tables(grid)
 
@@ -344,9 +265,7 @@ class LocalVisionMamba(nn.Module):
             hidden = GridRope.rotate(hidden, *rope)
             if residual is not None and self.rope_residual:
                 residual = GridRope.rotate(residual, *rope)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, hidden, residual, grid)
-        return layer(hidden, residual, grid)
+        return self._checkpointed(layer, hidden, residual, grid)
 
     def _final_norm(self, hidden, residual) -> torch.Tensor:
         x, _ = add_norm(self.drop_path(hidden), residual, self.norm_f, self.residual_in_fp32)
@@ -360,21 +279,6 @@ class LocalVisionMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden, residual = self._run_layer(i, layer, hidden, residual, grid, rope)
         return self._final_norm(hidden, residual)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "":
-            return x
-        patches, token = _split_middle(x, self.class_token is not None)
-        if self.global_pool == "token":
-            return token[:, 0]
-        return patches.mean(dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -401,16 +305,9 @@ class LocalVisionMamba(nn.Module):
             stop_early: stop after the last requested layer.  intermediates_only: return only the list.
             source: "residual" (the residual stream) or "mixer" (the mixer output; not with `norm`).
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        if source not in INTERMEDIATE_SOURCES:
-            raise ValueError(f"source must be one of {INTERMEDIATE_SOURCES}, got {source!r}")
-        if norm and source == "mixer":
-            raise ValueError("norm=True normalises the residual stream with norm_f; it does not apply to "
-                             "source='mixer' (the mixer output)")
+        check_intermediates_args(output_fmt, source, norm)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         take = set(take_indices)
-        batch = x.shape[0]
         x, grid = self._embed(x)
         rope = self._rope_tables(grid)
         layers = self.layers[: max_index + 1] if stop_early else self.layers
@@ -419,15 +316,11 @@ class LocalVisionMamba(nn.Module):
         for i, layer in enumerate(layers):
             hidden, residual = self._run_layer(i, layer, hidden, residual, grid, rope)
             if i in take:
-                if source == "mixer":
-                    y = hidden
-                elif norm:
-                    y, _ = add_norm(hidden, residual, self.norm_f, self.residual_in_fp32)
-                else:
-                    y = (residual + hidden).to(hidden.dtype)
-                y, prefix = _split_middle(y, self.class_token is not None)
+                y = residual_stream_output(hidden, residual, source, self.norm_f if norm else None,
+                                           self.residual_in_fp32)
+                y, prefix = split_class_token(y, self.class_token)
                 if output_fmt == "NCHW":
-                    y = y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                    y = tokens_to_map(y, grid)
                 intermediates.append(y)
                 prefixes.append(prefix)
         if return_prefix_tokens and self.class_token is not None:
@@ -436,81 +329,21 @@ class LocalVisionMamba(nn.Module):
             return intermediates
         return self._final_norm(hidden, residual), intermediates
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the layers after the last one `indices` needs (and norm_f / the head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LocalVisionMamba) -> Dict[str, torch.Tensor]:
-    """Adapt an official (or our own) LocalVim checkpoint to `model`.
-
-    Unwraps `{'model': ...}` (the official training checkpoints, which also hold 'ema_model' and
-    'optimizer') / `{'state_dict': ...}` (their converted files) and `module.` / `_orig_mod.` prefixes.
-    When the checkpoint was trained on another grid, `pos_embed` (the middle class token's entry kept) and
-    `rope.freqs_cos` / `rope.freqs_sin` are resized bicubically to the model's grid, as the official dense
-    backbone does. A checkpoint without the RoPE tables gets the model's own (they are not learned).
-    """
-    state_dict = dict(unwrap_state_dict(state_dict))
-    grid = tuple(model.patch_embed.grid_size)
-    pos_embed = state_dict.get("pos_embed")
-    if isinstance(pos_embed, torch.Tensor) and pos_embed.dim() == 3 and pos_embed.shape != model.pos_embed.shape:
-        state_dict["pos_embed"] = resize_pos_embed(pos_embed.float(), grid, None, model.class_token).to(pos_embed.dtype)
-    if model.rope is not None:
-        for name in ("freqs_cos", "freqs_sin"):
-            key, own = f"rope.{name}", getattr(model.rope, name)
-            table = state_dict.get(key)
-            if table is None:
-                state_dict[key] = own.detach().clone()
-            elif table.dim() == 2 and table.shape != own.shape:
-                side = int(round(math.sqrt(table.shape[0])))
-                if side * side != table.shape[0]:
-                    raise ValueError(f"cannot infer the grid of {key} with {table.shape[0]} tokens (not a square)")
-                state_dict[key] = resize_grid_table(table.float(), (side, side), grid).to(table.dtype)
-    return state_dict
-
 
 # ---------------------------------------------------------------------- timm registration
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
+_cfg = partial(default_cfg, license="apache-2.0")
 
 _LOCALMAMBA_PAPER = dict(paper_ids="arXiv:2403.09338",
                          paper_name="LocalMamba: Visual State Space Model with Windowed Selective Scan")
-_LBMAMBA_PAPER = dict(paper_ids="arXiv:2506.15976", paper_name="LBMamba: Locally Bi-directional Mamba")
 
 default_cfgs = generate_default_cfgs(
     {
         "localvim_tiny": _cfg(**_LOCALMAMBA_PAPER),
-        "lb_localvim_tiny": _cfg(**_LBMAMBA_PAPER),
+        "lb_localvim_tiny": _cfg(**LBMAMBA_PAPER),
         "localvim_tiny_middle_cls_token": _cfg(**_LOCALMAMBA_PAPER),
-        "lb_localvim_tiny_middle_cls_token": _cfg(**_LBMAMBA_PAPER),
+        "lb_localvim_tiny_middle_cls_token": _cfg(**LBMAMBA_PAPER),
         "localvim_small": _cfg(**_LOCALMAMBA_PAPER),
-        "lb_localvim_small": _cfg(**_LBMAMBA_PAPER),
+        "lb_localvim_small": _cfg(**LBMAMBA_PAPER),
     }
 )
 
@@ -520,46 +353,42 @@ TINY_MIDDLE_CLS_ARGS = dict(TINY_ARGS, rope=False, rope_residual=False, class_to
 SMALL_ARGS = dict(TINY_ARGS, embed_dim=384, directions=LOCALVIM_SMALL_DIRECTIONS)
 
 
-def _create(variant: str, base: Dict[str, Any], window, pretrained: bool, **kwargs) -> LocalVisionMamba:
-    return build_with_cfg(LocalVisionMamba, variant, pretrained, checkpoint_filter_fn,
-                          dict(base, window=window, **kwargs))
+_build = partial(build_with_cfg, LocalVisionMamba)
 
 
 @register_model
 def localvim_tiny(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """LocalVim-T (official `local_vim_tiny`): width 192, 20 layers of searched directions, RoPE, vanilla scans
     (7,994,152 params)."""
-    return _create("localvim_tiny", TINY_ARGS, kwargs.pop("window", 1), pretrained, **kwargs)
+    return _build("localvim_tiny", pretrained, dict(TINY_ARGS, window=1), **kwargs)
 
 
 @register_model
 def lb_localvim_tiny(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """LocalVim-T with every scan an LB scan (window "auto")."""
-    return _create("lb_localvim_tiny", TINY_ARGS, kwargs.pop("window", "auto"), pretrained, **kwargs)
+    return _build("lb_localvim_tiny", pretrained, dict(TINY_ARGS, window="auto"), **kwargs)
 
 
 @register_model
 def localvim_tiny_middle_cls_token(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """LocalVim-T with a middle class token and no RoPE (official `local_vim_tiny_middle_cls_token`)."""
-    return _create("localvim_tiny_middle_cls_token", TINY_MIDDLE_CLS_ARGS, kwargs.pop("window", 1), pretrained,
-                   **kwargs)
+    return _build("localvim_tiny_middle_cls_token", pretrained, dict(TINY_MIDDLE_CLS_ARGS, window=1), **kwargs)
 
 
 @register_model
 def lb_localvim_tiny_middle_cls_token(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """The middle-class-token LocalVim-T with LB scans (window "auto")."""
-    return _create("lb_localvim_tiny_middle_cls_token", TINY_MIDDLE_CLS_ARGS, kwargs.pop("window", "auto"),
-                   pretrained, **kwargs)
+    return _build("lb_localvim_tiny_middle_cls_token", pretrained, dict(TINY_MIDDLE_CLS_ARGS, window="auto"), **kwargs)
 
 
 @register_model
 def localvim_small(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """LocalVim-S (official `local_vim_small`, its second definition): width 384, (h, h_flip, w2, w2_flip) in
     all 20 layers, RoPE, vanilla scans."""
-    return _create("localvim_small", SMALL_ARGS, kwargs.pop("window", 1), pretrained, **kwargs)
+    return _build("localvim_small", pretrained, dict(SMALL_ARGS, window=1), **kwargs)
 
 
 @register_model
 def lb_localvim_small(pretrained: bool = False, **kwargs) -> LocalVisionMamba:
     """LocalVim-S with LB scans (window "auto")."""
-    return _create("lb_localvim_small", SMALL_ARGS, kwargs.pop("window", "auto"), pretrained, **kwargs)
+    return _build("lb_localvim_small", pretrained, dict(SMALL_ARGS, window="auto"), **kwargs)

@@ -27,31 +27,22 @@ EMA-hook buffers `ema_*`), which then load with strict=True.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-try:  # timm >= 1.0.12
-    from timm.models import checkpoint
-except ImportError:  # pragma: no cover
-    from torch.utils.checkpoint import checkpoint as _torch_checkpoint
-
-    def checkpoint(function, *args, **kwargs):
-        return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
-
 from ..nn.plain_mamba import PlainMamba2D
-from ._build import build_with_cfg
+from ._build import LBMAMBA_PAPER, build_with_cfg, checkpoint_filter_fn, default_cfg
+from ._family import PlainModelMixin, check_intermediates_args, layer_feature_info, tokens_to_map
 from .checkpoint import unwrap_state_dict
 
-__all__ = ["PlainMamba", "PlainMambaLayer", "ConvPatchEmbed", "checkpoint_filter_fn", "resample_pos_embed"]
-
-GLOBAL_POOLS = ("", "mean")
+__all__ = ["PlainMamba", "PlainMambaLayer", "ConvPatchEmbed", "checkpoint_filter_fn"]
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -142,26 +133,7 @@ class ClsHead(nn.Module):
         return self.fc(x)
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, interpolation: str = "bicubic"):
-    """Resize a (1, H W, C) position embedding to `new_grid` as mmcls' resize_pos_embed does (bicubic,
-    align_corners=False, no antialiasing). `old_grid` defaults to a square grid."""
-    num_old = pos_embed.shape[1]
-    if old_grid is None:
-        side = int(round(math.sqrt(num_old)))
-        if side * side != num_old:
-            raise ValueError(f"cannot infer the position-embedding grid of {num_old} tokens (not a square); "
-                             "pass old_grid")
-        old_grid = (side, side)
-    old_grid, new_grid = _pair(old_grid), _pair(new_grid)
-    if old_grid[0] * old_grid[1] != num_old:
-        raise ValueError(f"old_grid {old_grid} does not match the {num_old} tokens of pos_embed")
-    if old_grid == new_grid:
-        return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
-                                  interpolation=interpolation, antialias=False)
-
-
-class PlainMamba(nn.Module):
+class PlainMamba(PlainModelMixin, nn.Module):
     """PlainMamba / LB-PlainMamba.
 
     Args:
@@ -184,6 +156,14 @@ class PlainMamba(nn.Module):
             0.2 for L1 and L2, 0.4 for L3).
         norm_eps: LayerNorm eps in the layers (1e-5); final_norm_eps: the final `ln1` (1e-6).
     """
+
+    global_pools = ("", "mean")
+    pos_embed_antialias = False  # mmcls' resize_pos_embed: bicubic, no antialiasing
+    stem_pattern = r"^pos_embed|^patch_embed"
+    final_norm = "ln1"
+    #: pos_embed, A_log, D, direction_Bs (the official recipe; norms and biases are 1-d, which timm's
+    #: optimizer factory exempts anyway)
+    no_weight_decay_names = ("pos_embed",)
 
     def __init__(
         self,
@@ -223,7 +203,6 @@ class PlainMamba(nn.Module):
         self.reorder_only_u = official_quirks if reorder_only_u is None else bool(reorder_only_u)
         self.dt_bias_twice = official_quirks if dt_bias_twice is None else bool(dt_bias_twice)
         self.layers_with_dwconv = tuple(int(i) for i in layers_with_dwconv)
-        self.grad_checkpointing = False
         self.dynamic_img_size = True
 
         self.patch_embed = ConvPatchEmbed(in_chans, embed_dim, patch_size, num_convs_patch_embed)
@@ -242,15 +221,12 @@ class PlainMamba(nn.Module):
         self.ln1 = nn.LayerNorm(embed_dim, eps=final_norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = ClsHead(embed_dim, num_classes)
-        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.feature_info = layer_feature_info(depth, embed_dim, patch_size)
         self.init_weights()
 
-    @staticmethod
-    def _check_pool(global_pool) -> str:
-        global_pool = {"avg": "mean", None: ""}.get(global_pool, global_pool)
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be 'mean' ('avg') or '', got {global_pool!r}")
-        return global_pool
+    @property
+    def pos_embed_grid(self) -> Tuple[int, int]:
+        return tuple(self.grid_size)
 
     def init_weights(self):
         """The official training initialisation (mmcls ImageClassifier's init_cfg, then the head's own):
@@ -272,22 +248,6 @@ class PlainMamba(nn.Module):
 
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """pos_embed, A_log, D, direction_Bs (the official recipe; norms and biases are 1-d, which timm's
-        optimizer factory exempts anyway)."""
-        names = {"pos_embed"}
-        names.update(name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False))
-        return names
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^ln1", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -297,36 +257,35 @@ class PlainMamba(nn.Module):
             self.global_pool = self._check_pool(global_pool)
         self.head = ClsHead(self.embed_dim, num_classes).to(self.pos_embed.device)
 
-    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Hook used by `lbmamba.load_checkpoint`: the official layout in, pos_embed resized for this model."""
-        return checkpoint_filter_fn(state_dict, self)
+    def checkpoint_filter(self, state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Adapt an official PlainMamba checkpoint (or one of ours) to this model (hook used by
+        `lbmamba.load_checkpoint` and timm's pretrained loading).
+
+        Unwraps `{'state_dict': ...}` / `{'model': ...}` and DDP / torch.compile prefixes; in mmcls' layout
+        (keys `backbone.*`, `head.fc.*`) strips `backbone.` and drops the EMA hook's buffers (`ema_*`: the
+        L2 / L3 recipes register them on the whole classifier; the regular keys hold the evaluated weights);
+        resamples `pos_embed` to the model's grid (bicubic, like mmcls) when it was trained at another size.
+        """
+        state_dict = unwrap_state_dict(state_dict)
+        if any(k.startswith("backbone.") for k in state_dict):
+            state_dict = {
+                (k[len("backbone."):] if k.startswith("backbone.") else k): v
+                for k, v in state_dict.items()
+                if not k.startswith("ema_")
+            }
+        return self._filter_pos_embed(state_dict)
 
     # ------------------------------------------------------------------ forward
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x, grid = self.patch_embed(x)
-        pos_embed = resample_pos_embed(self.pos_embed, grid, self.grid_size)
-        return self.pos_drop(x + pos_embed.to(x.dtype)), grid
-
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, grid)
-        return layer(x, grid)
+        return self._add_pos_embed(x, grid), grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, H' W', embed_dim) in raster order."""
         x, grid = self._embed(x)
         for layer in self.layers:
-            x = self._run_layer(layer, x, grid)
+            x = self._checkpointed(layer, x, grid)
         return self.ln1(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "mean":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -346,84 +305,27 @@ class PlainMamba(nn.Module):
         Returns:
             (final normalised tokens as forward_features gives them, intermediates) or the list alone.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_intermediates_args(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         take = set(take_indices)
-        batch = x.shape[0]
         x, grid = self._embed(x)
         layers = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
         for i, layer in enumerate(layers):
-            x = self._run_layer(layer, x, grid)
+            x = self._checkpointed(layer, x, grid)
             if i in take:
                 y = self.ln1(x) if norm else x
                 if output_fmt == "NCHW":
-                    y = y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                    y = tokens_to_map(y, grid)
                 intermediates.append(y)
         if intermediates_only:
             return intermediates
         return self.ln1(x), intermediates
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the layers after the last one `indices` needs (and ln1 / the head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        if prune_norm:
-            self.ln1 = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PlainMamba) -> Dict[str, torch.Tensor]:
-    """Adapt an official PlainMamba checkpoint (or one of ours) to `model`.
-
-    Unwraps `{'state_dict': ...}` / `{'model': ...}` and DDP / torch.compile prefixes; in mmcls' layout
-    (keys `backbone.*`, `head.fc.*`) strips `backbone.` and drops the EMA hook's buffers (`ema_*`: the
-    L2 / L3 recipes register them on the whole classifier; the regular keys hold the evaluated weights);
-    resamples `pos_embed` to the model's grid (bicubic, like mmcls) when it was trained at another size.
-    """
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith("backbone.") for k in state_dict):
-        state_dict = {
-            (k[len("backbone."):] if k.startswith("backbone.") else k): v
-            for k, v in state_dict.items()
-            if not k.startswith("ema_")
-        }
-    pos_embed = state_dict.get("pos_embed")
-    if isinstance(pos_embed, torch.Tensor) and pos_embed.dim() == 3 and pos_embed.shape != model.pos_embed.shape:
-        state_dict = dict(state_dict)
-        state_dict["pos_embed"] = resample_pos_embed(pos_embed.float(), model.grid_size).to(pos_embed.dtype)
-    return state_dict
-
 
 # ---------------------------------------------------------------------- timm registration
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.stem.0",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2403.17695",
-        "paper_name": "PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition",
-        **kwargs,
-    }
-
-
-_LB_PAPER = dict(paper_ids="arXiv:2506.15976", paper_name="LBMamba: Locally Bi-directional Mamba")
+_cfg = partial(default_cfg, first_conv="patch_embed.stem.0", classifier="head.fc", paper_ids="arXiv:2403.17695",
+               paper_name="PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition")
 
 # No download locations: the original README links its ImageNet checkpoints (l1.pth, l2.pth, l3.pth on the
 # authors' Hugging Face page), mmcls `{'meta', 'state_dict'}` files that `lbmamba.load_checkpoint` reads
@@ -434,9 +336,9 @@ default_cfgs = generate_default_cfgs(
         "plainmamba_l1": _cfg(),
         "plainmamba_l2": _cfg(),
         "plainmamba_l3": _cfg(),
-        "lb_plainmamba_l1": _cfg(**_LB_PAPER),
-        "lb_plainmamba_l2": _cfg(**_LB_PAPER),
-        "lb_plainmamba_l3": _cfg(**_LB_PAPER),
+        "lb_plainmamba_l1": _cfg(**LBMAMBA_PAPER),
+        "lb_plainmamba_l2": _cfg(**LBMAMBA_PAPER),
+        "lb_plainmamba_l3": _cfg(**LBMAMBA_PAPER),
     }
 )
 
@@ -451,7 +353,7 @@ PLAINMAMBA_ARCHS = {
 def _create(variant: str, arch: str, lb: bool, pretrained: bool = False, **kwargs) -> PlainMamba:
     args = dict(PLAINMAMBA_ARCHS[arch], patch_size=16, d_state=16, expand=2, conv_size=7,
                 scan="lb" if lb else "forward", window="auto" if lb else 1)
-    return build_with_cfg(PlainMamba, variant, pretrained, checkpoint_filter_fn, dict(args, **kwargs))
+    return build_with_cfg(PlainMamba, variant, pretrained, args, **kwargs)
 
 
 @register_model

@@ -24,25 +24,17 @@ projections. The stage outputs (strides 4, 8, 16, 32) are the dense features
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-try:  # timm >= 1.0.12
-    from timm.models import checkpoint
-except ImportError:  # pragma: no cover
-    from torch.utils.checkpoint import checkpoint as _torch_checkpoint
-
-    def checkpoint(function, *args, **kwargs):
-        return _torch_checkpoint(function, *args, use_reentrant=False, **kwargs)
-
 from ..nn.ss2d import SS2D, LayerNorm2d, Linear2d
-from ._build import build_with_cfg
+from ._build import build_with_cfg, checkpoint_filter_fn, default_cfg
+from ._family import TimmModelMixin, check_intermediates_args, checkpoint, linear_head
 from .checkpoint import unwrap_state_dict
 
 __all__ = ["VMamba", "VSSBlock", "checkpoint_filter_fn"]
@@ -117,7 +109,7 @@ def _patch_embed(in_chans: int, dim: int) -> nn.Sequential:
     )
 
 
-class VMamba(nn.Module):
+class VMamba(TimmModelMixin, nn.Module):
     """VMamba / LB-VMamba (VMamba's ``VSSM`` with forward type ``v05_noz``, patch embed "v2", downsample "v3").
 
     Args:
@@ -134,6 +126,11 @@ class VMamba(nn.Module):
             to the rate over all blocks, as VMamba.
         global_pool: "avg" (default) or "" (no pooling: forward_head returns the map).
     """
+
+    global_pools = ("avg", "")
+    final_norm = "classifier.norm"
+    #: the A_logs and Ds of every SS2D (marked `_no_weight_decay`, as in VMamba)
+    no_weight_decay_names = ()
 
     def __init__(
         self,
@@ -167,7 +164,6 @@ class VMamba(nn.Module):
         self.depths, self.dims = depths, dims
         self.num_features = self.head_hidden_size = dims[-1]
         self.window = window
-        self.grad_checkpointing = False
 
         self.patch_embed = _patch_embed(in_chans, dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -189,13 +185,6 @@ class VMamba(nn.Module):
         self.apply(self._init_weights)
 
     @staticmethod
-    def _check_pool(global_pool: Optional[str]) -> str:
-        global_pool = {None: "", "mean": "avg"}.get(global_pool, global_pool)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        return global_pool
-
-    @staticmethod
     def _init_weights(module: nn.Module):
         """VMamba's: Linear (and Linear2d) weights trunc-normal 0.02 with zero bias; LayerNorms 1 / 0; convs
         and the SS2D parameters keep their own initialisation."""
@@ -209,11 +198,6 @@ class VMamba(nn.Module):
 
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """A_logs and Ds of every SS2D (marked `_no_weight_decay`, as in VMamba)."""
-        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r"^patch_embed",
@@ -225,10 +209,6 @@ class VMamba(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.classifier.head
 
@@ -237,14 +217,33 @@ class VMamba(nn.Module):
         if global_pool is not None:
             self.global_pool = self.classifier.global_pool = self._check_pool(global_pool)
         device = self.classifier.norm.weight.device if isinstance(self.classifier.norm, nn.LayerNorm) else None
-        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(head, nn.Linear):
-            self._init_weights(head)
+        head = linear_head(self.num_features, num_classes)
         self.classifier.head = head.to(device) if device is not None else head
 
-    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Hook used by `lbmamba.load_checkpoint` (see `checkpoint_filter_fn`)."""
-        return checkpoint_filter_fn(state_dict, self)
+    def checkpoint_filter(self, state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Adapt an official VMamba (or our own) checkpoint to this model (hook used by
+        `lbmamba.load_checkpoint` and timm's pretrained loading).
+
+        * unwraps `{'model': ...}` / `{'state_dict': ...}` (a file holding only `{'model_ema': ...}`
+          gives its EMA weights) and DDP / torch.compile prefixes;
+        * renames VMamba's old v0 keys as VMamba's own loader does: `patch_embed.proj` -> `patch_embed.0`,
+          `patch_embed.norm` -> `patch_embed.2`, `ln_1` -> `norm`, `self_attention` -> `op`, `norm` ->
+          `classifier.norm`, `head` -> `classifier.head`;
+        * reshapes 1x1 convolution weights (out, in, 1, 1) of the Linear2d projections (in_proj,
+          out_proj, mlp.fc1 / fc2) to the stored (out, in).
+
+        VMamba's v05 models have no position embedding, so nothing depends on the image size.
+        """
+        if isinstance(state_dict, dict) and "model" not in state_dict and isinstance(state_dict.get("model_ema"), dict):
+            state_dict = state_dict["model_ema"]
+        state_dict = {_rename_v0(k): v for k, v in unwrap_state_dict(state_dict).items()}
+        expected = self.state_dict()
+        for key, value in state_dict.items():
+            target = expected.get(key)
+            if (target is not None and value.dim() == 4 and target.dim() == 2 and value.shape[2:] == (1, 1)
+                    and value.shape[:2] == target.shape):
+                state_dict[key] = value.reshape(target.shape)
+        return state_dict
 
     # ------------------------------------------------------------------ forward
     def _blocks(self, stage: VMambaStage, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +251,7 @@ class VMamba(nn.Module):
             for block in stage.blocks:
                 x = checkpoint(block, x)
             return x
-        return stage.blocks(x)
+        return stage.blocks(x)  # through the stage's own call, so hooks on `layers.{i}.blocks` see it
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the last stage's map after `classifier.norm`, (B, dims[-1], H/32, W/32)."""
@@ -270,9 +269,6 @@ class VMamba(nn.Module):
         if x.dim() == 4:
             return self.classifier.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.classifier.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -296,8 +292,7 @@ class VMamba(nn.Module):
         Returns:
             (forward_features' output, intermediates) or the list alone.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW' for VMamba's feature maps, got {output_fmt!r}")
+        check_intermediates_args(output_fmt, formats=("NCHW",))  # the maps are images
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         intermediates = []
@@ -318,14 +313,10 @@ class VMamba(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages after the last one `indices` needs (and classifier.norm / the head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
+        """Drop the stages after the last one `indices` needs, and the downsample after it (and
+        classifier.norm / the head if asked)."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
         self.layers[-1].downsample = nn.Identity()
-        if prune_norm:
-            self.classifier.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
         return take_indices
 
 
@@ -347,50 +338,10 @@ def _rename_v0(key: str) -> str:
     return key
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VMamba) -> Dict[str, torch.Tensor]:
-    """Adapt an official VMamba (or our own) checkpoint to `model`.
-
-    * unwraps `{'model': ...}` / `{'state_dict': ...}` (a file holding only `{'model_ema': ...}`
-      gives its EMA weights) and DDP / torch.compile prefixes;
-    * renames VMamba's old v0 keys as VMamba's own loader does: `patch_embed.proj` -> `patch_embed.0`,
-      `patch_embed.norm` -> `patch_embed.2`, `ln_1` -> `norm`, `self_attention` -> `op`, `norm` ->
-      `classifier.norm`, `head` -> `classifier.head`;
-    * reshapes 1x1 convolution weights (out, in, 1, 1) of the Linear2d projections (in_proj,
-      out_proj, mlp.fc1 / fc2) to the stored (out, in).
-
-    VMamba's v05 models have no position embedding, so nothing depends on the image size.
-    """
-    if isinstance(state_dict, dict) and "model" not in state_dict and isinstance(state_dict.get("model_ema"), dict):
-        state_dict = state_dict["model_ema"]
-    state_dict = {_rename_v0(k): v for k, v in unwrap_state_dict(state_dict).items()}
-    expected = model.state_dict()
-    for key, value in state_dict.items():
-        target = expected.get(key)
-        if (target is not None and value.dim() == 4 and target.dim() == 2 and value.shape[2:] == (1, 1)
-                and value.shape[:2] == target.shape):
-            state_dict[key] = value.reshape(target.shape)
-    return state_dict
-
-
 # ---------------------------------------------------------------------- timm registration
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.0",
-        "classifier": "classifier.head",
-        "license": "mit",
-        "paper_ids": "arXiv:2401.10166",
-        "paper_name": "VMamba: Visual State Space Model",
-        **kwargs,
-    }
+    return default_cfg(pool_size=(7, 7), first_conv="patch_embed.0", classifier="classifier.head", license="mit",
+                       paper_ids="arXiv:2401.10166", paper_name="VMamba: Visual State Space Model", **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
@@ -411,8 +362,7 @@ SMALL_ARGS = dict(depths=(2, 2, 15, 2), dims=96, d_state=1, ssm_ratio=2.0, dt_ra
 
 
 def _create_vmamba(variant: str, base: Dict[str, Any], pretrained: bool = False, **kwargs) -> VMamba:
-    return build_with_cfg(VMamba, variant, pretrained, checkpoint_filter_fn, dict(base, **kwargs),
-                          default_out_indices=(0, 1, 2, 3))
+    return build_with_cfg(VMamba, variant, pretrained, base, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 @register_model

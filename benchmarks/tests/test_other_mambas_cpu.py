@@ -1,5 +1,6 @@
 """benchmarks/other_mambas_cpu.py: its scan counter (against models_cpu.py's formula for Vim / LBVim, and
-that it puts the op back), and its quick run for two families, with every field of its JSON."""
+that it puts the op back), and its quick run for two families, with every field of its JSON (slow:
+`pytest -m slow`)."""
 
 import importlib.util
 import json
@@ -14,8 +15,7 @@ import torch
 import lbmamba.nn.mixer as mixer_module
 from lbmamba.ops import selective_scan_fn
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "other_mambas_cpu.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "other_mambas_cpu.py"
 
 MODEL_FIELDS = {"family", "variant", "timm_name", "params_m", "gflops_counted", "gflops_scan", "gflops", "scan_calls",
                 "scans", "infer_img_s", "train_img_s", "infer_times_s", "train_times_s"}
@@ -23,6 +23,15 @@ FAMILY_FIELDS = {"original", "lb", "gflops_ratio", "infer_time_ratio", "infer_ti
                  "train_time_ratio", "train_time_ratios", "train_met"}
 TOP_FIELDS = {"machine", "torch", "timm", "backend", "threads", "img_size", "batch", "rounds", "quick", "target",
               "families", "models"}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and the machine is shared); the count is put back after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -57,6 +66,7 @@ def test_a_model_without_visible_scans_is_refused(bench):
         bench.count_flops(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), 8)
 
 
+@pytest.mark.slow
 def test_the_quick_run_writes_every_number(tmp_path):
     out = tmp_path / "other.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--models", "plainmamba", "adventurer",

@@ -1,7 +1,7 @@
 """benchmarks/tradeoff.py: its generated tasks (deterministic for a seed, every class, labels that follow
 the rule read back from the drawn cells), its model table, its shared runs file, its Pareto front, and its
 quick run (JSON line, tables, figure) run twice into one folder: the second run resumes (loads every
-finished run, trains none)."""
+finished run, trains none; slow: `pytest -m slow`)."""
 
 import importlib.util
 import json
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "tradeoff.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tradeoff.py"
 
 TOP_FIELDS = {"machine", "torch", "timm", "threads", "quick", "config", "tasks", "models", "seeds", "rounds",
               "runs_file", "loaded", "trained", "figure", "wall_s", "summary", "runs"}
@@ -132,6 +131,7 @@ def _run(tmp_path):
     return proc.stdout, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_quick_run_reports_every_number_and_resumes(tmp_path):
     stdout, report = _run(tmp_path)
     assert set(report) == TOP_FIELDS
