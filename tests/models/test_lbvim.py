@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lbmamba
 from lbmamba.models import CheckpointMismatchError, CheckpointReadError, load_checkpoint
-from lbmamba.models.lbvim import class_token_index
+from lbmamba.nn.pos_embed import class_token_index
 
 # (name, params in millions from docs/models.md)
 PARAM_COUNTS = [

@@ -257,9 +257,9 @@ def test_jit_trace_records_the_op():
 
 def test_cpu_backend_threads_agree(monkeypatch):
     """The result does not depend on how many threads ran it (no races in the reductions)."""
-    from lbmamba.ops import cpu
+    from lbmamba.ops.cpu import threads as cpu_threads
 
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)  # helpers even for this small call
+    monkeypatch.setattr(cpu_threads, "PARALLEL_MIN_WORK", 0)  # helpers even for this small call
     inputs = make_inputs(3, 70, 90, 4, bc="grouped", groups=2, seed=fresh_seed())
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     threads = torch.get_num_threads()
@@ -451,30 +451,30 @@ def test_cpu_backend_says_when_a_first_call_compiles(monkeypatch, capsys):
 
     import numpy as np
 
-    from lbmamba.ops import cpu
+    from lbmamba.ops.cpu import threads as cpu_threads
 
-    monkeypatch.setattr(cpu, "COMPILE_NOTE_AFTER_S", 0.05)
-    monkeypatch.setattr(cpu, "_RAN", set())
+    monkeypatch.setattr(cpu_threads, "COMPILE_NOTE_AFTER_S", 0.05)
+    monkeypatch.setattr(cpu_threads, "_RAN", set())
 
     def slow_kernel(*args):  # stands in for a kernel being compiled
         time.sleep(0.5)
 
-    cpu._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))
+    cpu_threads._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))
     assert "compiling the CPU scan kernels, once per machine" in capsys.readouterr().err
-    cpu._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))  # compiled now: no second note
+    cpu_threads._run_tasks(slow_kernel, 4, 1, np.zeros(1, np.float32))  # compiled now: no second note
     assert capsys.readouterr().err == ""
 
 
 def test_cpu_call_never_waits_for_a_helper_that_does_not_come(monkeypatch):
     """The calling thread takes every task itself when no helper turns up (a busy machine)."""
-    from lbmamba.ops import cpu
+    from lbmamba.ops.cpu import threads as cpu_threads
 
-    class NoHelpers(cpu._TaskPool):
+    class NoHelpers(cpu_threads._TaskPool):
         def _ensure(self, helpers):  # helpers are asked for, but none ever runs
             pass
 
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(cpu, "_POOL", NoHelpers())
+    monkeypatch.setattr(cpu_threads, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(cpu_threads, "_POOL", NoHelpers())
     inputs = make_inputs(2, 300, 40, 4, bc="variable", seed=fresh_seed())
     threads = torch.get_num_threads()
     try:
@@ -490,7 +490,7 @@ def test_cpu_helper_errors_reach_the_caller():
     """An exception in a helper thread is raised in the caller, which does not hang waiting for it."""
     import threading
 
-    from lbmamba.ops import cpu
+    from lbmamba.ops.cpu import threads as cpu_threads
 
     def loop(counters, n_tasks):  # the caller takes no task; the helper fails in the one it takes
         if threading.current_thread().name == "lbmamba-scan":
@@ -499,4 +499,4 @@ def test_cpu_helper_errors_reach_the_caller():
         return False
 
     with pytest.raises(RuntimeError, match="helper failed"):
-        cpu._TaskPool().run(loop, 1, 1, ())
+        cpu_threads._TaskPool().run(loop, 1, 1, ())

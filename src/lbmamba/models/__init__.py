@@ -1,6 +1,8 @@
 """timm-registered model families (importing this registers them with timm), and checkpoint loading."""
 
+from ..nn.pos_embed import resample_pos_embed
 from . import adventurer  # noqa: F401  (registers Adventurer / LB-Adventurer with timm)
+from ._build import checkpoint_filter_fn
 from .checkpoint import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -27,7 +29,7 @@ from .dense import (
     load_detector_weights,
     predict_logits,
 )
-from .lbvim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
+from .lbvim import VisionMamba
 from .localvim import LocalVisionMamba  # noqa: F401  (registers LocalVim / LB-LocalVim with timm)
 from .mil import ABMIL, MIL_MODELS, MambaMIL, create_mil_model
 from .plainmamba import PlainMamba  # noqa: F401  (registers PlainMamba / LB-PlainMamba with timm)

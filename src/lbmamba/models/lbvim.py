@@ -28,8 +28,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..nn import AttentionPoolHead, Block, Mamba, RMSNorm, add_norm
-from ..nn.pos_embed import class_token_index, resample_pos_embed, split_class_token
-from ._build import LBMAMBA_PAPER, build_with_cfg, checkpoint_filter_fn, default_cfg
+from ..nn.pos_embed import split_class_token
+from ._build import LBMAMBA_PAPER, build_with_cfg, default_cfg
 from ._family import (
     PlainModelMixin,
     check_intermediates_args,
@@ -41,8 +41,7 @@ from ._family import (
     tokens_to_map,
 )
 
-# class_token_index, resample_pos_embed: kept here for the modules that import them from this one
-__all__ = ["VisionMamba", "checkpoint_filter_fn", "resample_pos_embed", "class_token_index"]
+__all__ = ["VisionMamba"]
 
 
 def _norm_layer(norm_layer, eps: float):

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 
+from ...nn.pos_embed import class_token_index
 from ..checkpoint import (
     CheckpointMismatchError,
     compare_state_dict,
@@ -19,7 +20,7 @@ from ..checkpoint import (
     read_checkpoint,
     unwrap_state_dict,
 )
-from ..lbvim import VisionMamba, checkpoint_filter_fn, class_token_index
+from ..lbvim import VisionMamba
 from .backbone import BackboneAdapter
 from .detector import Detector
 from .segmentor import Segmentor
@@ -88,11 +89,11 @@ def _drop_class_token(state_dict: Dict[str, torch.Tensor], wrapped: VisionMamba,
 
 
 def _backbone_filter(adapter: BackboneAdapter) -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-    """The wrapped model's checkpoint adaptation (position-embedding resize): VisionMamba's, or the
-    timm module's `checkpoint_filter_fn` for other models."""
+    """The wrapped model's checkpoint adaptation (position-embedding resize): the `checkpoint_filter` of our
+    families, or the timm module's `checkpoint_filter_fn` for other models."""
     wrapped = adapter.model
-    if isinstance(wrapped, VisionMamba):
-        return lambda sd: checkpoint_filter_fn(sd, wrapped)
+    if callable(getattr(wrapped, "checkpoint_filter", None)):
+        return wrapped.checkpoint_filter
     module_filter = getattr(sys.modules.get(type(wrapped).__module__), "checkpoint_filter_fn", None)
     if callable(module_filter):
         return lambda sd: module_filter(sd, wrapped)
