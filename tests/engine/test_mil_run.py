@@ -24,6 +24,7 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 
 # ---------------------------------------------------------------------- the digits-bags run
+@pytest.mark.slow  # a minute: the short end-to-end run of the default set is the demo test below
 def test_digits_bags_reach_auc(tmp_path):
     """The shipped digits-bags data set (5 parts of 80 bags) and model, two folds on a short schedule."""
     paths = write_digits_bags(str(tmp_path / "digits"), seed=0)
