@@ -13,6 +13,7 @@ import timm
 import torch
 
 import lbmamba.nn.mixer as mixer_module
+from conftest import one_thread  # noqa: F401  (the tests fixture, shared)
 from lbmamba.ops import selective_scan_fn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "other_mambas_cpu.py"
@@ -23,15 +24,6 @@ FAMILY_FIELDS = {"original", "lb", "gflops_ratio", "infer_time_ratio", "infer_ti
                  "train_time_ratio", "train_time_ratios", "train_met"}
 TOP_FIELDS = {"machine", "torch", "timm", "backend", "threads", "img_size", "batch", "rounds", "quick", "target",
               "families", "models"}
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared); the count is put back after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
 from .images import DataError, read_or_skip
-from .segmentation import _generator, _resize_image, _scene_instances, read_image, rescale_size
+from .segmentation import read_image, rescale_size, resize_image, scene_instances, seeded_generator
 
 __all__ = [
     "DIGIT_DETECTION_CATEGORIES",
@@ -411,7 +411,7 @@ class LSJTrainTransform:
         self.recompute_boxes = bool(recompute_boxes)
 
     def __call__(self, image, target, rng=None):
-        rng = _generator(rng)
+        rng = seeded_generator(rng)
         image = _check(image, target)
         orig = image.shape[:2]
         ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
@@ -422,7 +422,7 @@ class LSJTrainTransform:
         y0 = int(rng.integers(0, rh - ch + 1))
         x0 = int(rng.integers(0, rw - cw + 1))
         flip = rng.random() < self.flip
-        image = _resize_image(image, (rw, rh))[y0:y0 + ch, x0:x0 + cw]
+        image = resize_image(image, (rw, rh))[y0:y0 + ch, x0:x0 + cw]
         rows = _nearest_index(orig[0], rh)[y0:y0 + ch]
         cols = _nearest_index(orig[1], rw)[x0:x0 + cw]
         masks = target["masks"][:, rows][:, :, cols]
@@ -458,7 +458,7 @@ class LSJTestTransform:
         orig = image.shape[:2]
         rw, rh = rescale_size((orig[1], orig[0]), (self.size, self.size))
         sx, sy = rw / orig[1], rh / orig[0]
-        image = _resize_image(image, (rw, rh))
+        image = resize_image(image, (rw, rh))
         masks = target["masks"][:, _nearest_index(orig[0], rh)][:, :, _nearest_index(orig[1], rw)]
         boxes = target["boxes"].astype(np.float32) * np.float32([sx, sy, sx, sy])
         target = dict(target, boxes=boxes, masks=masks, area=target["area"].astype(np.float32) * np.float32(sx * sy))
@@ -526,7 +526,7 @@ def write_digit_detection(root: Union[str, Path], n_train: int = 1000, n_val: in
             digits, labels = pools[split]
             images, annotations = [], []
             for i in range(int(count)):
-                image, instances = _scene_instances(rng, digits, labels, min_size, max_size, tuple(digit_sizes),
+                image, instances = scene_instances(rng, digits, labels, min_size, max_size, tuple(digit_sizes),
                                                     max_digits)
                 h, w = image.shape[:2]
                 name = f"scene_{i:05d}.png"

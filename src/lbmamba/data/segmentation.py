@@ -273,7 +273,7 @@ def rescale_size(size: Tuple[int, int], scale: Tuple[int, int]) -> Tuple[int, in
     return max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5))
 
 
-def _resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
@@ -292,7 +292,7 @@ def _resize_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- transforms
-def _generator(rng) -> np.random.Generator:
+def seeded_generator(rng) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     if rng is None:  # one draw of the global generator, which the engine seeds per sample / per worker
@@ -451,14 +451,14 @@ class SegTrainTransform:
         return box
 
     def __call__(self, image, mask, rng=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        rng = _generator(rng)
+        rng = seeded_generator(rng)
         image, mask = _as_arrays(image, mask)
         if mask is None:
             raise ValueError("the training transform needs a mask")
         ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         size = rescale_size((image.shape[1], image.shape[0]), target)
-        image, mask = _resize_image(image, size), _resize_mask(mask, size)
+        image, mask = resize_image(image, size), _resize_mask(mask, size)
         y1, y2, x1, x2 = self.crop_box(mask, rng)
         image, mask = image[y1:y2, x1:x2], mask[y1:y2, x1:x2]
         if rng.random() < self.flip:
@@ -480,7 +480,7 @@ class SegTestTransform:
 
     def __call__(self, image, mask=None, rng=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         image, mask = _as_arrays(image, mask)
-        image = _resize_image(image, rescale_size((image.shape[1], image.shape[0]), self.scale))
+        image = resize_image(image, rescale_size((image.shape[1], image.shape[0]), self.scale))
         return _normalise(image, self.mean, self.std), (None if mask is None else _labels(mask))
 
 
@@ -588,7 +588,7 @@ def _digit_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarra
 _PLACEMENT_TRIES = 20
 
 
-def _scene_instances(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int,
+def scene_instances(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int,
                      max_size: int, digit_sizes: Tuple[int, int], max_digits: int
                      ) -> Tuple[np.ndarray, List[Tuple[int, int, int, int, np.ndarray]]]:
     """A scene's RGB uint8 image and its digits as (y, x, size, digit, bool (size, size) mask) in pasting order
@@ -620,7 +620,7 @@ def _scene_instances(rng: np.random.Generator, digits: np.ndarray, labels: np.nd
 
 def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, min_size: int, max_size: int,
            digit_sizes: Tuple[int, int], max_digits: int) -> Tuple[np.ndarray, np.ndarray]:
-    image, instances = _scene_instances(rng, digits, labels, min_size, max_size, digit_sizes, max_digits)
+    image, instances = scene_instances(rng, digits, labels, min_size, max_size, digit_sizes, max_digits)
     mask = np.zeros(image.shape[:2], dtype=np.uint8)
     for y, x, size, digit, inside in instances:
         mask[y:y + size, x:x + size][inside] = digit + 1

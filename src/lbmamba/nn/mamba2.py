@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import resolve_window, selective_scan_fn
-from .mixer import _at_least_fp32
+from .mixer import at_least_fp32
 
 __all__ = ["Mamba2", "RMSNormGated", "gated_rms_norm", "head_repeat"]
 
@@ -51,7 +51,7 @@ def gated_rms_norm(
     (None: all of them).
     """
     dtype = x.dtype
-    x = _at_least_fp32(x)
+    x = at_least_fp32(x)
     if z is not None:
         z = z.to(x.dtype)
     if z is not None and not norm_before_gate:
@@ -198,13 +198,13 @@ class Mamba2(nn.Module):
         B = B.unflatten(1, (self.ngroups, self.d_state))
         C = C.unflatten(1, (self.ngroups, self.d_state))
         dt = head_repeat(dt.transpose(1, 2), self.headdim, dim=1)  # (batch, d_inner, L)
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         A = head_repeat(A, self.headdim).unsqueeze(1).expand(self.d_inner, self.d_state)
-        D = head_repeat(_at_least_fp32(self.D), self.headdim)
-        dt_bias = head_repeat(_at_least_fp32(self.dt_bias), self.headdim)
+        D = head_repeat(at_least_fp32(self.D), self.headdim)
+        dt_bias = head_repeat(at_least_fp32(self.dt_bias), self.headdim)
         if self.dt_limit != (0.0, float("inf")):
             # the clamp sits after the softplus: apply both here and hand the scan the final step sizes
-            delta = F.softplus(_at_least_fp32(dt) + dt_bias[:, None]).clamp(*self.dt_limit).to(dt.dtype)
+            delta = F.softplus(at_least_fp32(dt) + dt_bias[:, None]).clamp(*self.dt_limit).to(dt.dtype)
             return x, delta, A, B, C, D, None, False, z
         return x, dt, A, B, C, D, dt_bias, True, z
 

@@ -26,7 +26,7 @@ __all__ = ["Mamba", "SCAN_TYPES"]
 SCAN_TYPES = ("lb", "forward", "bi")
 
 
-def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, d_inner: int, dt_min, dt_max, dt_init, dt_scale, dt_init_floor):
+def init_dt_proj(dt_proj: nn.Linear, dt_rank: int, d_inner: int, dt_min, dt_max, dt_init, dt_scale, dt_init_floor):
     """dt_proj.weight uniform in ±dt_scale·dt_rank^-0.5 (or constant); bias = softplus^-1(log-uniform dt)."""
     std = dt_rank**-0.5 * dt_scale
     with torch.no_grad():
@@ -45,12 +45,12 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, d_inner: int, dt_min, dt_max
         dt_proj.bias.copy_(inv_dt)
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """float32 for the low-precision dtypes (the scan wants fp32 A / D / delta_bias); float64 stays float64."""
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _s4d_real_log(d_inner: int, d_state: int, device=None) -> torch.Tensor:
+def s4d_real_log(d_inner: int, d_state: int, device=None) -> torch.Tensor:
     """log(1..N) for every channel (S4D-real), float32."""
     A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device)
     return torch.log(A).expand(d_inner, d_state).contiguous()
@@ -128,9 +128,9 @@ class Mamba(nn.Module):
         )
         x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
         dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-        _init_dt_proj(dt_proj, self.dt_rank, self.d_inner, init["dt_min"], init["dt_max"], init["dt_init"],
+        init_dt_proj(dt_proj, self.dt_rank, self.d_inner, init["dt_min"], init["dt_max"], init["dt_init"],
                       init["dt_scale"], init["dt_init_floor"])
-        A_log = nn.Parameter(_s4d_real_log(self.d_inner, self.d_state, device=factory["device"]))
+        A_log = nn.Parameter(s4d_real_log(self.d_inner, self.d_state, device=factory["device"]))
         D = nn.Parameter(torch.ones(self.d_inner, device=factory["device"], dtype=torch.float32))
         A_log._no_weight_decay = D._no_weight_decay = True
         setattr(self, f"conv1d{suffix}", conv1d)
@@ -167,16 +167,16 @@ class Mamba(nn.Module):
         x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, d_inner, L)
-        A = -torch.exp(_at_least_fp32(A_log))
+        A = -torch.exp(at_least_fp32(A_log))
         return selective_scan_fn(
             x,
             delta,
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
-            _at_least_fp32(D),
+            at_least_fp32(D),
             z=z,
-            delta_bias=_at_least_fp32(dt_proj.bias),
+            delta_bias=at_least_fp32(dt_proj.bias),
             delta_softplus=True,
             window=window,
         )

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..ops import resolve_window, selective_scan_fn
 from .local_scan import V_REVERSE, ScanPlan, device_plan, parse_direction
-from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
+from .mixer import at_least_fp32, init_dt_proj, s4d_real_log
 
 __all__ = ["MultiMamba", "ChannelGate", "causal_depthwise_conv1d"]
 
@@ -145,7 +145,7 @@ class MultiMamba(nn.Module):
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         for k in range(len(self.directions)):
-            A_log = nn.Parameter(_s4d_real_log(self.d_inner, d_state, device=device))
+            A_log = nn.Parameter(s4d_real_log(self.d_inner, d_state, device=device))
             A_log._no_weight_decay = True
             setattr(self, f"A_log_{k}", A_log)
             setattr(self, f"conv1d_{k}", nn.Conv1d(
@@ -153,7 +153,7 @@ class MultiMamba(nn.Module):
                 bias=conv_bias, **factory))
             setattr(self, f"x_proj_{k}", nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory))
             dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-            _init_dt_proj(dt_proj, self.dt_rank, self.d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+            init_dt_proj(dt_proj, self.dt_rank, self.d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
             dt_proj.bias._no_reinit = True
             setattr(self, f"dt_proj_{k}", dt_proj)
             D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
@@ -192,9 +192,9 @@ class MultiMamba(nn.Module):
         dt_projs = self._params("dt_proj", indices)
         dt_w = torch.stack([p.weight for p in dt_projs])  # (k, d, r)
         delta = torch.matmul(dt_w, dt.transpose(2, 3)).reshape(batch, k * d, seqlen)
-        A = -torch.exp(_at_least_fp32(torch.cat(self._params("A_log", indices))))
-        D = _at_least_fp32(torch.cat(self._params("D", indices)))
-        delta_bias = _at_least_fp32(torch.cat([p.bias for p in dt_projs]))
+        A = -torch.exp(at_least_fp32(torch.cat(self._params("A_log", indices))))
+        D = at_least_fp32(torch.cat(self._params("D", indices)))
+        delta_bias = at_least_fp32(torch.cat([p.bias for p in dt_projs]))
         y = selective_scan_fn(
             x, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z=z, delta_bias=delta_bias,
             delta_softplus=True, window=self.window,

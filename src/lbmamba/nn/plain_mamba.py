@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import resolve_window, selective_scan_fn
-from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
+from .mixer import at_least_fp32, init_dt_proj, s4d_real_log
 from .tables import table_cache
 from .zigzag_scan import NUM_LABELS, NUM_ORDERS, zigzag_tables
 
@@ -122,9 +122,9 @@ class PlainMamba2D(nn.Module):
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        _init_dt_proj(self.dt_proj, self.dt_rank, self.d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+        init_dt_proj(self.dt_proj, self.dt_rank, self.d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
         self.dt_proj.bias._no_reinit = True
-        self.A_log = nn.Parameter(_s4d_real_log(self.d_inner, d_state))
+        self.A_log = nn.Parameter(s4d_real_log(self.d_inner, d_state))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.direction_Bs = nn.Parameter(torch.zeros(NUM_LABELS, d_state))
@@ -159,12 +159,12 @@ class PlainMamba2D(nn.Module):
         y = selective_scan_fn(
             u.reshape(stacked, d_inner, length),
             delta.reshape(stacked, d_inner, length),
-            -torch.exp(_at_least_fp32(self.A_log)),
+            -torch.exp(at_least_fp32(self.A_log)),
             B.reshape(stacked, n, length),
             C.reshape(stacked, n, length),
-            _at_least_fp32(self.D),
+            at_least_fp32(self.D),
             z=None,
-            delta_bias=_at_least_fp32(self.dt_proj.bias),
+            delta_bias=at_least_fp32(self.dt_proj.bias),
             delta_softplus=True,
             window=self.window,
         )

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import resolve_window, selective_scan_fn
-from .mixer import _at_least_fp32, _init_dt_proj, _s4d_real_log
+from .mixer import at_least_fp32, init_dt_proj, s4d_real_log
 from .tables import table_cache
 
 __all__ = ["SS2D", "Linear2d", "LayerNorm2d", "cross_scan_tables", "cross_scan", "cross_merge", "NUM_ROUTES"]
@@ -162,12 +162,12 @@ class SS2D(nn.Module):
         dt_weights, dt_biases = [], []
         for _ in range(K):
             dt_proj = nn.Linear(R, D, bias=True)
-            _init_dt_proj(dt_proj, R, D, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+            init_dt_proj(dt_proj, R, D, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
             dt_weights.append(dt_proj.weight.detach())
             dt_biases.append(dt_proj.bias.detach())
         self.dt_projs_weight = nn.Parameter(torch.stack(dt_weights))  # (K, D, R)
         self.dt_projs_bias = nn.Parameter(torch.stack(dt_biases))  # (K, D)
-        self.A_logs = nn.Parameter(_s4d_real_log(D, N).repeat(K, 1))  # (K * D, N)
+        self.A_logs = nn.Parameter(s4d_real_log(D, N).repeat(K, 1))  # (K * D, N)
         self.Ds = nn.Parameter(torch.ones(K * D))
         self.A_logs._no_weight_decay = self.Ds._no_weight_decay = True
         self.out_norm = LayerNorm2d(D)
@@ -184,11 +184,11 @@ class SS2D(nn.Module):
         ys = selective_scan_fn(
             u=xs.reshape(batch, K * D, L),
             delta=dts.reshape(batch, K * D, L),
-            A=-torch.exp(_at_least_fp32(self.A_logs)),
+            A=-torch.exp(at_least_fp32(self.A_logs)),
             B=Bs.contiguous(),
             C=Cs.contiguous(),
-            D=_at_least_fp32(self.Ds),
-            delta_bias=_at_least_fp32(self.dt_projs_bias).reshape(-1),
+            D=at_least_fp32(self.Ds),
+            delta_bias=at_least_fp32(self.dt_projs_bias).reshape(-1),
             delta_softplus=True,
             window=self.window,
         )
