@@ -55,7 +55,7 @@ class Toy(Task):
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
         schedule = IterationSchedule(optimizer, cfg, cfg["lr"]) if self.unit == "iter" else Schedule()
         return Plan(model, optimizer, schedule, grad_scaler(torch.device("cpu"), None), accum=cfg["grad_accum"],
-                    lr=cfg["lr"], updates_per_epoch=len(self.loader) // cfg["grad_accum"])
+                    updates_per_epoch=len(self.loader) // cfg["grad_accum"])
 
     def _tagged(self, batches):
         for x, y in batches:

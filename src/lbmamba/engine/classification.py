@@ -355,7 +355,7 @@ class ClassificationTask(Task):
         optimizer = create_optimizer(preset, param_groups(model, preset, cfg["weight_decay"],
                                                           no_decay_ssm=cfg["no_decay_ssm"]), lr, cfg)
         plan = Plan(model, optimizer, TimmSchedule(optimizer, cfg, updates_per_epoch), grad_scaler(device, cfg["amp"]),
-                    accum=accum, lr=lr, updates_per_epoch=updates_per_epoch,
+                    accum=accum, updates_per_epoch=updates_per_epoch,
                     ema=ModelEmaV3(model, decay=cfg["model_ema_decay"]) if cfg["model_ema"] else None)
         self.mixup_fn, self.loss_fn = _loss_functions(cfg, cfg["num_classes"])
         self.loss_parts = () if self.mixup_fn is not None else ("top1",)  # soft targets: no accuracy

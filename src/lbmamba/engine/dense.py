@@ -177,7 +177,7 @@ class DenseTask(Task):
         optimizer = create_optimizer(preset, param_groups(model, preset, cfg["weight_decay"],
                                                           layer_decay=cfg.get("layer_decay")), lr, cfg)
         plan = Plan(model, optimizer, IterationSchedule(optimizer, cfg, lr), grad_scaler(device, cfg["amp"]),
-                    accum=accum, lr=lr)
+                    accum=accum)
         resume, run.checkpoint = run.checkpoint, None  # the loop loads it; let go of it after
         start = int((resume or {}).get("iter") or 0)
         title = f"{self.describe(data)} on {os.path.basename(data['root'])}"

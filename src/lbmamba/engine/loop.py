@@ -61,7 +61,7 @@ class LossModule(nn.Module):
 @dataclass
 class Plan:
     """What a run trains, built by the task: the model (what checkpoints hold, on its device), its optimizer,
-    schedule and grad scaler, micro-batches per update, the peak lr, the EMA of the weights (or None), and for
+    schedule and grad scaler, micro-batches per update, the EMA of the weights (or None), and for
     epoch-counted runs the updates of one epoch."""
 
     model: nn.Module
@@ -69,7 +69,6 @@ class Plan:
     schedule: Schedule
     scaler: Any
     accum: int = 1
-    lr: float = 0.0
     ema: Optional[nn.Module] = None
     updates_per_epoch: Optional[int] = None
 
@@ -80,7 +79,8 @@ class Task:
     unit: "epoch" or "iter", what `cfg["epochs"]` / `cfg["iters"]`, `eval_every`, `stop_after_<unit>s` and the
     checkpoint's counter count. loss_parts: the parts of `losses()` recorded as train_<part>. samples: what a
     sample is called in the record (train_<samples>_per_s). worst_score: the score to beat at the start.
-    label: a prefix of messages and progress bars ("fold 2, "). x: the record's x axis.
+    label: a prefix of messages and progress bars ("fold 2, "). min_batch: micro-batches that unreadable
+    samples left smaller than this draw the next batch too (BatchNorm needs 2).
     """
 
     unit = "epoch"

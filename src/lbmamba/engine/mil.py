@@ -454,7 +454,7 @@ class FoldTask(Task):
         self.loader = DataLoader(self.train_ds, batch_size=1, shuffle=sampler is None, sampler=sampler,
                                  generator=self.generator if sampler is None else None, collate_fn=collate_bag,
                                  num_workers=cfg["workers"], worker_init_fn=seed_worker)
-        plan = Plan(model, optimizer, Schedule(), grad_scaler(device, cfg["amp"]), lr=cfg["lr"],
+        plan = Plan(model, optimizer, Schedule(), grad_scaler(device, cfg["amp"]),
                     updates_per_epoch=len(self.loader))
         end = fit(self, plan, record, resume)
         model.load_state_dict(load_training_checkpoint(self.best_path)["model"])
