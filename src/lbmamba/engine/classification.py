@@ -31,7 +31,7 @@ from .config import ConfigTable, Key
 from .device import autocast, grad_scaler
 from .distributed import DistInfo, all_reduce_sum, session
 from .errors import UserError, user_errors
-from .loaders import ShardSampler, bad_sample_limit, batch_plan, loader_workers, too_many_bad_samples
+from .loaders import ShardSampler, bad_sample_limit, batch_plan, check_bad_samples, loader_workers
 from .loop import Plan, Task, already_finished, check_resumable, fit, run_files, start_record
 from .models import check_model_name, create_classifier, load_initial_weights
 from .optim import create_optimizer, param_groups, preset_for
@@ -188,11 +188,6 @@ def _val_loader(ds: Dataset, cfg: Mapping[str, Any], dist: DistInfo, batch_size:
         num_workers=loader_workers(cfg, dist), pin_memory=dist.device.type == "cuda", drop_last=False,
         worker_init_fn=seed_worker,
     )
-
-
-def _check_bad_images(bad: int, total: int, cfg: Mapping[str, Any], where: str) -> None:
-    if bad > bad_sample_limit(cfg, total):
-        raise too_many_bad_samples(bad, total, cfg, "images", where)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -427,7 +422,7 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, count: int) -> Tuple[Dict[str, Any], float]:
         cfg = self.cfg
         figures = evaluate_model(model, self.val_loader, self.dist, cfg["amp"], cfg["progress"], desc=f"val {count}")
-        _check_bad_images(figures["bad_images"], len(self.val_ds), cfg, "in the validation set")
+        check_bad_samples(figures["bad_images"], len(self.val_ds), cfg, "images", "in the validation set")
         return {"val_loss": figures["loss"], "val_top1": figures["top1"], "val_top5": figures["top5"]}, figures["top1"]
 
     def bad_limit(self, drawn: int) -> float:
@@ -520,7 +515,7 @@ def _evaluate(cfg: Dict[str, Any], dist: DistInfo, ckpt: Optional[Mapping[str, A
         raise UserError(f"no images to evaluate in {cfg['data']}")
     loader = _val_loader(val_ds, cfg, dist, cfg["batch_size"])
     figures = evaluate_model(model, loader, dist, cfg.get("amp"), cfg["progress"])
-    _check_bad_images(figures["bad_images"], len(val_ds), cfg, "")
+    check_bad_samples(figures["bad_images"], len(val_ds), cfg, "images", "")
     if not dist.is_main:
         return None
     return {

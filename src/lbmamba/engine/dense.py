@@ -26,7 +26,15 @@ from .config import ConfigTable
 from .device import grad_scaler
 from .distributed import DistInfo, barrier
 from .errors import UserError
-from .loaders import ShardSampler, bad_sample_limit, batch_plan, iteration_loader, loader_workers, too_many_bad_samples
+from .loaders import (
+    ShardSampler,
+    bad_sample_limit,
+    batch_plan,
+    check_bad_samples,
+    iteration_loader,
+    loader_workers,
+    too_many_bad_samples,
+)
 from .loop import Plan, Task, already_finished, check_resumable, fit, run_files, start_record
 from .optim import create_optimizer, param_groups, preset_for
 from .rng import seed_everything, seed_worker
@@ -223,8 +231,7 @@ class DenseTask(Task):
         return too_many_bad_samples(bad, drawn, self.cfg, self.what, where)
 
     def check_val_bad(self, bad: int, total: int, where: str) -> None:
-        if bad > bad_sample_limit(self.cfg, total):
-            raise too_many_bad_samples(bad, total, self.cfg, self.what, where)
+        check_bad_samples(bad, total, self.cfg, self.what, where)
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict

@@ -47,7 +47,7 @@ from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects, session
 from .errors import UserError, user_errors
 from .files import atomic_path, write_text
-from .loaders import bad_sample_limit, too_many_bad_samples
+from .loaders import check_bad_samples
 from .models import check_model_name
 from .records import progress
 from .runs import note, open_run
@@ -434,8 +434,7 @@ def evaluate_det(overrides: Optional[Mapping[str, Any]] = None,
         if len(dataset) == 0:
             raise UserError(f"no images to evaluate in {ann_file}")
         scores = evaluate_detector(model, dataset, _val_loader(dataset, cfg, dist), dist, cfg)
-        if scores["bad_images"] > bad_sample_limit(cfg, len(dataset)):
-            raise too_many_bad_samples(scores["bad_images"], len(dataset), cfg, "images", f"in {image_dir}")
+        check_bad_samples(scores["bad_images"], len(dataset), cfg, "images", f"in {image_dir}")
         if not dist.is_main:
             return None
         if cfg.get("results_json"):

@@ -23,7 +23,7 @@ from .errors import UserError
 from .rng import derive_seed, seed_worker
 
 __all__ = ["ShardSampler", "IterationSampler", "SeededSamples", "iteration_loader", "loader_workers",
-           "bad_sample_limit", "too_many_bad_samples", "batch_plan"]
+           "bad_sample_limit", "too_many_bad_samples", "check_bad_samples", "batch_plan"]
 
 
 class ShardSampler(Sampler):
@@ -125,6 +125,12 @@ def too_many_bad_samples(bad: int, total: int, cfg: Mapping[str, Any], what: str
         f"{cfg['max_bad_images']} "
         f"and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction"
     )
+
+
+def check_bad_samples(bad: int, total: int, cfg: Mapping[str, Any], what: str, where: str) -> None:
+    """Raise `too_many_bad_samples` when `bad` of `total` is more than `bad_sample_limit` allows."""
+    if bad > bad_sample_limit(cfg, total):
+        raise too_many_bad_samples(bad, total, cfg, what, where)
 
 
 def batch_plan(cfg: Mapping[str, Any], world_size: int) -> Tuple[int, int, float]:

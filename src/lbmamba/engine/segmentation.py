@@ -46,7 +46,7 @@ from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, session
 from .errors import UserError, user_errors
 from .files import atomic_path
-from .loaders import bad_sample_limit, too_many_bad_samples
+from .loaders import check_bad_samples
 from .metrics import confusion_matrix, segmentation_scores
 from .models import check_model_name
 from .records import progress
@@ -444,8 +444,7 @@ def evaluate_seg(overrides: Optional[Mapping[str, Any]] = None,
         if len(dataset) == 0:
             raise UserError(f"no images to evaluate in {root} (split {split})")
         scores = evaluate_segmentor(model, _val_loader(dataset, cfg, dist), dist, cfg, names)
-        if scores["bad_images"] > bad_sample_limit(cfg, len(dataset)):
-            raise too_many_bad_samples(scores["bad_images"], len(dataset), cfg, _PAIRS, f"in {split}")
+        check_bad_samples(scores["bad_images"], len(dataset), cfg, _PAIRS, f"in {split}")
         if not dist.is_main:
             return None
         note(_class_table(scores))
