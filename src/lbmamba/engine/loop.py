@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, T
 
 import torch
 import torch.nn as nn
+from timm.utils import dispatch_clip_grad
 
 from .. import __version__
 from .device import autocast
@@ -294,8 +295,6 @@ class _Loop:
             if self.bad > self.task.bad_limit(drawn):
                 raise self.task.too_many_bad(self.bad, drawn, f"in {self._unit_name()}")
         if cfg.get("clip_grad"):
-            from timm.utils import dispatch_clip_grad
-
             plan.scaler.unscale_(plan.optimizer)
             dispatch_clip_grad(plan.model.parameters(), value=cfg["clip_grad"], mode=cfg.get("clip_mode", "norm"))
         plan.scaler.step(plan.optimizer)
