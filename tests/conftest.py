@@ -288,6 +288,14 @@ OTHER_BACKBONES = [
 ]
 
 
+def backbone_params(with_source: bool = True):
+    """OTHER_BACKBONES as pytest parameters: an LB version and its original share every line of code but the
+    scan's direction, so the default run takes the LB versions and `-m slow` adds the originals."""
+    return [pytest.param(*((name, kwargs, source) if with_source else (name, kwargs)), id=name,
+                         marks=() if name.startswith("lb_") else pytest.mark.slow)
+            for name, kwargs, source in OTHER_BACKBONES]
+
+
 def torchrun_lbmamba(args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node nproc -m lbmamba ARGS` with this checkout's src first on the
     path; the finished process (stdout, stderr as text)."""

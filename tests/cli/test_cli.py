@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import lbmamba
-from conftest import OTHER_BACKBONES, torchrun_lbmamba
+from conftest import backbone_params, torchrun_lbmamba
 from lbmamba import cli
 
 QUIET = ["--no-progress"]
@@ -118,14 +118,17 @@ def test_every_no_flag_says_that_it_turns_its_key_off():
     assert "--no-progress" in seen and "--no-train" in seen  # every command's progress bars; bench's training
 
 
-def test_a_group_without_its_command_shows_its_help(run_cli):
+def test_a_group_without_its_command_shows_its_help(run_cli, capsys):
     code, _, out, _ = run_cli("mil")
     assert code == 2 and "extract" in out and "train" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and all(command in out for command in ("train", "bench", "seg", "det", "mil"))
 
 
 def test_python_dash_m_and_a_user_error_exit_cleanly(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lbmamba", "--help"], capture_output=True, text=True, env=_env())
-    assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
+    """The real entry point in a process of its own (help and parsing are tested in this process above)."""
     missing = tmp_path / "no_such_dir"
     out = subprocess.run([sys.executable, "-m", "lbmamba", "train", "--data", str(missing)], capture_output=True,
                          text=True, env=_env())
@@ -166,7 +169,11 @@ def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path, run_cli):
     assert code == 0, err
     code, first, _, err = run_cli("train", *common, "--output", tmp_path / "b", "--stop-after-epochs", 1)
     assert code == 0 and first["epochs"] == 1 and first["stopped_early"], err
-    code, resumed, _, err = run_cli("train", *common, "--resume", tmp_path / "b" / "last.pth")
+    # the folder run is resumed from its checkpoint with every flag again; the digits run from its folder with
+    # none of them: a run resumes with its own config
+    resume = [*common, "--resume", tmp_path / "b" / "last.pth"] if data == "folder" else \
+        ["--resume", tmp_path / "b", "--threads", 1, *QUIET]
+    code, resumed, _, err = run_cli("train", *resume)
     assert code == 0, err
     assert resumed["epochs"] == 2 and resumed["output"] == str(tmp_path / "b")
     a, b = tmp_path / "a" / "last.pth", tmp_path / "b" / "last.pth"
@@ -176,6 +183,11 @@ def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path, run_cli):
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
     if data == "folder":
         return
+    # resuming a finished run says so and changes nothing
+    before = {name: (tmp_path / "b" / name).read_bytes() for name in ("summary.json", "last.pth", "metrics.jsonl")}
+    code, again, _, err = run_cli("train", "--resume", tmp_path / "b", *QUIET)
+    assert code == 0 and "already finished" in err and again == resumed
+    assert all((tmp_path / "b" / name).read_bytes() == content for name, content in before.items())
     # another model or another config is refused with a clear message
     code, _, _, err = run_cli("train", *common, "--set", "model_kwargs.depth=3", "--resume", b)
     assert code == 1 and "cannot resume" in err and "another model" in err and "model_kwargs" in err
@@ -183,6 +195,7 @@ def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path, run_cli):
     assert code == 1 and "another config" in err and "lr" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a process of its own: exact resume is the loop's test; a signalled process test_runs_are_kept's
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, run_cli):
     """SIGKILL a training process once its first checkpoint is on disk, resume it, compare with a run that
     never stopped."""
@@ -295,8 +308,7 @@ def test_bench_on_the_cpu(tmp_path, run_cli):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name,kwargs", [(name, kwargs) for name, kwargs, _ in OTHER_BACKBONES],
-                         ids=[name for name, _, _ in OTHER_BACKBONES])
+@pytest.mark.parametrize("name,kwargs", backbone_params(with_source=False))
 def test_the_other_vision_mambas_train_evaluate_and_bench_like_lbvim(tmp_path, run_cli, name, kwargs):
     root = _write_digit_folder(tmp_path / "data")
     model = ["--model", name, "--set", f"model_kwargs={json.dumps(kwargs)}", "--img-size", "32"]

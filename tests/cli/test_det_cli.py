@@ -66,6 +66,7 @@ def test_train_eval_predict_and_clean_errors(tmp_path, capsys):
     assert code == 1 and "no inputs given" in err
 
 
+@pytest.mark.slow  # three processes: the loop's DDP wrap runs by default in test_cli.py's torchrun test
 def test_torchrun_two_processes_keep_identical_weights_and_one_evaluation(tmp_path, capsys):
     data = _scenes(tmp_path / "scenes", n_train=8, n_val=3)
     proc = torchrun_lbmamba(["det", "train", "--data", data, "--output", tmp_path / "ddp", *TINY,

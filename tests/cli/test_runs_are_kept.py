@@ -1,6 +1,6 @@
 """No run is ever lost, and bad input is one line: every command against garbage files, truncated and
-foreign checkpoints and output paths that are files; run folders that hold a run; resume without the
-original flags; a finished run; a mismatched --init-checkpoint; SIGTERM."""
+foreign checkpoints and output paths that are files; run folders that hold a run; a mismatched
+--init-checkpoint; SIGTERM. (Resuming without the original flags and a finished run: test_cli.py.)"""
 
 import json
 import os
@@ -108,24 +108,6 @@ def test_a_folder_that_holds_a_run_is_refused_and_can_be_moved_aside(tmp_path, r
     assert code == 0 and "moved the earlier run" in err
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "best.pth").read_bytes() == best
-
-
-def test_resume_takes_the_runs_own_config_and_a_finished_run_stays_as_it_is(tmp_path, run_cli):
-    flags = [*SMALL, "--epochs", 2, "--lr", 0.004, "--set", "warmup_epochs=1", *QUIET]
-    code, straight, err = run_cli("train", *flags, "--output", tmp_path / "a")
-    assert code == 0, err
-    code, _, err = run_cli("train", *flags, "--output", tmp_path / "b", "--stop-after-epochs", 1)
-    assert code == 0, err
-    code, resumed, err = run_cli("train", "--resume", tmp_path / "b", *QUIET)  # none of the original flags
-    assert code == 0, err
-    assert resumed["epochs"] == 2 and resumed["val_top1"] == straight["val_top1"]
-    a, b = (torch.load(tmp_path / r / "last.pth", weights_only=True)["model"] for r in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # resuming a finished run says so and changes nothing
-    before = {name: (tmp_path / "b" / name).read_bytes() for name in ("summary.json", "last.pth", "metrics.jsonl")}
-    code, again, err = run_cli("train", "--resume", tmp_path / "b", *QUIET)
-    assert code == 0 and "already finished" in err and again == resumed
-    assert all((tmp_path / "b" / name).read_bytes() == data for name, data in before.items())
 
 
 def test_an_init_checkpoint_that_does_not_fit_is_refused_unless_partial(tmp_path, run_cli):

@@ -57,7 +57,7 @@ def test_train_eval_predict_and_clean_errors(tmp_path, capsys):
     assert code == 1 and "no inputs given" in err
 
 
-@pytest.mark.slow  # the DDP wrap is the loop's, run by default in the classification and detection tests
+@pytest.mark.slow  # the DDP wrap is the loop's, run by default in the classification torchrun test
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     data = write_digit_scenes(tmp_path / "scenes", n_train=8, n_val=2)
     proc = torchrun_lbmamba(["seg", "train", "--data", data, "--output", tmp_path / "ddp", *TINY,

@@ -81,6 +81,37 @@ def _mil_train(*args):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=SRC))
 
 
+def test_a_fold_driver_stopped_mid_fold_resumes_to_the_uninterrupted_result(tiny_bags, monkeypatch):
+    """A run that dies in fold 1 (after fold 0 finished) resumes there: finished folds kept, the same results and
+    fold checkpoints as a run that never stopped. In this process; the SIGKILLed process is the slow test below."""
+    from lbmamba.engine import mil
+
+    cfg = _cfg(tiny_bags, folds=3, fold_indices=[0, 1], model="lb", depth=1, epochs=2, patience=2, stop_epoch=2)
+    straight = train_mil(dict(cfg, output=str(tiny_bags / "a")))
+    evaluate = mil.FoldTask.evaluate
+
+    def dies_in_fold_1_epoch_2(task, model, count):
+        if task.fold == 1 and count == 2:
+            raise RuntimeError("the machine went away")
+        return evaluate(task, model, count)
+
+    monkeypatch.setattr(mil.FoldTask, "evaluate", dies_in_fold_1_epoch_2)
+    with pytest.raises(RuntimeError, match="went away"):
+        train_mil(dict(cfg, output=str(tiny_bags / "b")))
+    stopped = torch.load(tiny_bags / "b" / "last.pth", weights_only=True)
+    assert [r["fold"] for r in stopped["finished"]] == [0] and stopped["fold"] == 1 and stopped["epoch"] == 1
+    monkeypatch.setattr(mil.FoldTask, "evaluate", evaluate)
+    resumed = train_mil(dict(resume=str(tiny_bags / "b"), progress=False))
+    assert resumed["per_fold"] == straight["per_fold"] and resumed["auc_mean"] == straight["auc_mean"]
+    for fold in (0, 1):
+        sa, sb = (torch.load(tiny_bags / run / f"fold_{fold}.pt", weights_only=True)["model"] for run in ("a", "b"))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    records = (tiny_bags / "b" / "metrics.jsonl").read_text().splitlines()
+    epochs = [(r["fold"], r["epoch"]) for r in map(json.loads, records)]
+    assert epochs == [(f, e) for f in (0, 1) for e in range(1, 3)]
+
+
+@pytest.mark.slow  # processes of their own (a minute): the fold driver's resume is tested in this process above
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     """SIGKILL `lbmamba mil train` after some epochs of fold 1, resume it, compare with a run that never stopped.
 

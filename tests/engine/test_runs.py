@@ -3,9 +3,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,8 +14,6 @@ from lbmamba.engine.files import atomic_save, jsonable, write_csv, write_h5, wri
 from lbmamba.engine.rng import capture_rng_state, derive_seed, restore_rng_state
 from lbmamba.engine.runs import load_training_checkpoint, open_run
 from lbmamba.models.checkpoint import CheckpointReadError
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 def _files(folder):
@@ -163,25 +158,30 @@ def test_resume_takes_the_folder_and_its_config(tmp_path):
         _start(resume=str(tmp_path / "nothing"))
 
 
+def _hold_the_lock(out, ready, release):
+    table = ConfigTable("demo", {"output": Key(None, "", kind="str"), "resume": Key(None, "", kind="str")})
+    with open_run(table, {"output": str(out)}, None, lambda cfg: "demo"):
+        ready.set()
+        release.wait(60)
+
+
 def test_a_second_run_in_a_locked_folder_fails_naming_the_holder(tmp_path):
-    """A process holds the folder's lock while it works; another start there fails at once."""
+    """A process holds the folder's lock while it works; another start there fails at once. (The holder is a fork
+    of this process: a fresh interpreter would spend seconds importing torch.)"""
+    import multiprocessing
+
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from lbmamba.engine import ConfigTable, Key
-        from lbmamba.engine.runs import open_run
-        table = ConfigTable("demo", {{"output": Key(None, "", kind="str"), "resume": Key(None, "", kind="str")}})
-        with open_run(table, {{"output": {str(out)!r}}}, None, lambda cfg: "demo"):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=SRC))
+    fork = multiprocessing.get_context("fork")
+    ready, release = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold_the_lock, args=(out, ready, release))
+    holder.start()
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert ready.wait(60)
         with pytest.raises(UserError, match=f"in use by process {holder.pid} on .*demo"):
             _start(output=str(out), overwrite=True)
         with pytest.raises(UserError, match="in use by process"):
             _start(resume=str(out))
     finally:
         holder.kill()
-        holder.wait()
+        holder.join()
     assert _start(resume=str(out)).resumed  # released when its holder ends, however it ends

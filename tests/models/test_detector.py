@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
-from conftest import OTHER_BACKBONES
+from conftest import backbone_params
 from lbmamba.models.dense import (
     CASCADE_BOX_STDS,
     CASCADE_IOU_THRESHOLDS,
@@ -117,7 +117,7 @@ def test_vmamba_pyramid_is_built_from_its_four_stages(size):
         assert f.shape == (1, 32, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
 
 
-@pytest.mark.parametrize("name, kwargs, source", OTHER_BACKBONES, ids=[b[0] for b in OTHER_BACKBONES])
+@pytest.mark.parametrize("name, kwargs, source", backbone_params())
 def test_the_other_vision_mambas_serve_as_detection_backbones(name, kwargs, source):
     torch.manual_seed(0)
     model = build_detector(name, K, img_size=128, feature_source=source, backbone_kwargs=dict(kwargs, img_size=128),

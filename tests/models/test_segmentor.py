@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lbmamba.nn.mixer as mixer_module
-from conftest import OTHER_BACKBONES
+from conftest import backbone_params
 from lbmamba.models import (
     BackboneAdapter,
     CheckpointMismatchError,
@@ -525,7 +525,7 @@ def test_bad_images_and_masks_raise_clear_messages():
         Segmentor(nn.Linear(2, 2), K)
 
 
-@pytest.mark.parametrize("name, kwargs, source", OTHER_BACKBONES, ids=[b[0] for b in OTHER_BACKBONES])
+@pytest.mark.parametrize("name, kwargs, source", backbone_params())
 def test_the_other_vision_mambas_serve_as_segmentation_backbones(name, kwargs, source):
     torch.manual_seed(0)
     model = build_segmentor(name, 3, head_channels=8, aux_channels=8, feature_source=source,

@@ -35,11 +35,13 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def _case(case_id, batch, dim, seqlen, dstate, window, B="variable", C="variable", groups=(2, 2), D=True, z=True,
-          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None):  # fmt: skip
-    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default)."""
+          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None, slow=True):  # fmt: skip
+    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default).
+    slow=False: one of the default run's cases (every B / C form, checkpoint spacing, straddling windows, half
+    dtype and d_state block among them); the others run with `-m slow`."""
     return dict(id=case_id, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, window=window, B=B, C=C,
                 groups=groups, D=D, z=z, bias=bias, softplus=softplus, dtype=dtype, loss=loss, chunk=chunk,
-                ckpt_every=ckpt_every)  # fmt: skip
+                ckpt_every=ckpt_every, slow=slow)  # fmt: skip
 
 
 # Lengths that are not multiples of the window, several windows per chunk and several chunks per
@@ -47,14 +49,15 @@ def _case(case_id, batch, dim, seqlen, dstate, window, B="variable", C="variable
 # run of chunks and per partial run, every B/C form, with and without each optional input, windows
 # that straddle chunks, and the half-precision dtypes.
 CASES = [
-    _case("lb-variable-w3", 2, 4, 37, 4, 3),
+    _case("lb-variable-w3", 2, 4, 37, 4, 3, slow=False),
     _case("lb-variable-w3-checkpoint-every-chunk", 2, 4, 37, 4, 3, ckpt_every=1),
-    _case("lb-constant-auto-checkpoint-every-2", 2, 4, 37, 4, "auto", B="constant", C="constant", ckpt_every=2),
-    _case("vanilla-w1-grouped", 2, 4, 37, 4, 1, B="grouped", D=False, z=False, bias=False, softplus=False),
+    _case("lb-constant-auto-checkpoint-every-2", 2, 4, 37, 4, "auto", B="constant", C="constant", ckpt_every=2,
+          slow=False),
+    _case("vanilla-w1-grouped", 2, 4, 37, 4, 1, B="grouped", D=False, z=False, bias=False, softplus=False, slow=False),
     _case("straddle-w11", 2, 4, 37, 4, 11, C="grouped", z=False),
-    _case("straddle-w11-checkpoint-every-4", 1, 4, 37, 4, 11, B="grouped", ckpt_every=4),
+    _case("straddle-w11-checkpoint-every-4", 1, 4, 37, 4, 11, B="grouped", ckpt_every=4, slow=False),
     _case("window-past-end-last-state-only", 1, 3, 21, 5, 100, B="constant", C="grouped", groups=(1, 3), D=False,
-          bias=False, loss="last"),  # fmt: skip
+          bias=False, loss="last", slow=False),  # fmt: skip
     _case("auto-w8-output-only", 1, 2, 150, 2, "auto", loss="out"),
     _case("n64", 1, 2, 19, 64, 4, C="constant", z=False),
     _case("odd-dim-n3", 2, 5, 23, 3, 2, B="constant", bias=False),
@@ -63,18 +66,18 @@ CASES = [
     _case("length-below-window", 1, 2, 3, 4, 4),
     _case("exact-chunks", 1, 2, 16, 4, 8),
     _case("default-chunk", 1, 2, 40, 4, "auto", chunk=None),
-    _case("bf16", 2, 4, 29, 4, "auto", dtype="bfloat16"),
+    _case("bf16", 2, 4, 29, 4, "auto", dtype="bfloat16", slow=False),
     _case("bf16-w1-grouped", 1, 4, 21, 4, 1, B="grouped", C="constant", dtype="bfloat16"),
-    _case("fp16-w5", 1, 4, 29, 8, 5, B="grouped", C="constant", dtype="float16"),
+    _case("fp16-w5", 1, 4, 29, 8, 5, B="grouped", C="constant", dtype="float16", slow=False),
     # d_state whose blocks and tile length differ from d_state 16's (`_Launch`): BLOCK_N 1 (the backward's
     # 16 channels in one warp), 4, 64 and 256 (8 warps in the backward), at the lowered and the default
     # CHUNK_LEN (T = CHUNK_LEN / 2 there), with grouped B/C shrinking BLOCK_D and straddling windows
     _case("n1-w3", 1, 20, 37, 1, 3, C="constant"),
-    _case("n1-default-chunk-straddle-w11", 1, 3, 40, 1, 11, chunk=None),
+    _case("n1-default-chunk-straddle-w11", 1, 3, 40, 1, 11, chunk=None, slow=False),
     _case("n3-grouped-default-chunk", 2, 6, 45, 3, "auto", B="grouped", groups=(3, 1), chunk=None),
     _case("n40-w5", 1, 3, 29, 40, 5, B="constant", bias=False),
     _case("n40-default-chunk-w16", 1, 2, 41, 40, 16, chunk=None, ckpt_every=2),
-    _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2)),
+    _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2), slow=False),
     _case("n200-bf16-default-chunk", 1, 2, 30, 200, "auto", chunk=None, dtype="bfloat16"),
 ]
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -132,12 +135,12 @@ def _run_case(case, seed, defaults):
     return dict(errors=errors, problems=problems)
 
 
-def _interpreter_main(base_seed):
+def _interpreter_main(base_seed, case_ids):
     from lbmamba.ops import triton_scan
 
     defaults = dict(chunk=triton_scan.CHUNK_LEN, ckpt_every=triton_scan.CHECKPOINT_EVERY)
     results = {}
-    for case in CASES:
+    for case in (c for c in CASES if c["id"] in case_ids):
         seed = _case_seed(base_seed, case["id"])
         try:
             results[case["id"]] = dict(seed=seed, **_run_case(case, seed, defaults))
@@ -164,10 +167,13 @@ def _subprocess_env(**extra):
 
 
 @pytest.fixture(scope="module")
-def interpreter_results():
+def interpreter_results(request):
+    """The cases of this session's selected tests, run in one interpreter subprocess."""
     base_seed = BASE_SEED
+    selected = [item.callspec.params["case"]["id"] for item in request.session.items
+                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
     proc = subprocess.run(
-        [sys.executable, __file__, "--interpreter-cases", str(base_seed)],
+        [sys.executable, __file__, "--interpreter-cases", str(base_seed), ",".join(selected)],
         env=_subprocess_env(TRITON_INTERPRET="1"),
         capture_output=True,
         text=True,
@@ -178,7 +184,8 @@ def interpreter_results():
     return base_seed, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"], marks=pytest.mark.slow if c["slow"] else ())
+                                  for c in CASES])
 def test_interpreted_kernels_match_float64_reference(interpreter_results, case):
     base_seed, results = interpreter_results
     res = results[case["id"]]
@@ -342,7 +349,7 @@ def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--interpreter-cases":
+        _interpreter_main(int(sys.argv[2]), set(sys.argv[3].split(",")))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter-cases SEED")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter-cases SEED ID[,ID...]")
