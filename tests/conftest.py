@@ -79,6 +79,26 @@ def _seed_every_test(request):
     yield
 
 
+# Parallel tests (pytest-xdist, `-n auto` in pyproject.toml): most tests are short and single-threaded at heart,
+# so workers beat threads; each worker gets an equal share of the cores for torch's (and the CPU scan's) threads,
+# since oversubscribed OpenMP threads slow every worker down many times over.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    from lbmamba.engine.device import usable_cores
+
+    return max(1, min(MAX_WORKERS, usable_cores()))
+
+
+def pytest_configure(config):
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        from lbmamba.engine.device import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // int(workers)))
+
+
 def pytest_report_header(config):
     how = "fresh this session" if os.environ.get(SEED_VARIABLE, "").strip().lower() == "random" else "fixed"
     return f"test seeds: base {BASE_SEED} ({how}; {SEED_VARIABLE}=<int> or random to change it)"
