@@ -38,7 +38,7 @@ from .optim import create_optimizer, param_groups, preset_for
 from .records import progress
 from .rng import derive_seed, seed_everything, seed_worker
 from .run_keys import run_keys
-from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import TimmSchedule
 
 __all__ = ["TRAIN", "EVAL", "train", "evaluate", "evaluate_model", "ClassificationTask"]
@@ -288,6 +288,8 @@ class ClassificationTask(Task):
     """Image classification on the loop: timm's model, optimizer (the `vim_imagenet` preset), epoch scheduler,
     Mixup / CutMix and label smoothing, EMA; data order and augmentation seeded from (seed, epoch, rank)."""
 
+    task_name = "classification"
+
     unit = "epoch"
 
     def __init__(self, run: Run, info: Mapping[str, Any]):
@@ -459,6 +461,8 @@ def evaluate(overrides: Optional[Mapping[str, Any]] = None,
     given = EVAL.given(config_path, overrides)
     checkpoint = given.get("checkpoint")
     ckpt = load_training_checkpoint(os.fspath(checkpoint)) if checkpoint else None
+    if ckpt is not None:
+        require_task(ckpt, os.fspath(checkpoint), "classification", "eval")
     saved = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), Mapping) else {}
     cfg = EVAL.apply(EVAL.defaults(), {k: saved[k] for k in _EVAL_FROM_CHECKPOINT if k in saved},
                      source=f"checkpoint {checkpoint}")

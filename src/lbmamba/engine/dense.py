@@ -38,12 +38,13 @@ from .loaders import (
 from .loop import Plan, Task, already_finished, check_resumable, fit, run_files, start_record
 from .optim import create_optimizer, param_groups, preset_for
 from .rng import seed_everything, seed_worker
-from .runs import LAST, Run, load_training_checkpoint, note
+from .runs import LAST, Run, load_training_checkpoint, note, require_task
 from .schedule import IterationSchedule
 
 __all__ = ["DenseTask", "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
            "class_palette", "eval_loader", "load_dense_weights"]
 
+_TASKS = {"seg": "segmentation", "det": "detection"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -243,6 +244,8 @@ def config_from_checkpoint(table: ConfigTable, config_path: Optional[str], overr
     given = table.given(config_path, overrides)
     path = given.get("checkpoint")
     ckpt = load_training_checkpoint(os.fspath(path)) if path else None
+    if ckpt is not None:  # the wrong kind of checkpoint named as such, before its config is read as this task's
+        require_task(ckpt, os.fspath(path), _TASKS[table.command.split()[0]], table.command)
     saved = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), Mapping) else {}
     from_ckpt = {k: saved[k] for k in keys if k in saved and k in table.keys}
     if saved.get("data") == generated and "data" in from_ckpt:

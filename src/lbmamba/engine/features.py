@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.images import open_image
 from ..data.mil import MILInputError
 from ..models.checkpoint import compare_state_dict, read_checkpoint
 from .config import ConfigTable, Key
@@ -131,12 +132,11 @@ class _PatchImages(Dataset):
         from PIL import Image
 
         try:
-            with Image.open(self.paths[i]) as im:
-                im = im.convert("RGB")
-                if self.size:
-                    im = im.resize((self.size, self.size), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as exc:
+            im = open_image(self.paths[i], "RGB")  # the one reader of every command (16-bit, EXIF, CMYK ...)
+            if self.size:
+                im = im.resize((self.size, self.size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as exc:
             raise MILInputError(f"cannot read patch image {self.paths[i]}: {exc}") from exc
         x = torch.from_numpy(arr).permute(2, 0, 1)
         return (x - self.mean) / self.std
@@ -190,7 +190,7 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
             warnings.warn(
                 f"mil extract: encoder {cfg['encoder']!r} has RANDOM weights (no pretrained weights are downloaded); "
                 "the features are not meaningful for real slides. Give encoder_checkpoint with trained weights.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=1,  # names this file: a caller's frame is contextlib's (user_errors)
             )
         net = net.to(dist.device)
         written, skipped, empty, n_patches = [], [], [], 0
@@ -221,7 +221,7 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
             n_patches += len(paths)
     if empty:
         warnings.warn(f"mil extract: {len(empty)} slide folder(s) hold no images and were skipped: "
-                      f"{', '.join(empty[:10])}", stacklevel=2)
+                      f"{', '.join(empty[:10])}", stacklevel=1)
     return {
         "command": "mil extract", "output": os.path.abspath(out), "encoder": cfg["encoder"],
         "feat_dim": info["feat_dim"], "random_weights": info["random_weights"], "slides_written": len(written),

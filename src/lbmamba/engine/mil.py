@@ -57,7 +57,7 @@ from .optim import create_optimizer, param_groups, preset_for
 from .records import RunRecord, progress
 from .rng import derive_seed, seed_everything, seed_worker
 from .run_keys import run_keys
-from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import Schedule
 
 __all__ = ["MIL_TRAIN", "MIL_EVAL", "PAPER_PRESET", "DIGITS_PRESET", "train_mil", "evaluate_mil", "evaluate_bags",
@@ -277,6 +277,7 @@ def load_mil_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, Dict
     """A `mil train` fold checkpoint (`fold_<k>.pt`, of the one run format or of lbmamba before it) as its
     model in eval mode and the rest: {"config": the model's constructor arguments, "class_names", "fold", ...}."""
     ckpt = load_training_checkpoint(path)
+    require_task(ckpt, path, "mil", "mil eval")
     if ckpt.get("format") == FORMAT and "model_config" in ckpt:
         meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "config", "model_config")}
         meta["config"] = ckpt["model_config"]
@@ -421,6 +422,8 @@ class FoldTask(Task):
     """One fold as MambaMIL trains it: one bag per step, cross-entropy, the config's optimizer preset (Adam with
     L2 by default), a constant lr, validation loss every epoch with CLAM's early stopping, the best epoch kept
     as `fold_<k>.pt` and scored on the fold's test split."""
+
+    task_name = "mil"
 
     unit = "epoch"
     samples = "bags"
