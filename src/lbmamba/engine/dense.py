@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import ADE20K_CLASSES, ADE20K_PALETTE, DataError
 from ..models.checkpoint import CheckpointMismatchError
-from .config import ConfigTable
+from .config import ConfigTable, Key
 from .device import grad_scaler
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -41,10 +41,15 @@ from .rng import seed_everything, seed_worker
 from .runs import LAST, Run, load_training_checkpoint, note, require_task
 from .schedule import IterationSchedule
 
-__all__ = ["DenseTask", "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
+__all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS", "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
            "class_palette", "eval_loader", "load_dense_weights"]
 
 _TASKS = {"seg": "segmentation", "det": "detection"}
+#: eval / predict: go on when the class names differ from the checkpoint's (the checkpoint's are used)
+ALLOW_CLASS_MISMATCH = Key(False, "go on when the data's / given class names differ from the checkpoint's (the "
+                           "checkpoint's count and order are used)", flag=True)
+#: predict: an untrained model when no checkpoint is given (a dry run of the command)
+RANDOM_WEIGHTS = Key(False, "predict with an untrained model (random weights) when no checkpoint is given", flag=True)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -283,14 +288,30 @@ def class_palette(names: Sequence[str]) -> np.ndarray:
     return colours[: len(names)]
 
 
+def _names(names: Sequence[str], at_most: int = 12) -> str:
+    shown = ", ".join(str(n) for n in list(names)[:at_most])
+    return f"[{shown}{', ...' if len(names) > at_most else ''}]"
+
+
 def model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], names: Optional[Sequence[str]],
               device: torch.device, build: Callable[[int], nn.Module], load: Callable[[nn.Module], None],
               background: bool, what: str) -> Tuple[nn.Module, List[str]]:
     """The model of `cfg` (`build(num_classes)`) with the checkpoint's weights (`load(model)`), and its class
     names: the config's, the checkpoint's, `names`, or numbers (`background`: a background class comes first
     and is not counted)."""
-    names = list(cfg.get("class_names") or (ckpt or {}).get("class_names") or names or [])
     extra = 1 if background else 0
+    if ckpt is None and not cfg.get("random_weights"):
+        command = f"lbmamba {'det' if background else 'seg'} train"
+        raise UserError(f"no checkpoint given: set --checkpoint (the best.pth of a `{command}` run); "
+                        + ("--random-weights runs an untrained model" if "random_weights" in cfg else
+                           "an untrained model gives no scores worth reading"))
+    saved = list((ckpt or {}).get("class_names") or [])
+    for given, where in ((cfg.get("class_names"), "class_names"), (names, "the data")):
+        if saved and given and list(given) != saved and not cfg.get("allow_class_mismatch"):
+            raise UserError(f"the class names of {where} differ from the checkpoint's: {_names(given)} "
+                            f"({len(given)}) against {_names(saved)} ({len(saved)}); evaluate on data of the "
+                            "checkpoint's classes, or set --allow-class-mismatch to go on with the checkpoint's")
+    names = list(cfg.get("class_names") or saved or names or [])
     num_classes = cfg.get("num_classes") or (ckpt or {}).get("num_classes") or max(len(names) - extra, 0)
     if not num_classes:
         raise UserError("the number of classes is unknown: set num_classes (or class_names)")

@@ -34,6 +34,8 @@ from ..models import DETECTOR_KINDS, FEATURE_SOURCES, Detector, build_detector, 
 from .coco_eval import COCO_METRICS, coco_evaluate, to_coco_results
 from .config import Key
 from .dense import (
+    ALLOW_CLASS_MISMATCH,
+    RANDOM_WEIGHTS,
     DenseTask,
     class_palette,
     config_from_checkpoint,
@@ -176,7 +178,8 @@ DET_EVAL = DET_TRAIN.derive(
            "images": Key(None, "image folder to score (null: val_images)", kind="str", flag=True),
            "annotations": Key(None, "instances JSON to score against (null: val_annotations)", kind="str",
                               flag=True),
-           "results_json": Key(None, "also write the COCO results (detections) here", kind="str", flag=True)},
+           "results_json": Key(None, "also write the COCO results (detections) here", kind="str", flag=True),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH},
     check=_check_det)
 #: `lbmamba det predict`: the model keys and the drawing keys
 DET_PREDICT = DET_TRAIN.derive(
@@ -185,7 +188,8 @@ DET_PREDICT = DET_TRAIN.derive(
            "inputs": Key(None, "an image, or a folder of images", kind="str", flag=True),
            "output": Key("predictions", "folder for <stem>_detections.png and detections.json", flag=True),
            "draw_threshold": Key(0.5, "draw detections scoring at least this", low=0, flag=True),
-           "class_names": Key(None, "class names, background first (null: from the checkpoint)", kind="str_list")},
+           "class_names": Key(None, "class names, background first (null: from the checkpoint)", kind="str_list"),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH, "random_weights": RANDOM_WEIGHTS},
     check=_check_det)
 #: the keys `det eval` / `det predict` take from one of our checkpoints
 _FROM_CHECKPOINT = tuple(_MODEL_KEYS) + ("data", "val_images", "val_annotations", "mask_threshold")

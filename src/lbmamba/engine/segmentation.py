@@ -33,6 +33,8 @@ from ..data.segmentation import SPLITS
 from ..models import FEATURE_SOURCES, NECKS, Segmentor, build_segmentor, load_backbone_weights, predict_logits
 from .config import ConfigTable, Key
 from .dense import (
+    ALLOW_CLASS_MISMATCH,
+    RANDOM_WEIGHTS,
     DenseTask,
     class_palette,
     config_from_checkpoint,
@@ -176,7 +178,8 @@ SEG_EVAL = SEG_TRAIN.derive(
     extra={"checkpoint": Key(None, "weights to evaluate: our last.pth / best.pth, or a segmentor state dict with "
                              "mmseg's names (give the model keys)", kind="str", flag=True),
            "split": Key(None, "the split to score (null: val_split)", kind="str", flag=True),
-           "per_class_csv": Key(None, "also write the per-class table here", kind="str", flag=True)},
+           "per_class_csv": Key(None, "also write the per-class table here", kind="str", flag=True),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH},
     check=_check_seg,
 )
 #: `lbmamba seg predict`: the model keys and the test-time keys
@@ -189,7 +192,8 @@ SEG_PREDICT = SEG_TRAIN.derive(
            "output": Key("predictions", "folder for <stem>_mask.png (colours), <stem>_labels.png (class indices) "
                          "and <stem>_overlay.png", flag=True),
            "class_names": Key(None, "class names (null: from the checkpoint)", kind="str_list"),
-           "overlay_alpha": Key(0.5, "weight of the mask colours in the overlay", low=0)},
+           "overlay_alpha": Key(0.5, "weight of the mask colours in the overlay", low=0),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH, "random_weights": RANDOM_WEIGHTS},
     check=_check_seg,
 )
 #: the model and data keys `seg eval` / `seg predict` take from one of our checkpoints
