@@ -37,7 +37,7 @@ from .models import check_model_name, create_classifier, load_initial_weights
 from .optim import create_optimizer, param_groups, preset_for
 from .records import progress
 from .rng import derive_seed, seed_everything, seed_worker
-from .run_keys import run_keys
+from .run_keys import INFERENCE_AMP, run_keys
 from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import TimmSchedule
 
@@ -145,7 +145,8 @@ EVAL = TRAIN.derive(
     ["model", "model_kwargs", "img_size", "in_chans", "num_classes", "data", "val_split", "val_fraction", "batch_size",
      "workers", "max_bad_fraction", "max_bad_images", "crop_pct", "interpolation", "amp", "device", "threads",
      "progress"],
-    changes={"model": dict(default=None), "model_kwargs": dict(default={}), "img_size": dict(default=None),
+    changes={"amp": INFERENCE_AMP, "model": dict(default=None), "model_kwargs": dict(default={}),
+             "img_size": dict(default=None),
              "data": dict(default=None), "interpolation": dict(flag=True),
              "crop_pct": dict(flag=True)},
     extra={"checkpoint": Key(None, "weights to evaluate (.pth / .safetensors)", kind="str", flag=True),

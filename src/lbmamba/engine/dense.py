@@ -41,7 +41,8 @@ from .rng import seed_everything, seed_worker
 from .runs import LAST, Run, load_training_checkpoint, note, require_task
 from .schedule import IterationSchedule
 
-__all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS", "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
+__all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS",
+            "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
            "class_palette", "eval_loader", "load_dense_weights"]
 
 _TASKS = {"seg": "segmentation", "det": "detection"}

@@ -52,6 +52,7 @@ from .files import atomic_path, write_text
 from .loaders import check_bad_samples
 from .models import check_model_name
 from .records import progress
+from .run_keys import INFERENCE_AMP
 from .runs import note, open_run
 from .schedule import SCHEDULES
 from .segmentation import SEG_TRAIN
@@ -173,7 +174,7 @@ _EVAL_KEYS = _MODEL_KEYS + ["data", "val_images", "val_annotations", "mask_thres
                             "workers", "max_bad_fraction", "max_bad_images", "amp", "device", "threads", "progress"]
 #: `lbmamba det eval`: what the checkpoint's run used, unless given
 DET_EVAL = DET_TRAIN.derive(
-    "det eval", _EVAL_KEYS, changes={"data": dict(default=None)},
+    "det eval", _EVAL_KEYS, changes={"data": dict(default=None), "amp": INFERENCE_AMP},
     extra={"checkpoint": Key(None, "weights to evaluate: our last.pth / best.pth", kind="str", flag=True),
            "images": Key(None, "image folder to score (null: val_images)", kind="str", flag=True),
            "annotations": Key(None, "instances JSON to score against (null: val_annotations)", kind="str",
@@ -184,6 +185,7 @@ DET_EVAL = DET_TRAIN.derive(
 #: `lbmamba det predict`: the model keys and the drawing keys
 DET_PREDICT = DET_TRAIN.derive(
     "det predict", _MODEL_KEYS + ["mask_threshold", "amp", "device", "threads", "progress"],
+    changes={"amp": INFERENCE_AMP},
     extra={"checkpoint": DET_EVAL.keys["checkpoint"],
            "inputs": Key(None, "an image, or a folder of images", kind="str", flag=True),
            "output": Key("predictions", "folder for <stem>_detections.png and detections.json", flag=True),

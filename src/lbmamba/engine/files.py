@@ -23,7 +23,8 @@ import yaml
 
 from .errors import UserError
 
-__all__ = ["WriteError", "write_failure", "make_dir", "atomic_path", "atomic_save", "write_text", "write_json", "write_jsonl", "write_yaml", "write_csv",
+__all__ = ["WriteError", "write_failure", "make_dir", "atomic_path",
+            "atomic_save", "write_text", "write_json", "write_jsonl", "write_yaml", "write_csv",
            "write_h5", "jsonable"]
 
 

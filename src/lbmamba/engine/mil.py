@@ -19,6 +19,7 @@ and ends with the results of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -56,7 +57,7 @@ from .metrics import classification_metrics, mean_std
 from .optim import create_optimizer, param_groups, preset_for
 from .records import RunRecord, progress
 from .rng import derive_seed, seed_everything, seed_worker
-from .run_keys import run_keys
+from .run_keys import INFERENCE_AMP, run_keys
 from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import Schedule
 
@@ -137,7 +138,7 @@ MIL_EVAL = ConfigTable("mil eval", {
     "split": Key("test", "which split of the fold", choices=SPLIT_COLUMNS, flag=True),
     "skip_missing": MIL_TRAIN.keys["skip_missing"],
     "prefer": MIL_TRAIN.keys["prefer"],
-    "amp": MIL_TRAIN.keys["amp"],
+    "amp": dataclasses.replace(MIL_TRAIN.keys["amp"], **INFERENCE_AMP),
     "device": MIL_TRAIN.keys["device"],
     "workers": MIL_TRAIN.keys["workers"],
     "threads": MIL_TRAIN.keys["threads"],

@@ -52,7 +52,7 @@ from .loaders import check_bad_samples
 from .metrics import confusion_matrix, segmentation_scores
 from .models import check_model_name
 from .records import progress
-from .run_keys import run_keys
+from .run_keys import INFERENCE_AMP, run_keys
 from .runs import note, open_run
 from .schedule import POLY_SCHEDULES
 
@@ -174,7 +174,7 @@ _EVAL_KEYS = ["model", "model_kwargs", "neck", "head_channels", "aux_channels", 
 #: `lbmamba seg eval`: what the checkpoint's run used, unless given
 SEG_EVAL = SEG_TRAIN.derive(
     "seg eval", _EVAL_KEYS,
-    changes={"data": dict(default=None)},
+    changes={"data": dict(default=None), "amp": INFERENCE_AMP},
     extra={"checkpoint": Key(None, "weights to evaluate: our last.pth / best.pth, or a segmentor state dict with "
                              "mmseg's names (give the model keys)", kind="str", flag=True),
            "split": Key(None, "the split to score (null: val_split)", kind="str", flag=True),
@@ -187,6 +187,7 @@ SEG_PREDICT = SEG_TRAIN.derive(
     "seg predict",
     [k for k in _EVAL_KEYS if k not in ("data", "layout", "val_split", "reduce_zero_label", "max_bad_fraction",
                                         "max_bad_images", "workers")],
+    changes={"amp": INFERENCE_AMP},
     extra={"checkpoint": SEG_EVAL.keys["checkpoint"],
            "inputs": Key(None, "an image, or a folder of images", kind="str", flag=True),
            "output": Key("predictions", "folder for <stem>_mask.png (colours), <stem>_labels.png (class indices) "
