@@ -254,7 +254,7 @@ def _unknown_flags(parser: argparse.ArgumentParser, extras: Sequence[str]) -> No
             flag = extra.split("=", 1)[0]
             close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
             if close:
-                hints.append(f"did you mean {close[0]}?" if len(extras) == 1 or "=" in extra else
+                hints.append(f"did you mean {close[0]}?" if sum(e.startswith("-") for e in extras) == 1 else
                              f"{flag}: did you mean {close[0]}?")
     parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
 

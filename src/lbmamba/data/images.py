@@ -77,6 +77,24 @@ def open_image(path, mode: str = "RGB") -> Image.Image:
         return img.convert(mode) if img.mode != mode else img.copy()
 
 
+def same_spelling_groups(names) -> List[List[str]]:
+    """The groups of distinct names that differ only in letter case or spaces ("Positive", "positive ",
+    "po sitive" is not one), each sorted; [] when there are none."""
+    groups: Dict[str, List[str]] = {}
+    for name in dict.fromkeys(str(n) for n in names):
+        groups.setdefault(" ".join(name.split()).casefold(), []).append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def check_spellings(names, where: str) -> None:
+    """DataError naming both spellings when two class names of `where` differ only in case or spaces."""
+    groups = same_spelling_groups(names)
+    if groups:
+        shown = "; ".join(" and ".join(repr(n) for n in g) for g in groups[:5])
+        raise DataError(f"{where}: class names that differ only in letter case or spaces: {shown}; give each class "
+                        "one spelling")
+
+
 def read_or_skip(dataset, index: int):
     """dataset.read(index), or None (counted in dataset.bad_count, with a warning) when it raises a DataError
     and dataset.skip_bad is set: the samples of the dense-prediction data sets, which the collate drops."""
@@ -131,6 +149,7 @@ def check_image_folder(folder: str, split: str = "train") -> List[str]:
         raise DataError(f"{split} directory not found: {folder}")
     extensions = _image_extensions()
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    check_spellings(classes, f"class folders of {folder}")
     if not classes:
         raise DataError(
             f"no class folders in {folder}: expected the ImageFolder layout {folder}/<class>/<image>"

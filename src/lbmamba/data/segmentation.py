@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
-from .images import DataError, open_image, read_or_skip
+from .images import DataError, check_spellings, open_image, read_or_skip
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -206,6 +206,7 @@ def read_class_names(root: Union[str, Path], layout: str) -> List[str]:
     repeated = sorted({name for name in lines if lines.count(name) > 1})
     if repeated:
         raise DataError(f"{path}: class name(s) listed twice: {', '.join(repeated)}")
+    check_spellings(lines, str(path))
     if len(lines) > IGNORE_INDEX:
         raise DataError(f"{path}: {len(lines)} classes; at most {IGNORE_INDEX} fit (label {IGNORE_INDEX} is ignore)")
     return lines

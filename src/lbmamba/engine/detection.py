@@ -380,9 +380,12 @@ class DetectionTask(DenseTask):
             raise UserError(f"num_classes is {cfg['num_classes']} but {data['train'][1]} has {num_classes} "
                             "categories")
         cfg["num_classes"] = num_classes
-        if self.dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count):
-            note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes removed, "
-                 f"{train_ds.crowd_count} crowd annotations left out of training")
+        if self.dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count or train_ds.nonfinite_boxes
+                                  or train_ds.degenerate_polygons):
+            note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes, "
+                 f"{train_ds.nonfinite_boxes} boxes with NaN / infinite numbers and {train_ds.degenerate_polygons} "
+                 f"polygons of fewer than three points removed, {train_ds.crowd_count} crowd annotations left out "
+                 "of training")
         self.label_to_category_id = dict(train_ds.label_to_category_id)
         return train_ds, val_ds
 

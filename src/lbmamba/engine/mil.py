@@ -96,6 +96,8 @@ MIL_TRAIN = ConfigTable("mil train", {
     "max_instances": Key(None, "randomly sub-sample training bags larger than N instances (kept in order)",
                          kind="int", positive=True, flag=True),
     "balanced": Key(False, "class-balanced sampling of training bags (with replacement)", flag=True),
+    "merge_label_spellings": Key(False, "count labels that differ only in letter case or spaces (\"Positive\" / "
+                                 "\"positive\") as one class instead of refusing them", flag=True),
     "skip_missing": Key(False, "leave out (and count) labelled slides without a readable feature file instead of "
                                "stopping", flag=True),
     "prefer": Key("pt", "which file to read when a slide has both", choices=("pt", "h5"), flag=True),
@@ -210,7 +212,7 @@ def _read_splits(cfg: Mapping[str, Any], table: LabelTable) -> Dict[int, Dict[st
 def _load_bags(cfg: Mapping[str, Any]) -> _Bags:
     """Read and check everything a run needs before it trains: labels, feature files, splits, shapes."""
     store = FeatureStore(cfg["features"], prefer=cfg["prefer"])
-    table = read_labels(cfg["labels"])
+    table = read_labels(cfg["labels"], merge_spellings=bool(cfg.get("merge_label_spellings")))
     missing = store.missing(table.slide_ids)
     if missing and not cfg["skip_missing"]:
         raise UserError(
