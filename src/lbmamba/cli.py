@@ -284,6 +284,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lbmamba {command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr,
               flush=True)
         return 1
+    except OSError as exc:  # a file system's refusal the command did not turn into a UserError: still one line
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"lbmamba {command}: error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr,
+              flush=True)
+        return 1
     except KeyboardInterrupt as exc:
         detail = f"; {exc}" if str(exc) else ""
         print(f"lbmamba {command}: {'terminated' if signals else 'interrupted'}{detail}", file=sys.stderr, flush=True)

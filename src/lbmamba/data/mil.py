@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 

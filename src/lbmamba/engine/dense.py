@@ -38,7 +38,7 @@ from .loaders import (
 from .loop import Plan, Task, already_finished, check_resumable, fit, run_files, start_record
 from .optim import create_optimizer, param_groups, preset_for
 from .rng import seed_everything, seed_worker
-from .runs import LAST, Run, load_training_checkpoint, note, require_task
+from .runs import LAST, Run, checkpoint_task, load_training_checkpoint, note, require_task
 from .schedule import IterationSchedule
 
 __all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS",
@@ -46,6 +46,7 @@ __all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS",
            "class_palette", "eval_loader", "load_dense_weights"]
 
 _TASKS = {"seg": "segmentation", "det": "detection"}
+_WHOLE_TASK = {"segmentor": "segmentation", "detector": "detection"}
 #: eval / predict: go on when the class names differ from the checkpoint's (the checkpoint's are used)
 ALLOW_CLASS_MISMATCH = Key(False, "go on when the data's / given class names differ from the checkpoint's (the "
                            "checkpoint's count and order are used)", flag=True)
@@ -82,6 +83,11 @@ def load_dense_weights(model: nn.Module, source, name: str, load: Callable, whol
                        command: str, whole_only: bool) -> None:
     """One of our dense checkpoints into `model` (`whole_only`: eval / predict refuse a classification
     checkpoint, naming `heads` it lacks), or classification weights into its backbone, said in one line."""
+    if not whole_only and isinstance(source, (str, os.PathLike)):  # init_checkpoint: a MIL or other dense
+        path = os.fspath(source)                                      # task's checkpoint named as such
+        source = load_training_checkpoint(path)
+        if checkpoint_task(source) not in (None, "classification", _WHOLE_TASK.get(whole_kind)):
+            require_task(source, path, "classification", command + " --init-checkpoint", init_flag=False)
     try:
         report = load(model, source)
     except CheckpointMismatchError as exc:

@@ -48,7 +48,7 @@ from .dense import (
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects, session
 from .errors import UserError, user_errors
-from .files import atomic_path, write_text
+from .files import atomic_path, make_dir, write_text
 from .loaders import check_bad_samples
 from .models import check_model_name
 from .records import progress
@@ -495,7 +495,7 @@ def predict_det(overrides: Optional[Mapping[str, Any]] = None,
         colours = class_palette(names)
         transform = LSJTestTransform(cfg["img_size"])
         out_dir = os.path.abspath(os.path.expanduser(cfg["output"]))
-        os.makedirs(out_dir, exist_ok=True)
+        make_dir(out_dir)  # a WriteError naming the folder when it cannot be made
         listing, counts = [], {}
         start = time.perf_counter()
         for path in progress(images, desc="predict", enabled=cfg["progress"]):

@@ -83,6 +83,9 @@ _TASK_COMMANDS = {"classification": "lbmamba train", "segmentation": "lbmamba se
                   "detection": "lbmamba det train", "mil": "lbmamba mil train"}
 
 
+_COMMAND_TASKS = {command[len("lbmamba "):]: task for task, command in _TASK_COMMANDS.items()}
+
+
 def checkpoint_task(ckpt: Any) -> Optional[str]:
     """What kind of run wrote `ckpt` (what a checkpoint file held): "classification", "segmentation",
     "detection" or "mil", from the "task" our checkpoints record, else (earlier lbmamba files, the reference
@@ -299,6 +302,8 @@ def open_run(table: ConfigTable, overrides: Optional[Mapping[str, Any]], config_
             raise UserError(f"a resumed run stays in its own folder {folder}; drop output={output}")
         if os.path.isfile(last):
             checkpoint = load_training_checkpoint(last)
+            if table.command in _COMMAND_TASKS and checkpoint.get("task"):  # another task's run, named as such
+                require_task(checkpoint, last, _COMMAND_TASKS[table.command], f"{table.command} --resume")
             saved = checkpoint.get("config")
             if not isinstance(saved, Mapping):
                 raise UserError(f"cannot resume from {last}: it is not an lbmamba training checkpoint (no config "

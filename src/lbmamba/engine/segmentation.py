@@ -47,7 +47,7 @@ from .dense import (
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, session
 from .errors import UserError, user_errors
-from .files import atomic_path
+from .files import atomic_path, make_dir
 from .loaders import check_bad_samples
 from .metrics import confusion_matrix, segmentation_scores
 from .models import check_model_name
@@ -480,7 +480,7 @@ def predict_seg(overrides: Optional[Mapping[str, Any]] = None,
         colours = class_palette(names)
         transform = _test_transform(cfg)
         out_dir = os.path.abspath(os.path.expanduser(cfg["output"]))
-        os.makedirs(out_dir, exist_ok=True)
+        make_dir(out_dir)  # a WriteError naming the folder when it cannot be made
         crop = cfg["crop_size"]
         stride = cfg.get("eval_stride") or max(1, round(crop * 2 / 3))
         written, counts = [], np.zeros(len(names), dtype=np.int64)
