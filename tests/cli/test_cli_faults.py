@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
-from faults import fail_writes
 from PIL import Image
 
+from faults import fail_writes
 from lbmamba import cli
 
 
@@ -54,7 +54,7 @@ def test_predict_and_extract_into_a_read_only_folder_say_so_in_one_line(tmp_path
     fail_writes(monkeypatch, ro)
     image = next(patches.glob("*/*.png"))
     code, line = run("seg", "predict", "--random-weights", "--set", "num_classes=3", "--inputs", image,
-                     "--output", ro / "masks", "--no-progress", "--set", "model_kwargs.depth=2",
+                     "--output", ro / "masks", "--no-progress", "--set", "model_kwargs.depth=4",
                      "--set", "model_kwargs.embed_dim=32")
     assert (code, line) == (1, f"lbmamba seg predict: error: cannot create folder {ro}/masks: read-only file system")
     code, line = run("mil", "extract", "--patches", patches, "--output", ro, "--encoder", "resnet18", "--no-progress")
@@ -75,7 +75,7 @@ def test_a_full_disk_while_predict_writes_is_one_line(tmp_path, monkeypatch, run
 
     monkeypatch.setattr(Image.Image, "save", full)
     code, line = run("seg", "predict", "--random-weights", "--set", "num_classes=3", "--inputs", image,
-                     "--output", out, "--no-progress", "--set", "model_kwargs.depth=2",
+                     "--output", out, "--no-progress", "--set", "model_kwargs.depth=4",
                      "--set", "model_kwargs.embed_dim=32")
     assert (code, line) == (1, f"lbmamba seg predict: error: cannot write {out}/0_0_mask.png: no space left on "
                                "device")
@@ -127,8 +127,8 @@ def test_mil_eval_names_a_classification_checkpoint(tmp_path, run, tiny_bags):
     code, line = run("mil", "eval", "--checkpoint", ckpt, "--features", tiny_bags / "feats",
                      "--labels", tiny_bags / "labels.csv")
     assert (code, line) == (1, f"lbmamba mil eval: error: checkpoint {ckpt} is a classification checkpoint (as "
-                               "`lbmamba train` writes); `lbmamba mil eval` needs a MIL checkpoint (made by `lbmamba "
-                               "mil train`)")
+                               "`lbmamba train` writes), not a `lbmamba mil train` fold checkpoint; `lbmamba mil "
+                               "eval` needs one")
 
 
 def test_a_file_that_is_no_checkpoint_says_so(tmp_path, run):

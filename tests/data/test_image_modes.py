@@ -71,15 +71,15 @@ def test_every_mode_is_read_as_every_viewer_shows_it(tmp_path):
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, name
         assert np.array_equal(np.asarray(open_image(path)), got), name
     with Image.open(tmp_path / "grey16.png") as img:  # what the old reader did: a flat white image
-        assert img.mode.startswith("I") and np.asarray(img.convert("RGB")).min() == 255
+        assert img.mode.startswith("I") and (np.asarray(img.convert("RGB")) == 255).mean() > 0.95
 
 
 def test_classification_and_detection_loaders_read_the_same(tmp_path):
     images = _images(tmp_path)
     dataset = SafeImageDataset([(str(path), 0) for path, _ in images.values()])
-    for k, (name, (_, expected)) in enumerate(images.items()):
+    for k, (name, (path, _)) in enumerate(images.items()):
         image, target, bad = dataset[k]
-        assert bad == 0 and np.array_equal(np.asarray(image), read_image(images[name][0])), name
+        assert bad == 0 and np.array_equal(np.asarray(image), read_image(path)), name
     path, expected = images["grey16"]
     ann = {"images": [{"id": 1, "file_name": path.name, "width": 8, "height": 6}],
            "categories": [{"id": 1, "name": "thing"}],

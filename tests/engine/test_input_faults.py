@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from faults import fail_writes
 
+from faults import fail_writes
 from lbmamba.engine import UserError
 from lbmamba.engine import runs as runs_module
 from lbmamba.engine.config import ConfigTable, Key

@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import open_image
 from ..data.mil import MILInputError
-from ..models.checkpoint import compare_state_dict, read_checkpoint
+from ..models.checkpoint import compare_state_dict, read_file, unwrap_state_dict
 from .config import ConfigTable, Key
 from .device import threads_key
 from .distributed import session
 from .errors import UserError, user_errors
 from .files import atomic_save, write_h5
 from .records import progress
+from .runs import checkpoint_task, require_task
 
 __all__ = ["EXTRACT", "extract_features", "build_encoder", "DEFAULT_ENCODER"]
 
@@ -62,7 +63,11 @@ class _TakeLast(nn.Module):
 def _load_encoder_weights(target: nn.Module, checkpoint: str, name: str) -> int:
     """Load `checkpoint` into `target`; every weight of the target must be there with its shape (extra ones,
     e.g. a classifier or stage 4, are ignored). Returns how many checkpoint tensors were not used."""
-    state = read_checkpoint(checkpoint)
+    raw = read_file(checkpoint)
+    kind = checkpoint_task(raw)
+    if kind in ("segmentation", "detection", "mil"):  # the wrong kind of checkpoint, named as such
+        require_task(raw, checkpoint, "classification", "mil extract --encoder-checkpoint", init_flag=False)
+    state = unwrap_state_dict(raw)
     result = compare_state_dict(target, state)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.mismatched_keys:

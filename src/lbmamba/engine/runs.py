@@ -124,13 +124,14 @@ def require_task(ckpt: Any, path: str, want: str, command: str, init_flag: bool 
     hint = ""
     if init_flag and have == "classification" and want in ("segmentation", "detection"):
         hint = f", or give it to `{_TASK_COMMANDS[want]} --init-checkpoint` for backbone weights"
-    elif have == "mil" or want == "mil":
+    elif have == "mil":
         hint = f" (made by `{_TASK_COMMANDS[want]}`)"
     kind = "MIL" if have == "mil" else have
-    wanted = "MIL" if want == "mil" else want
+    if want == "mil":  # as `mil eval` has always said it
+        raise UserError(f"checkpoint {path} is a {kind} checkpoint (as `{_TASK_COMMANDS[have]}` writes), not a "
+                        f"`lbmamba mil train` fold checkpoint; `lbmamba {command}` needs one")
     raise UserError(f"checkpoint {path} is a {kind} checkpoint (as `{_TASK_COMMANDS[have]}` writes); "
-                    f"`lbmamba {command}` needs a {wanted} "
-                    f"checkpoint{hint}")
+                    f"`lbmamba {command}` needs a {want} checkpoint{hint}")
 
 
 def _holds_run(folder: str) -> bool:
