@@ -59,6 +59,24 @@ def test_a_full_disk_during_torch_save_is_named_and_the_old_checkpoint_stays(tmp
     assert load_training_checkpoint(str(path))["step"].item() == 1 and os.listdir(tmp_path) == ["best.pth"]
 
 
+def test_a_real_full_disk_keeps_the_old_checkpoint(tmp_path):
+    """The same on a 3 MB tmpfs, where the machine allows mounting one (root on Linux)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a size-limited tmpfs here")
+    try:
+        atomic_save({"w": torch.ones(10)}, str(disk / "last.pth"))
+        with pytest.raises(WriteError, match=r"^cannot write .*last\.pth: the disk is full \(.* MiB free; "):
+            atomic_save({"w": torch.ones(2_000_000)}, str(disk / "last.pth"))  # 8 MB
+        with pytest.raises(WriteError, match=r"^cannot write .*big\.txt: no space left on device$"):
+            write_text(str(disk / "big.txt"), "x" * 4_000_000)
+        assert os.listdir(disk) == ["last.pth"] and load_training_checkpoint(str(disk / "last.pth"))["w"].numel() == 10
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_a_file_where_a_folder_should_be_is_named(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(WriteError, match=r"cannot create folder .*out: a file of that name is there"):
