@@ -262,3 +262,25 @@ def test_the_session_prints_the_threads_warning(monkeypatch, capsys):
     with session("cpu", 3, "demo"):
         assert torch.get_num_threads() == 3
     assert "warning: threads 3, but only 1 of" in capsys.readouterr().err
+
+
+def test_init_and_encoder_checkpoints_of_another_task_are_named(tmp_path):
+    from lbmamba.engine.dense import load_dense_weights
+    from lbmamba.engine.features import build_encoder
+
+    mil = tmp_path / "fold_0.pt"
+    torch.save({"format": "lbmamba-run", "task": "mil", "model": _sd("fc.weight"), "model_config": {}}, mil)
+    det = tmp_path / "det.pth"
+    torch.save({"format": "lbmamba-run", "model": _sd("backbone.x", "roi_heads.box.weight")}, det)
+
+    def never(model, source):
+        raise AssertionError("the wrong checkpoint was loaded")
+
+    with pytest.raises(UserError) as info:
+        load_dense_weights(nn.Linear(1, 1), str(mil), "init_checkpoint", never, "segmentor", "heads", "seg train",
+                           whole_only=False)
+    assert str(info.value) == (f"checkpoint {mil} is a MIL checkpoint (as `lbmamba mil train` writes); `lbmamba seg "
+                               "train --init-checkpoint` needs a classification checkpoint (made by `lbmamba train`)")
+    with pytest.raises(UserError, match=r"is a detection checkpoint .*`lbmamba mil extract --encoder-checkpoint` "
+                                        r"needs a classification checkpoint$"):
+        build_encoder("resnet18", str(det))

@@ -387,7 +387,8 @@ def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
         resume = state if state.get("fold") == k and "model" in state else None
         rows.append(FoldTask(run, k, split, bags, model_config, rows).train(record, resume))
         _write_summary_csv(run.path("summary.csv"), rows)
-        atomic_save({"format": FORMAT, "config": jsonable(cfg), "finished": jsonable(rows)}, run.path(LAST))
+        atomic_save({"format": FORMAT, "task": "mil", "config": jsonable(cfg), "finished": jsonable(rows)},
+                    run.path(LAST))
     result = _summary(cfg, rows, bags, dataset_name, run, start)
     record.finish(result)
     return result
