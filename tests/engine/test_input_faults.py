@@ -284,3 +284,13 @@ def test_init_and_encoder_checkpoints_of_another_task_are_named(tmp_path):
     with pytest.raises(UserError, match=r"is a detection checkpoint .*`lbmamba mil extract --encoder-checkpoint` "
                                         r"needs a classification checkpoint$"):
         build_encoder("resnet18", str(det))
+
+
+def test_the_bad_sample_count_of_a_training_run_says_it_counts_what_was_drawn():
+    from lbmamba.engine.loaders import too_many_bad_samples
+
+    error = too_many_bad_samples(2, 16, {"max_bad_images": 0, "max_bad_fraction": 0.1}, "images", "in training",
+                                 so_far=True)
+    assert str(error) == ("too many unreadable images in training: 2 of 16 drawn so far; the data-loader workers read "
+                          "ahead, so warnings may name more files (more than max_bad_images 0 and max_bad_fraction "
+                          "0.1); fix or remove them, or raise max_bad_fraction")

@@ -241,7 +241,7 @@ class DenseTask(Task):
         return bad_sample_limit(self.cfg, drawn)
 
     def too_many_bad(self, bad: int, drawn: int, where: str) -> Exception:
-        return too_many_bad_samples(bad, drawn, self.cfg, self.what, where)
+        return too_many_bad_samples(bad, drawn, self.cfg, self.what, where, so_far=True)
 
     def check_val_bad(self, bad: int, total: int, where: str) -> None:
         check_bad_samples(bad, total, self.cfg, self.what, where)
