@@ -10,6 +10,7 @@ on stderr, without a traceback, and exits 1. Under torchrun only rank 0 prints t
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import signal
 import sys
@@ -85,7 +86,7 @@ def _add_command(sub, name: str, table: ConfigTable, func: Callable, help_text: 
         p.add_argument(table.flag(key_name), dest=dest, help=table.flag_help(key_name), **kwargs)
         for alias in key.aliases:
             p.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **kwargs)
-    p.set_defaults(func=func, table=table)
+    p.set_defaults(func=func, table=table, command_parser=p)
     return p
 
 
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(
         mil_sub, "train", MIL_TRAIN, train_mil,
         "k-fold training + testing (no data: the digits-bags demo, CPU, minutes)",
-        "Train a MIL model per fold (AdamW, one bag per step, early stopping on the validation loss), keep the best "
+        "Train a MIL model per fold (Adam with L2 weight decay by default, --opt adamw for AdamW; one bag per step, "
+        " early stopping on the validation loss), keep the best "
         "epoch (<run>/fold_<k>.pt), score it on the fold's test split, and write <run>/summary.csv with AUC, macro F1 "
         "and accuracy per fold and mean ± std. Without --features / --labels: a digits-bags data set (scikit-learn's "
         "8x8 digits; a bag is positive iff it holds a 9) written into the run folder. --resume FOLDER continues at "
@@ -242,11 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, extras: Sequence[str]) -> None:
+    """Exit (status 2) with `parser`'s usage (the sub-command's own) and, for each unknown flag, the closest
+    one it has: "unrecognized arguments: --itters 5 (did you mean --iters?)"."""
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            flag = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}?" if sum(e.startswith("-") for e in extras) == 1 else
+                             f"{flag}: did you mean {close[0]}?")
+    parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `lbmamba` and `python -m lbmamba`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the sub-command's parser (its usage), with the closest flag
+        _unknown_flags(getattr(args, "command_parser", None) or getattr(args, "group", None) or parser, extras)
     if not getattr(args, "func", None):  # `lbmamba` alone, or a task without its sub-command
         getattr(args, "group", parser).print_help()
         return 2
@@ -263,6 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = args.func(_overrides(args), args.config)
     except UserError as exc:
         print(f"lbmamba {command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr,
+              flush=True)
+        return 1
+    except OSError as exc:  # a file system's refusal the command did not turn into a UserError: still one line
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"lbmamba {command}: error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr,
               flush=True)
         return 1
     except KeyboardInterrupt as exc:

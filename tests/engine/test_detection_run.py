@@ -164,7 +164,7 @@ def test_eval_refuses_a_classification_checkpoint_and_init_checkpoint_takes_it(s
 
     classifier = timm.create_model("lbvim_tiny_patch16_224", num_classes=10, img_size=32, **TINY["model_kwargs"])
     torch.save({"model": classifier.state_dict()}, tmp_path / "cls.pth")
-    with pytest.raises(UserError, match="no detection heads.*--init-checkpoint"):
+    with pytest.raises(UserError, match="classification checkpoint.*needs a detection.*--init-checkpoint"):
         evaluate_det({"checkpoint": str(tmp_path / "cls.pth"), "data": scenes,
                       **{k: TINY[k] for k in ("model_kwargs", "img_size", "out_channels", "head_conv_channels",
                                               "head_fc_channels")}, "progress": False, "device": "cpu"})

@@ -151,7 +151,7 @@ def test_eval_refuses_a_classification_checkpoint_and_says_how_to_use_it(scenes,
     classifier = timm.create_model("lbvim_tiny_patch16_224", num_classes=11, embed_dim=16, depth=4, patch_size=8,
                                    img_size=32)
     torch.save({"model": classifier.state_dict()}, tmp_path / "cls.pth")
-    with pytest.raises(UserError, match="no segmentation heads.*--init-checkpoint"):
+    with pytest.raises(UserError, match="classification checkpoint.*needs a segmentation.*--init-checkpoint"):
         evaluate_seg({"checkpoint": str(tmp_path / "cls.pth"), "data": scenes, "model_kwargs": TINY["model_kwargs"],
                       "head_channels": 16, "aux_channels": 8, "crop_size": 32, "progress": False, "device": "cpu"})
     run = train_seg(dict(TINY, data=scenes, output=str(tmp_path / "init"), iters=2, init_checkpoint=str(

@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
-from .images import DataError, read_or_skip
+from .images import DataError, check_spellings, read_or_skip
 from .segmentation import read_image, rescale_size, resize_image, scene_instances, seeded_generator
 
 __all__ = [
@@ -72,7 +72,7 @@ def _segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
     """uint8 (height, width) mask of a COCO polygon list or RLE (compressed or not)."""
     mask_utils = _mask_utils()
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if len(p) >= 6]
+        polygons = [list(map(float, p)) for p in segmentation if len(p) >= 6 and _finite(p)]
         if not polygons:
             return np.zeros((height, width), dtype=np.uint8)
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
@@ -216,6 +216,18 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def _finite(values) -> bool:
+    try:
+        return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
+    except (TypeError, ValueError):
+        return False
+
+
+def _good_polygons(segmentation: list) -> bool:
+    """Whether a polygon list has at least one polygon of three or more points, all of finite numbers."""
+    return any(isinstance(p, (list, tuple)) and len(p) >= 6 and _finite(p) for p in segmentation)
+
+
 def _clip_box(bbox, width: float, height: float) -> Tuple[float, float, float, float]:
     x, y, w, h = (float(v) for v in bbox)
     return (min(max(x, 0.0), width), min(max(y, 0.0), height),
@@ -233,6 +245,8 @@ class CocoDetectionDataset(Dataset):
 
     Attributes: `image_ids` (the JSON's order), `categories`, `class_names` (["background", names...]),
     `category_id_to_label`, `label_to_category_id`, `removed_boxes` (degenerate boxes dropped),
+    `nonfinite_boxes` (boxes with NaN / infinite numbers dropped), `degenerate_polygons` (instances whose
+    polygons all have fewer than three points or non-finite numbers, dropped),
     `crowd_count` (crowd annotations left out), `bad_count` (this process's skipped images).
     """
 
@@ -249,10 +263,13 @@ class CocoDetectionDataset(Dataset):
         self.category_id_to_label = {int(c["id"]): k + 1 for k, c in enumerate(self.categories)}
         self.label_to_category_id = {k: c for c, k in self.category_id_to_label.items()}
         self.class_names = ["background"] + [str(c.get("name", c["id"])) for c in self.categories]
+        check_spellings(self.class_names[1:], f"the categories of {self.ann_file}")
         self.images = {int(img["id"]): img for img in data["images"]}
         self.image_ids = [int(img["id"]) for img in data["images"]]
         self.annotations: Dict[int, List[dict]] = {i: [] for i in self.image_ids}
         self.removed_boxes = 0
+        self.nonfinite_boxes = 0
+        self.degenerate_polygons = 0
         self.crowd_count = 0
         for ann in data.get("annotations", []):
             image_id, cat = int(ann["image_id"]), int(ann["category_id"])
@@ -268,6 +285,13 @@ class CocoDetectionDataset(Dataset):
                                 f"(got {bbox!r})")
             if ann.get("iscrowd", 0) and not self.keep_crowd:
                 self.crowd_count += 1
+                continue
+            if not _finite(bbox):  # NaN passes every comparison of the clipping check: dropped and counted here
+                self.nonfinite_boxes += 1
+                continue
+            if isinstance(ann.get("segmentation"), list) and ann["segmentation"] and not _good_polygons(
+                    ann["segmentation"]):
+                self.degenerate_polygons += 1
                 continue
             img = self.images[image_id]
             if "width" in img and "height" in img:

@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .digits import DIGITS_CLASSES
@@ -25,6 +26,7 @@ from .digits import DIGITS_CLASSES
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
+    "open_image",
     "resolve_split_dir",
     "check_image_folder",
     "SafeImageDataset",
@@ -40,6 +42,57 @@ class DataError(ValueError):
 
     The engine re-raises it as `lbmamba.engine.UserError`; the command line prints it as a one-line error.
     """
+
+
+#: modes of more than 8 bits per channel: scaled to 8 bits by `open_image`
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit / 32-bit integer or float grey image as mode "L": 16-bit values (I;16*, and "I" images
+    whose values exceed 255, as 16-bit PNGs and TIFFs open) are divided by 257 (0..65535 -> 0..255), float
+    images in [0, 1] multiplied by 255; anything beyond the range is clipped."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        peak = float(np.nanmax(values)) if values.size else 0.0
+        scaled = values * 255.0 if peak <= 1.0 else values
+    elif img.mode.startswith("I;16") or (values.size and values.max() > 255):
+        scaled = values.astype(np.float64) / 257.0
+    else:
+        scaled = values
+    return Image.fromarray(np.nan_to_num(np.asarray(scaled, dtype=np.float64)).round().clip(0, 255).astype(np.uint8))
+
+
+def open_image(path, mode: str = "RGB") -> Image.Image:
+    """The one image reader of every command (training, eval, predict, `mil extract`): the image at `path`
+    decoded now (truncated files fail here), turned as its EXIF orientation says (what every viewer shows),
+    more than 8 bits per channel scaled to 8 bits (16-bit grey: value / 257), and converted to `mode`
+    (palette, CMYK, grey + alpha, RGBA, 1-bit: PIL's conversion; an alpha channel is dropped).
+    Raises what PIL raises for an unreadable file (OSError, ValueError, SyntaxError)."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if img.mode in _WIDE_MODES:
+            img = _to_8bit(img)
+        return img.convert(mode) if img.mode != mode else img.copy()
+
+
+def same_spelling_groups(names) -> List[List[str]]:
+    """The groups of distinct names that differ only in letter case or spaces ("Positive", "positive ",
+    "po sitive" is not one), each sorted; [] when there are none."""
+    groups: Dict[str, List[str]] = {}
+    for name in dict.fromkeys(str(n) for n in names):
+        groups.setdefault(" ".join(name.split()).casefold(), []).append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def check_spellings(names, where: str) -> None:
+    """DataError naming both spellings when two class names of `where` differ only in case or spaces."""
+    groups = same_spelling_groups(names)
+    if groups:
+        shown = "; ".join(" and ".join(repr(n) for n in g) for g in groups[:5])
+        raise DataError(f"{where}: class names that differ only in letter case or spaces: {shown}; give each class "
+                        "one spelling")
 
 
 def read_or_skip(dataset, index: int):
@@ -96,6 +149,7 @@ def check_image_folder(folder: str, split: str = "train") -> List[str]:
         raise DataError(f"{split} directory not found: {folder}")
     extensions = _image_extensions()
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    check_spellings(classes, f"class folders of {folder}")
     if not classes:
         raise DataError(
             f"no class folders in {folder}: expected the ImageFolder layout {folder}/<class>/<image>"
@@ -136,10 +190,7 @@ class SafeImageDataset(Dataset):
 
     def _load(self, index: int):
         path, target = self.samples[index]
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated / corrupt files fail here, not later in a transform
-            img = img.convert(self.mode)
-        return img, target
+        return open_image(path, self.mode), target  # decoded now: corrupt files fail here, not in a transform
 
     def __getitem__(self, index: int):
         bad = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from .images import DataError
+from .images import DataError, same_spelling_groups
 
 __all__ = [
     "MILInputError",
@@ -86,12 +87,14 @@ def _sort_class_names(names) -> List[str]:
         return names
 
 
-def read_labels(path: str, class_names: Optional[Sequence[str]] = None) -> LabelTable:
+def read_labels(path: str, class_names: Optional[Sequence[str]] = None, merge_spellings: bool = False) -> LabelTable:
     """Read a CSV with `slide_id` and `label` columns (other columns ignored).
 
     Labels are mapped to 0..C-1 in sorted order (numeric order when all labels are integers), unless
     `class_names` is given (e.g. from a checkpoint): then labels must be among them.
-    A slide listed twice with different labels is an error; identical repeats are merged.
+    A slide listed twice with different labels is an error; identical repeats are merged. Labels that
+    differ only in letter case or spaces ("Positive" / "positive") are an error naming both spellings, or with
+    `merge_spellings` one class under the spelling most slides use (said on stderr).
     """
     if not os.path.isfile(path):
         raise MILInputError(f"--labels: no such file: {path}")
@@ -112,6 +115,21 @@ def read_labels(path: str, class_names: Optional[Sequence[str]] = None) -> Label
     unlabeled = [s for s, lab in rows if lab == ""]
     if unlabeled:
         raise MILInputError(f"--labels {path}: {len(unlabeled)} slide(s) without a label: {_some(unlabeled)}")
+    groups = same_spelling_groups(lab for _, lab in rows)
+    if groups and not merge_spellings:
+        counts = {lab: sum(1 for _, x in rows if x == lab) for g in groups for lab in g}
+        shown = "; ".join(" and ".join(f"{lab!r} ({counts[lab]} slide{'s' if counts[lab] != 1 else ''})" for lab in g)
+                          for g in groups[:5])
+        raise MILInputError(f"--labels {path}: labels that differ only in letter case or spaces: {shown}; fix the "
+                            "CSV, or set merge_label_spellings=true to count each group as one class")
+    if groups:
+        rename = {}
+        for g in groups:
+            keep = max(g, key=lambda lab: (sum(1 for _, x in rows if x == lab), [-ord(c) for c in lab]))
+            rename.update({lab: keep for lab in g if lab != keep})
+            print(f"note: --labels {path}: merged the labels {', '.join(repr(x) for x in g if x != keep)} into "
+                  f"{keep!r}", file=sys.stderr, flush=True)
+        rows = [(s, rename.get(lab, lab)) for s, lab in rows]
     seen: Dict[str, str] = {}
     order: List[str] = []
     conflicts = []

@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .generated import digit_pools, write_set
-from .images import DataError, read_or_skip
+from .images import DataError, check_spellings, open_image, read_or_skip
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -206,6 +206,7 @@ def read_class_names(root: Union[str, Path], layout: str) -> List[str]:
     repeated = sorted({name for name in lines if lines.count(name) > 1})
     if repeated:
         raise DataError(f"{path}: class name(s) listed twice: {', '.join(repeated)}")
+    check_spellings(lines, str(path))
     if len(lines) > IGNORE_INDEX:
         raise DataError(f"{path}: {len(lines)} classes; at most {IGNORE_INDEX} fit (label {IGNORE_INDEX} is ignore)")
     return lines
@@ -217,9 +218,7 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 def read_image(path: Union[str, Path]) -> np.ndarray:
     """The image as RGB uint8 (H, W, 3); DataError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated files fail here
-            return np.asarray(img.convert("RGB"))
+        return np.asarray(open_image(path, "RGB"))  # the one reader: EXIF orientation, 16-bit, palette, CMYK ...
     except _READ_ERRORS as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"unreadable image {path}: {detail}") from exc

@@ -37,8 +37,8 @@ from .models import check_model_name, create_classifier, load_initial_weights
 from .optim import create_optimizer, param_groups, preset_for
 from .records import progress
 from .rng import derive_seed, seed_everything, seed_worker
-from .run_keys import run_keys
-from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .run_keys import INFERENCE_AMP, run_keys
+from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import TimmSchedule
 
 __all__ = ["TRAIN", "EVAL", "train", "evaluate", "evaluate_model", "ClassificationTask"]
@@ -145,7 +145,8 @@ EVAL = TRAIN.derive(
     ["model", "model_kwargs", "img_size", "in_chans", "num_classes", "data", "val_split", "val_fraction", "batch_size",
      "workers", "max_bad_fraction", "max_bad_images", "crop_pct", "interpolation", "amp", "device", "threads",
      "progress"],
-    changes={"model": dict(default=None), "model_kwargs": dict(default={}), "img_size": dict(default=None),
+    changes={"amp": INFERENCE_AMP, "model": dict(default=None), "model_kwargs": dict(default={}),
+             "img_size": dict(default=None),
              "data": dict(default=None), "interpolation": dict(flag=True),
              "crop_pct": dict(flag=True)},
     extra={"checkpoint": Key(None, "weights to evaluate (.pth / .safetensors)", kind="str", flag=True),
@@ -287,6 +288,8 @@ def train(overrides: Optional[Mapping[str, Any]] = None, config_path: Optional[s
 class ClassificationTask(Task):
     """Image classification on the loop: timm's model, optimizer (the `vim_imagenet` preset), epoch scheduler,
     Mixup / CutMix and label smoothing, EMA; data order and augmentation seeded from (seed, epoch, rank)."""
+
+    task_name = "classification"
 
     unit = "epoch"
 
@@ -459,6 +462,8 @@ def evaluate(overrides: Optional[Mapping[str, Any]] = None,
     given = EVAL.given(config_path, overrides)
     checkpoint = given.get("checkpoint")
     ckpt = load_training_checkpoint(os.fspath(checkpoint)) if checkpoint else None
+    if ckpt is not None:
+        require_task(ckpt, os.fspath(checkpoint), "classification", "eval")
     saved = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), Mapping) else {}
     cfg = EVAL.apply(EVAL.defaults(), {k: saved[k] for k in _EVAL_FROM_CHECKPOINT if k in saved},
                      source=f"checkpoint {checkpoint}")

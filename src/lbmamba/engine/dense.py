@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import ADE20K_CLASSES, ADE20K_PALETTE, DataError
 from ..models.checkpoint import CheckpointMismatchError
-from .config import ConfigTable
+from .config import ConfigTable, Key
 from .device import grad_scaler
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -38,12 +38,20 @@ from .loaders import (
 from .loop import Plan, Task, already_finished, check_resumable, fit, run_files, start_record
 from .optim import create_optimizer, param_groups, preset_for
 from .rng import seed_everything, seed_worker
-from .runs import LAST, Run, load_training_checkpoint, note
+from .runs import LAST, Run, checkpoint_task, load_training_checkpoint, note, require_task
 from .schedule import IterationSchedule
 
-__all__ = ["DenseTask", "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
+__all__ = ["DenseTask", "ALLOW_CLASS_MISMATCH", "RANDOM_WEIGHTS",
+            "generated_data_root", "config_from_checkpoint", "input_images", "IMAGE_SUFFIXES",
            "class_palette", "eval_loader", "load_dense_weights"]
 
+_TASKS = {"seg": "segmentation", "det": "detection"}
+_WHOLE_TASK = {"segmentor": "segmentation", "detector": "detection"}
+#: eval / predict: go on when the class names differ from the checkpoint's (the checkpoint's are used)
+ALLOW_CLASS_MISMATCH = Key(False, "go on when the data's / given class names differ from the checkpoint's (the "
+                           "checkpoint's count and order are used)", flag=True)
+#: predict: an untrained model when no checkpoint is given (a dry run of the command)
+RANDOM_WEIGHTS = Key(False, "predict with an untrained model (random weights) when no checkpoint is given", flag=True)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -75,6 +83,11 @@ def load_dense_weights(model: nn.Module, source, name: str, load: Callable, whol
                        command: str, whole_only: bool) -> None:
     """One of our dense checkpoints into `model` (`whole_only`: eval / predict refuse a classification
     checkpoint, naming `heads` it lacks), or classification weights into its backbone, said in one line."""
+    if not whole_only and isinstance(source, (str, os.PathLike)):  # init_checkpoint: a MIL or other dense
+        path = os.fspath(source)                                      # task's checkpoint named as such
+        source = load_training_checkpoint(path)
+        if checkpoint_task(source) not in (None, "classification", _WHOLE_TASK.get(whole_kind)):
+            require_task(source, path, "classification", command + " --init-checkpoint", init_flag=False)
     try:
         report = load(model, source)
     except CheckpointMismatchError as exc:
@@ -228,7 +241,7 @@ class DenseTask(Task):
         return bad_sample_limit(self.cfg, drawn)
 
     def too_many_bad(self, bad: int, drawn: int, where: str) -> Exception:
-        return too_many_bad_samples(bad, drawn, self.cfg, self.what, where)
+        return too_many_bad_samples(bad, drawn, self.cfg, self.what, where, so_far=True)
 
     def check_val_bad(self, bad: int, total: int, where: str) -> None:
         check_bad_samples(bad, total, self.cfg, self.what, where)
@@ -243,6 +256,8 @@ def config_from_checkpoint(table: ConfigTable, config_path: Optional[str], overr
     given = table.given(config_path, overrides)
     path = given.get("checkpoint")
     ckpt = load_training_checkpoint(os.fspath(path)) if path else None
+    if ckpt is not None:  # the wrong kind of checkpoint named as such, before its config is read as this task's
+        require_task(ckpt, os.fspath(path), _TASKS[table.command.split()[0]], table.command)
     saved = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), Mapping) else {}
     from_ckpt = {k: saved[k] for k in keys if k in saved and k in table.keys}
     if saved.get("data") == generated and "data" in from_ckpt:
@@ -280,14 +295,30 @@ def class_palette(names: Sequence[str]) -> np.ndarray:
     return colours[: len(names)]
 
 
+def _names(names: Sequence[str], at_most: int = 12) -> str:
+    shown = ", ".join(str(n) for n in list(names)[:at_most])
+    return f"[{shown}{', ...' if len(names) > at_most else ''}]"
+
+
 def model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], names: Optional[Sequence[str]],
               device: torch.device, build: Callable[[int], nn.Module], load: Callable[[nn.Module], None],
               background: bool, what: str) -> Tuple[nn.Module, List[str]]:
     """The model of `cfg` (`build(num_classes)`) with the checkpoint's weights (`load(model)`), and its class
     names: the config's, the checkpoint's, `names`, or numbers (`background`: a background class comes first
     and is not counted)."""
-    names = list(cfg.get("class_names") or (ckpt or {}).get("class_names") or names or [])
     extra = 1 if background else 0
+    if ckpt is None and not cfg.get("random_weights"):
+        command = f"lbmamba {'det' if background else 'seg'} train"
+        raise UserError(f"no checkpoint given: set --checkpoint (the best.pth of a `{command}` run); "
+                        + ("--random-weights runs an untrained model" if "random_weights" in cfg else
+                           "an untrained model gives no scores worth reading"))
+    saved = list((ckpt or {}).get("class_names") or [])
+    for given, where in ((cfg.get("class_names"), "class_names"), (names, "the data")):
+        if saved and given and list(given) != saved and not cfg.get("allow_class_mismatch"):
+            raise UserError(f"the class names of {where} differ from the checkpoint's: {_names(given)} "
+                            f"({len(given)}) against {_names(saved)} ({len(saved)}); evaluate on data of the "
+                            "checkpoint's classes, or set --allow-class-mismatch to go on with the checkpoint's")
+    names = list(cfg.get("class_names") or saved or names or [])
     num_classes = cfg.get("num_classes") or (ckpt or {}).get("num_classes") or max(len(names) - extra, 0)
     if not num_classes:
         raise UserError("the number of classes is unknown: set num_classes (or class_names)")

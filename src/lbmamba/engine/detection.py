@@ -34,6 +34,8 @@ from ..models import DETECTOR_KINDS, FEATURE_SOURCES, Detector, build_detector, 
 from .coco_eval import COCO_METRICS, coco_evaluate, to_coco_results
 from .config import Key
 from .dense import (
+    ALLOW_CLASS_MISMATCH,
+    RANDOM_WEIGHTS,
     DenseTask,
     class_palette,
     config_from_checkpoint,
@@ -46,10 +48,11 @@ from .dense import (
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects, session
 from .errors import UserError, user_errors
-from .files import atomic_path, write_text
+from .files import atomic_path, make_dir, write_text
 from .loaders import check_bad_samples
 from .models import check_model_name
 from .records import progress
+from .run_keys import INFERENCE_AMP
 from .runs import note, open_run
 from .schedule import SCHEDULES
 from .segmentation import SEG_TRAIN
@@ -171,21 +174,24 @@ _EVAL_KEYS = _MODEL_KEYS + ["data", "val_images", "val_annotations", "mask_thres
                             "workers", "max_bad_fraction", "max_bad_images", "amp", "device", "threads", "progress"]
 #: `lbmamba det eval`: what the checkpoint's run used, unless given
 DET_EVAL = DET_TRAIN.derive(
-    "det eval", _EVAL_KEYS, changes={"data": dict(default=None)},
+    "det eval", _EVAL_KEYS, changes={"data": dict(default=None), "amp": INFERENCE_AMP},
     extra={"checkpoint": Key(None, "weights to evaluate: our last.pth / best.pth", kind="str", flag=True),
            "images": Key(None, "image folder to score (null: val_images)", kind="str", flag=True),
            "annotations": Key(None, "instances JSON to score against (null: val_annotations)", kind="str",
                               flag=True),
-           "results_json": Key(None, "also write the COCO results (detections) here", kind="str", flag=True)},
+           "results_json": Key(None, "also write the COCO results (detections) here", kind="str", flag=True),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH},
     check=_check_det)
 #: `lbmamba det predict`: the model keys and the drawing keys
 DET_PREDICT = DET_TRAIN.derive(
     "det predict", _MODEL_KEYS + ["mask_threshold", "amp", "device", "threads", "progress"],
+    changes={"amp": INFERENCE_AMP},
     extra={"checkpoint": DET_EVAL.keys["checkpoint"],
            "inputs": Key(None, "an image, or a folder of images", kind="str", flag=True),
            "output": Key("predictions", "folder for <stem>_detections.png and detections.json", flag=True),
            "draw_threshold": Key(0.5, "draw detections scoring at least this", low=0, flag=True),
-           "class_names": Key(None, "class names, background first (null: from the checkpoint)", kind="str_list")},
+           "class_names": Key(None, "class names, background first (null: from the checkpoint)", kind="str_list"),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH, "random_weights": RANDOM_WEIGHTS},
     check=_check_det)
 #: the keys `det eval` / `det predict` take from one of our checkpoints
 _FROM_CHECKPOINT = tuple(_MODEL_KEYS) + ("data", "val_images", "val_annotations", "mask_threshold")
@@ -374,9 +380,12 @@ class DetectionTask(DenseTask):
             raise UserError(f"num_classes is {cfg['num_classes']} but {data['train'][1]} has {num_classes} "
                             "categories")
         cfg["num_classes"] = num_classes
-        if self.dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count):
-            note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes removed, "
-                 f"{train_ds.crowd_count} crowd annotations left out of training")
+        if self.dist.is_main and (train_ds.removed_boxes or train_ds.crowd_count or train_ds.nonfinite_boxes
+                                  or train_ds.degenerate_polygons):
+            note(f"{data['train'][1]}: {train_ds.removed_boxes} zero-size / out-of-image boxes, "
+                 f"{train_ds.nonfinite_boxes} boxes with NaN / infinite numbers and {train_ds.degenerate_polygons} "
+                 f"polygons of fewer than three points removed, {train_ds.crowd_count} crowd annotations left out "
+                 "of training")
         self.label_to_category_id = dict(train_ds.label_to_category_id)
         return train_ds, val_ds
 
@@ -486,7 +495,7 @@ def predict_det(overrides: Optional[Mapping[str, Any]] = None,
         colours = class_palette(names)
         transform = LSJTestTransform(cfg["img_size"])
         out_dir = os.path.abspath(os.path.expanduser(cfg["output"]))
-        os.makedirs(out_dir, exist_ok=True)
+        make_dir(out_dir)  # a WriteError naming the folder when it cannot be made
         listing, counts = [], {}
         start = time.perf_counter()
         for path in progress(images, desc="predict", enabled=cfg["progress"]):

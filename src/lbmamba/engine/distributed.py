@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from .device import cpu_threads, default_threads, resolve_device
+from .device import cpu_threads, default_threads, resolve_device, threads_warning
 from .errors import UserError
 
 __all__ = ["DistInfo", "session", "all_reduce_sum", "broadcast_object", "barrier", "gather_objects"]
@@ -65,6 +66,10 @@ def session(device: Optional[str] = "auto", threads: Optional[int] = None, comma
     info.device = resolve_device(device, info.local_rank)
     if not threads and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         threads = default_threads(max(info.local_world_size, 1))
+    elif threads and info.device.type == "cpu" and max(info.local_world_size, 1) == 1 and info.rank == 0:
+        warning = threads_warning(int(threads))  # an explicit count above the idle cores: say what it costs
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     joined = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if info.device.type == "cuda" else "gloo"

@@ -17,14 +17,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.images import open_image
 from ..data.mil import MILInputError
-from ..models.checkpoint import compare_state_dict, read_checkpoint
+from ..models.checkpoint import compare_state_dict, read_file, unwrap_state_dict
 from .config import ConfigTable, Key
 from .device import threads_key
 from .distributed import session
 from .errors import UserError, user_errors
 from .files import atomic_save, write_h5
 from .records import progress
+from .runs import checkpoint_task, require_task
 
 __all__ = ["EXTRACT", "extract_features", "build_encoder", "DEFAULT_ENCODER"]
 
@@ -61,7 +63,11 @@ class _TakeLast(nn.Module):
 def _load_encoder_weights(target: nn.Module, checkpoint: str, name: str) -> int:
     """Load `checkpoint` into `target`; every weight of the target must be there with its shape (extra ones,
     e.g. a classifier or stage 4, are ignored). Returns how many checkpoint tensors were not used."""
-    state = read_checkpoint(checkpoint)
+    raw = read_file(checkpoint)
+    kind = checkpoint_task(raw)
+    if kind in ("segmentation", "detection", "mil"):  # the wrong kind of checkpoint, named as such
+        require_task(raw, checkpoint, "classification", "mil extract --encoder-checkpoint", init_flag=False)
+    state = unwrap_state_dict(raw)
     result = compare_state_dict(target, state)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.mismatched_keys:
@@ -131,12 +137,11 @@ class _PatchImages(Dataset):
         from PIL import Image
 
         try:
-            with Image.open(self.paths[i]) as im:
-                im = im.convert("RGB")
-                if self.size:
-                    im = im.resize((self.size, self.size), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as exc:
+            im = open_image(self.paths[i], "RGB")  # the one reader of every command (16-bit, EXIF, CMYK ...)
+            if self.size:
+                im = im.resize((self.size, self.size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as exc:
             raise MILInputError(f"cannot read patch image {self.paths[i]}: {exc}") from exc
         x = torch.from_numpy(arr).permute(2, 0, 1)
         return (x - self.mean) / self.std
@@ -190,7 +195,7 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
             warnings.warn(
                 f"mil extract: encoder {cfg['encoder']!r} has RANDOM weights (no pretrained weights are downloaded); "
                 "the features are not meaningful for real slides. Give encoder_checkpoint with trained weights.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=1,  # names this file: a caller's frame is contextlib's (user_errors)
             )
         net = net.to(dist.device)
         written, skipped, empty, n_patches = [], [], [], 0
@@ -221,7 +226,7 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
             n_patches += len(paths)
     if empty:
         warnings.warn(f"mil extract: {len(empty)} slide folder(s) hold no images and were skipped: "
-                      f"{', '.join(empty[:10])}", stacklevel=2)
+                      f"{', '.join(empty[:10])}", stacklevel=1)
     return {
         "command": "mil extract", "output": os.path.abspath(out), "encoder": cfg["encoder"],
         "feat_dim": info["feat_dim"], "random_weights": info["random_weights"], "slides_written": len(written),

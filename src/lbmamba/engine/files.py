@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 import yaml
 
-__all__ = ["atomic_path", "atomic_save", "write_text", "write_json", "write_jsonl", "write_yaml", "write_csv",
+from .errors import UserError
+
+__all__ = ["WriteError", "write_failure", "make_dir", "atomic_path",
+            "atomic_save", "write_text", "write_json", "write_jsonl", "write_yaml", "write_csv",
            "write_h5", "jsonable"]
 
 
@@ -37,24 +41,88 @@ def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+class WriteError(UserError, OSError):
+    """A file or folder could not be written (read-only file system, full disk, no permission, a file where
+    a folder should be): one line naming the path and the cause. Also an OSError, for callers that catch those."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    folder = os.path.abspath(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder or ".").free
+    except OSError:
+        return None
+
+
+def write_failure(path: str, exc: BaseException, what: str = "write") -> WriteError:
+    """The one-line error of a failed write of `path`: the system's reason (read-only file system, no space
+    left on device, permission denied, not a directory ...), or for a writer that hides it (torch.save's
+    "unexpected pos", h5py) its first line and the space left on the disk."""
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError) and exc.strerror:
+        cause = exc.strerror[0].lower() + exc.strerror[1:]
+        where = exc.filename if exc.filename and os.fspath(exc.filename) != os.fspath(path) else None
+        if where and not os.path.basename(os.fspath(where)).startswith("."):  # not our temporary file
+            cause += f" ({where})"
+    else:
+        text = str(exc).strip()
+        cause = text.splitlines()[0] if text else type(exc).__name__
+        free = _free_bytes(path)
+        if free is not None and free < 64 << 20:
+            cause = f"the disk is full ({free / 2**20:.1f} MiB free; {cause})"
+    return WriteError(f"cannot {what} {path}: {cause}")
+
+
+def make_dir(path: str) -> str:
+    """os.makedirs(path, exist_ok=True), or a WriteError naming the folder and the cause."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise WriteError(f"cannot create folder {path}: a file of that name is there") from exc
+        raise write_failure(path, exc, "create folder") from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """A temporary path in `path`'s folder (same extension, for writers that go by it) that replaces
-    `path` when the block ends without an error."""
+    `path` when the block ends without an error. Any failure to write (read-only file system, full disk,
+    no permission) raises a `WriteError` naming `path` and the cause; `path` keeps what it held before."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    make_dir(directory)
     stem, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise write_failure(path, exc) from exc
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, UserError):
+            if isinstance(exc, RuntimeError) and not _write_like(exc):
+                raise
+            raise write_failure(path, exc) from exc
         raise
     _fsync(directory)  # make the rename itself durable
+
+
+def _write_like(exc: RuntimeError) -> bool:
+    """A RuntimeError of a writer that ran out of room (torch.save: "[enforce fail at inline_container.cc]
+    unexpected pos", "PytorchStreamWriter failed writing file ..."), not a bug of the caller."""
+    text = str(exc)
+    return any(s in text for s in ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed"))
 
 
 def atomic_save(obj: Any, path: str) -> None:

@@ -117,11 +117,15 @@ def bad_sample_limit(cfg: Mapping[str, Any], total: float) -> float:
     return max(cfg["max_bad_images"], cfg["max_bad_fraction"] * total)
 
 
-def too_many_bad_samples(bad: int, total: int, cfg: Mapping[str, Any], what: str, where: str) -> UserError:
+def too_many_bad_samples(bad: int, total: int, cfg: Mapping[str, Any], what: str, where: str,
+                         so_far: bool = False) -> UserError:
     """The error of a run or an evaluation that met more unreadable `what` (images, image / mask pairs) than
-    `bad_sample_limit` allows."""
+    `bad_sample_limit` allows. `so_far`: `total` counts the samples a training run has drawn until now (its
+    loader workers read ahead, so their warnings may already name more files than `bad`)."""
+    drawn = (" drawn so far; the data-loader workers read ahead, so warnings may name more files"
+             if so_far else "")
     return UserError(
-        f"too many unreadable {what}{' ' + where if where else ''}: {bad} of {total} (more than max_bad_images "
+        f"too many unreadable {what}{' ' + where if where else ''}: {bad} of {total}{drawn} (more than max_bad_images "
         f"{cfg['max_bad_images']} "
         f"and max_bad_fraction {cfg['max_bad_fraction']}); fix or remove them, or raise max_bad_fraction"
     )

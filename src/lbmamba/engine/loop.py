@@ -85,6 +85,9 @@ class Task:
     """
 
     unit = "epoch"
+    #: what kind of run this is ("classification", "segmentation", "detection", "mil"): recorded in every
+    #: checkpoint as "task", so that a command given the wrong kind of checkpoint can say so
+    task_name = ""
     loss_parts: Sequence[str] = ()
     samples = "images"
     worst_score = -1.0
@@ -226,7 +229,8 @@ class _Loop:
         if not self.dist.is_main:
             return
         plan = self.plan
-        state = {"format": FORMAT, "version": FORMAT_VERSION, "model": plan.model.state_dict(),
+        state = {"format": FORMAT, "version": FORMAT_VERSION, "task": self.task.task_name or None,
+                 "model": plan.model.state_dict(),
                  "optimizer": plan.optimizer.state_dict(), "schedule": plan.schedule.state_dict(),
                  "epoch": self.count if self.unit == "epoch" else None,
                  "iter": self.update, "updates": self.update, "rng": capture_rng_state(), "config": jsonable(self.cfg),

@@ -19,6 +19,7 @@ and ends with the results of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -56,8 +57,8 @@ from .metrics import classification_metrics, mean_std
 from .optim import create_optimizer, param_groups, preset_for
 from .records import RunRecord, progress
 from .rng import derive_seed, seed_everything, seed_worker
-from .run_keys import run_keys
-from .runs import LAST, Run, load_training_checkpoint, note, open_run
+from .run_keys import INFERENCE_AMP, run_keys
+from .runs import LAST, Run, load_training_checkpoint, note, open_run, require_task
 from .schedule import Schedule
 
 __all__ = ["MIL_TRAIN", "MIL_EVAL", "PAPER_PRESET", "DIGITS_PRESET", "train_mil", "evaluate_mil", "evaluate_bags",
@@ -95,6 +96,8 @@ MIL_TRAIN = ConfigTable("mil train", {
     "max_instances": Key(None, "randomly sub-sample training bags larger than N instances (kept in order)",
                          kind="int", positive=True, flag=True),
     "balanced": Key(False, "class-balanced sampling of training bags (with replacement)", flag=True),
+    "merge_label_spellings": Key(False, "count labels that differ only in letter case or spaces (\"Positive\" / "
+                                 "\"positive\") as one class instead of refusing them", flag=True),
     "skip_missing": Key(False, "leave out (and count) labelled slides without a readable feature file instead of "
                                "stopping", flag=True),
     "prefer": Key("pt", "which file to read when a slide has both", choices=("pt", "h5"), flag=True),
@@ -137,7 +140,7 @@ MIL_EVAL = ConfigTable("mil eval", {
     "split": Key("test", "which split of the fold", choices=SPLIT_COLUMNS, flag=True),
     "skip_missing": MIL_TRAIN.keys["skip_missing"],
     "prefer": MIL_TRAIN.keys["prefer"],
-    "amp": MIL_TRAIN.keys["amp"],
+    "amp": dataclasses.replace(MIL_TRAIN.keys["amp"], **INFERENCE_AMP),
     "device": MIL_TRAIN.keys["device"],
     "workers": MIL_TRAIN.keys["workers"],
     "threads": MIL_TRAIN.keys["threads"],
@@ -209,7 +212,7 @@ def _read_splits(cfg: Mapping[str, Any], table: LabelTable) -> Dict[int, Dict[st
 def _load_bags(cfg: Mapping[str, Any]) -> _Bags:
     """Read and check everything a run needs before it trains: labels, feature files, splits, shapes."""
     store = FeatureStore(cfg["features"], prefer=cfg["prefer"])
-    table = read_labels(cfg["labels"])
+    table = read_labels(cfg["labels"], merge_spellings=bool(cfg.get("merge_label_spellings")))
     missing = store.missing(table.slide_ids)
     if missing and not cfg["skip_missing"]:
         raise UserError(
@@ -277,6 +280,7 @@ def load_mil_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, Dict
     """A `mil train` fold checkpoint (`fold_<k>.pt`, of the one run format or of lbmamba before it) as its
     model in eval mode and the rest: {"config": the model's constructor arguments, "class_names", "fold", ...}."""
     ckpt = load_training_checkpoint(path)
+    require_task(ckpt, path, "mil", "mil eval")
     if ckpt.get("format") == FORMAT and "model_config" in ckpt:
         meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "config", "model_config")}
         meta["config"] = ckpt["model_config"]
@@ -383,7 +387,8 @@ def _train_mil(run: Run, start: float, bags: Optional[_Bags]) -> Dict[str, Any]:
         resume = state if state.get("fold") == k and "model" in state else None
         rows.append(FoldTask(run, k, split, bags, model_config, rows).train(record, resume))
         _write_summary_csv(run.path("summary.csv"), rows)
-        atomic_save({"format": FORMAT, "config": jsonable(cfg), "finished": jsonable(rows)}, run.path(LAST))
+        atomic_save({"format": FORMAT, "task": "mil", "config": jsonable(cfg), "finished": jsonable(rows)},
+                    run.path(LAST))
     result = _summary(cfg, rows, bags, dataset_name, run, start)
     record.finish(result)
     return result
@@ -421,6 +426,8 @@ class FoldTask(Task):
     """One fold as MambaMIL trains it: one bag per step, cross-entropy, the config's optimizer preset (Adam with
     L2 by default), a constant lr, validation loss every epoch with CLAM's early stopping, the best epoch kept
     as `fold_<k>.pt` and scored on the fold's test split."""
+
+    task_name = "mil"
 
     unit = "epoch"
     samples = "bags"

@@ -13,6 +13,10 @@ from .records import LOGS
 __all__ = ["run_keys"]
 
 
+#: `changes` of the `amp` key of the commands that only run the model (eval, predict): no GradScaler there
+INFERENCE_AMP = {"help": "mixed precision of the forward pass: bf16 or fp16 (unset: fp32)"}
+
+
 def run_keys(folder: str, seed: str, unit: Optional[str] = "epoch", distributed: bool = True,
              resume: str = "continue the run in this folder (or its last.pth) with its own config") -> Dict[str, Key]:
     """The run keys of a task whose default folder is runs/<time>-`folder`, whose `seed` decides what the help

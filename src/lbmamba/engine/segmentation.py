@@ -33,6 +33,8 @@ from ..data.segmentation import SPLITS
 from ..models import FEATURE_SOURCES, NECKS, Segmentor, build_segmentor, load_backbone_weights, predict_logits
 from .config import ConfigTable, Key
 from .dense import (
+    ALLOW_CLASS_MISMATCH,
+    RANDOM_WEIGHTS,
     DenseTask,
     class_palette,
     config_from_checkpoint,
@@ -45,12 +47,12 @@ from .dense import (
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, session
 from .errors import UserError, user_errors
-from .files import atomic_path
+from .files import atomic_path, make_dir
 from .loaders import check_bad_samples
 from .metrics import confusion_matrix, segmentation_scores
 from .models import check_model_name
 from .records import progress
-from .run_keys import run_keys
+from .run_keys import INFERENCE_AMP, run_keys
 from .runs import note, open_run
 from .schedule import POLY_SCHEDULES
 
@@ -172,11 +174,12 @@ _EVAL_KEYS = ["model", "model_kwargs", "neck", "head_channels", "aux_channels", 
 #: `lbmamba seg eval`: what the checkpoint's run used, unless given
 SEG_EVAL = SEG_TRAIN.derive(
     "seg eval", _EVAL_KEYS,
-    changes={"data": dict(default=None)},
+    changes={"data": dict(default=None), "amp": INFERENCE_AMP},
     extra={"checkpoint": Key(None, "weights to evaluate: our last.pth / best.pth, or a segmentor state dict with "
                              "mmseg's names (give the model keys)", kind="str", flag=True),
            "split": Key(None, "the split to score (null: val_split)", kind="str", flag=True),
-           "per_class_csv": Key(None, "also write the per-class table here", kind="str", flag=True)},
+           "per_class_csv": Key(None, "also write the per-class table here", kind="str", flag=True),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH},
     check=_check_seg,
 )
 #: `lbmamba seg predict`: the model keys and the test-time keys
@@ -184,12 +187,14 @@ SEG_PREDICT = SEG_TRAIN.derive(
     "seg predict",
     [k for k in _EVAL_KEYS if k not in ("data", "layout", "val_split", "reduce_zero_label", "max_bad_fraction",
                                         "max_bad_images", "workers")],
+    changes={"amp": INFERENCE_AMP},
     extra={"checkpoint": SEG_EVAL.keys["checkpoint"],
            "inputs": Key(None, "an image, or a folder of images", kind="str", flag=True),
            "output": Key("predictions", "folder for <stem>_mask.png (colours), <stem>_labels.png (class indices) "
                          "and <stem>_overlay.png", flag=True),
            "class_names": Key(None, "class names (null: from the checkpoint)", kind="str_list"),
-           "overlay_alpha": Key(0.5, "weight of the mask colours in the overlay", low=0)},
+           "overlay_alpha": Key(0.5, "weight of the mask colours in the overlay", low=0),
+           "allow_class_mismatch": ALLOW_CLASS_MISMATCH, "random_weights": RANDOM_WEIGHTS},
     check=_check_seg,
 )
 #: the model and data keys `seg eval` / `seg predict` take from one of our checkpoints
@@ -475,7 +480,7 @@ def predict_seg(overrides: Optional[Mapping[str, Any]] = None,
         colours = class_palette(names)
         transform = _test_transform(cfg)
         out_dir = os.path.abspath(os.path.expanduser(cfg["output"]))
-        os.makedirs(out_dir, exist_ok=True)
+        make_dir(out_dir)  # a WriteError naming the folder when it cannot be made
         crop = cfg["crop_size"]
         stride = cfg.get("eval_stride") or max(1, round(crop * 2 / 3))
         written, counts = [], np.zeros(len(names), dtype=np.int64)

@@ -112,9 +112,13 @@ def read_file(path: "str | os.PathLike") -> Any:
                       "refuses to unpickle; re-save only the weights, e.g. torch.save({'model': ckpt['model']}, "
                       "new_path), in a trusted session")
         else:
-            detail = "it is not a file torch.save wrote"
+            detail = "it is not a checkpoint (neither a file torch.save wrote nor a .safetensors file)"
         raise CheckpointReadError(f"cannot read checkpoint {path}: {detail}") from exc
     except Exception as exc:  # truncated zip, safetensors header errors, ...: all mean "not a readable checkpoint"
+        if not path.endswith(".safetensors") and not zipfile.is_zipfile(path):
+            # torch.load's own words for such a file are an internal number ("KeyError: 229")
+            raise CheckpointReadError(f"cannot read checkpoint {path}: it is not a checkpoint (neither a file "
+                                      "torch.save wrote nor a .safetensors file)") from exc
         raise CheckpointReadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
 
 
@@ -155,8 +159,7 @@ def _mismatch_message(model: nn.Module, source: str, result: LoadResult) -> str:
     if result.mismatched_keys:
         rows = [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in result.mismatched_keys]
         parts.append(_listing("mis-shaped keys", rows))
-    parts.append("Check that the model name / width / depth / num_classes match the checkpoint, or pass strict=False "
-                 "to load only the keys that fit.")
+    parts.append("Check that the model name / width / depth / num_classes match the checkpoint.")
     return "\n".join(parts)
 
 
