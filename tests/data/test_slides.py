@@ -7,7 +7,7 @@ pytest.importorskip("tifffile")
 pytest.importorskip("openslide")
 pytest.importorskip("tiffslide")
 
-from lbmamba.data.slides import (  # noqa: E402
+from lbmamba.data.slides import (
     SlideError,
     TissueParams,
     find_coords_files,
@@ -16,7 +16,7 @@ from lbmamba.data.slides import (  # noqa: E402
     otsu_threshold,
     patch_grid,
 )
-from lbmamba.data.synthetic_slides import Blob, SlideScene, write_slide_tiff  # noqa: E402
+from lbmamba.data.synthetic_slides import Blob, SlideScene, write_slide_tiff
 
 
 @pytest.fixture(scope="module")
