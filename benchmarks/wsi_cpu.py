@@ -5,7 +5,7 @@ encoder (target: busy >= 90 % of the wall time with 2 loader workers).
     PYTHONPATH=src python benchmarks/wsi_cpu.py [--size 40000] [--rounds 3] [--patches 256] [--workers 0,2]
                                                 [--batch-size 32] [--threads N] [--cache DIR] [--json out.json]
 
-The slide (a pyramidal tiled TIFF, zlib, 0.5 um / px, tissue blobs on white) is written once into --cache and
+The slide (a pyramidal tiled TIFF, JPEG tiles as most scanners write, 0.5 um / px, tissue blobs on white) is written once into --cache and
 reused. Patching runs `patch_one` (CLAM's segmentation + the 256 px grid at 20x + the preview) `rounds` times
 and reports the median. Extraction encodes the first --patches patches of the grid (read from the slide at
 level 0, 256 -> 224 px) with random resnet50_trunc weights, once per loader-worker count, and reports
@@ -40,7 +40,7 @@ def make_slide(cache: str, size: int) -> str:
         scene = SlideScene.random(size, size, blobs=8, positive=True, seed=0, radius=(0.06, 0.12), textured_blobs=2)
         start = time.perf_counter()
         tmp = path + ".part"
-        write_slide_tiff(tmp, scene, mpp=0.5, tile=512)
+        write_slide_tiff(tmp, scene, mpp=0.5, tile=512, compression="jpeg")
         os.replace(tmp, path)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path

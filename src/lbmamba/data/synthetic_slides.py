@@ -24,6 +24,16 @@ _STRIPES = np.array([90.0, 40.0, 120.0], np.float32)  # dark purple texture
 _WHITE = np.array([243.0, 243.0, 243.0], np.float32)
 
 
+_TEXTURES: dict = {}
+
+
+def _noise_texture(seed: int, size: int = 1024) -> np.ndarray:
+    """A (size, size) float32 noise in [-0.5, 0.5), the same for the same seed (cached)."""
+    if seed not in _TEXTURES:
+        _TEXTURES[seed] = (np.random.default_rng(seed).random((size, size), dtype=np.float32) - 0.5)
+    return _TEXTURES[seed]
+
+
 @dataclass
 class Blob:
     cx: float
@@ -75,26 +85,25 @@ class SlideScene:
 
     def render(self, x0: float, y0: float, w: int, h: int, ds: float = 1.0) -> np.ndarray:
         """RGB uint8 (h, w, 3): the region of level-0 origin (x0, y0), `w` x `h` pixels `ds` level-0 pixels apart."""
-        out = np.broadcast_to(_WHITE, (h, w, 3)).copy()
         tissue = self.render_mask(x0, y0, w, h, ds)
         if not tissue.any():
-            return out.astype(np.uint8)
+            return np.broadcast_to(_WHITE.astype(np.uint8), (h, w, 3)).copy()
         xs = x0 + (np.arange(w, dtype=np.float64) + 0.5) * ds
         ys = y0 + (np.arange(h, dtype=np.float64) + 0.5) * ds
-        # coordinate-hashed noise: the same at every tile boundary; averaged away at coarse levels
-        xi, yi = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
-        hashed = (xi[None, :] * 73856093) ^ (yi[:, None] * 19349663) ^ (self.seed * 83492791)
-        noise = ((hashed % 1009) / 1009.0 - 0.5).astype(np.float32) * (30.0 / max(1.0, ds) ** 0.5)
-        col = _TISSUE[None, None, :] + noise[..., None]
-        out[tissue] = col[tissue]
+        # a fixed noise texture indexed by level-0 coordinates: the same across tile boundaries; weaker at coarse
+        # levels (where it would average away)
+        texture = _noise_texture(self.seed)
+        xi, yi = np.floor(xs).astype(np.int64) % texture.shape[1], np.floor(ys).astype(np.int64) % texture.shape[0]
+        noise = texture[yi[:, None], xi[None, :]] * np.float32(30.0 / max(1.0, ds) ** 0.5)
+        colour = _TISSUE + noise[..., None]
         textured = self.render_mask(x0, y0, w, h, ds, textured_only=True)
         if textured.any():
             if ds < self.stripe_period / 3:
                 phase = ((xs[None, :] + ys[:, None]) % self.stripe_period) / self.stripe_period
-                stripes = textured & (phase < 0.5)
-                out[stripes] = _STRIPES
+                colour = np.where((textured & (phase < 0.5))[..., None], _STRIPES, colour)
             else:  # too coarse to resolve: the average colour
-                out[textured] = 0.5 * (_STRIPES + out[textured])
+                colour = np.where(textured[..., None], 0.5 * (_STRIPES + colour), colour)
+        out = np.where(tissue[..., None], colour, _WHITE)
         return out.clip(0, 255).astype(np.uint8)
 
 
