@@ -5,11 +5,11 @@ encoder (target: busy >= 90 % of the wall time with 2 loader workers).
     PYTHONPATH=src python benchmarks/wsi_cpu.py [--size 40000] [--rounds 3] [--patches 256] [--workers 0,2]
                                                 [--batch-size 32] [--threads N] [--cache DIR] [--json out.json]
 
-The slide (a pyramidal tiled TIFF, JPEG tiles as most scanners write, 0.5 um / px, tissue blobs on white) is written once into --cache and
-reused. Patching runs `patch_one` (CLAM's segmentation + the 256 px grid at 20x + the preview) `rounds` times
-and reports the median. Extraction encodes the first --patches patches of the grid (read from the slide at
-level 0, 256 -> 224 px) with random resnet50_trunc weights, once per loader-worker count, and reports
-patches/s and the encoder's busy share (time inside the forward / wall time of the loop).
+The slide (a pyramidal tiled TIFF, JPEG tiles as most scanners write, 0.5 um / px, tissue blobs on white) is
+written once into --cache and reused. Patching runs `patch_one` (CLAM's segmentation + the 256 px grid at 20x
++ the preview) `rounds` times and reports the median. Extraction encodes the first --patches patches of the
+grid (read from the slide at level 0, 256 -> 224 px) with random resnet50_trunc weights, once per loader-worker
+count, and reports patches/s and the encoder's busy share (time inside the forward / wall time of the loop).
 """
 
 from __future__ import annotations

@@ -276,3 +276,31 @@ def test_end_to_end_slides_to_auc_and_heatmap(tmp_path):
         on_texture += [bool(textured[t["y"] + 32, t["x"] + 32]) for t in info[name]["top"]]
     assert hm["slides_drawn"] == 16
     assert np.mean(on_texture) > np.mean(chance) + 0.2, (np.mean(on_texture), np.mean(chance))
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_slides_out(slide_dir, patched, tmp_path):
+    """Two processes: slide i to rank i mod 2, each file written whole by one; the same features as one process;
+    a rerun skips finished slides."""
+    import timm
+
+    from conftest import torchrun_lbmamba
+
+    weights = tmp_path / "enc.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+    args = ["mil", "extract", "--slides", slide_dir / "slides", "--coords", patched, "--encoder", "test_resnet",
+            "--encoder-checkpoint", weights, "--device", "cpu", "--no-progress", "--threads", "1"]
+    proc = torchrun_lbmamba([*args, "--output", tmp_path / "ddp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (res["processes"], res["slides_written"], res["slides_skipped_existing"]) == (2, 2, 0)
+    extract_features(dict(ENCODER, slides=str(slide_dir / "slides"), coords=str(patched), output=str(tmp_path / "one"),
+                          encoder_checkpoint=str(weights)))
+    for name in ("a", "b"):
+        with h5py.File(tmp_path / "ddp" / "h5_files" / f"{name}.h5") as f, \
+                h5py.File(tmp_path / "one" / "h5_files" / f"{name}.h5") as g:
+            np.testing.assert_array_equal(f["coords"][()], g["coords"][()])
+            np.testing.assert_allclose(f["features"][()], g["features"][()], rtol=1e-4, atol=1e-5)
+    proc = torchrun_lbmamba([*args, "--output", tmp_path / "ddp"])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (res["slides_written"], res["slides_skipped_existing"]) == (0, 2)

@@ -259,7 +259,7 @@ class _SlidePatches(Dataset):
         job = self.jobs[k]
         x, y = job["coords"][i - self.starts[k]]
         arr = self._slide(k).read_patch(int(x), int(y), job["level"], job["size"], job["out_size"])
-        t = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        t = torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
         return (t - self.mean) / self.std, k
 
     def __del__(self):
@@ -394,14 +394,19 @@ def _write_features(out: str, slide: str, features: np.ndarray, coords: np.ndarr
         atomic_save(torch.from_numpy(features), os.path.join(out, "pt_files", slide + ".pt"))
 
 
-def _extract_from_patches(cfg: Mapping[str, Any], net: nn.Module, info: Mapping[str, Any], dist) -> Dict[str, Any]:
-    patches, out = cfg["patches"], cfg["output"]
+def _patch_folders(patches: str) -> List[str]:
     if not os.path.isdir(patches):
         raise UserError(f"patches: no such directory: {patches}")
     slides = [d for d in os.listdir(patches) if os.path.isdir(os.path.join(patches, d)) and not d.startswith(".")]
     slides.sort(key=_natural_key)
     if not slides:
         raise UserError(f"patches {patches}: no slide folders inside (expected one folder of patch images per slide)")
+    return slides
+
+
+def _extract_from_patches(cfg: Mapping[str, Any], net: nn.Module, info: Mapping[str, Any], dist) -> Dict[str, Any]:
+    patches, out = cfg["patches"], cfg["output"]
+    slides = _patch_folders(patches)
     mean = tuple(cfg["mean"]) if cfg["mean"] else info["mean"]
     std = tuple(cfg["std"]) if cfg["std"] else info["std"]
     written, skipped, empty, n_patches = [], [], [], 0
@@ -465,6 +470,11 @@ def extract_features(overrides: Optional[Mapping[str, Any]] = None,
         raise UserError("mil extract needs --patches DIR and --output DIR (or --slides DIR and --coords DIR)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"output {out} is a file, not a folder")
+    if from_slides:  # the folders are checked before the encoder is built
+        find_slides(cfg["slides"])
+        find_coords_files(cfg["coords"])
+    else:
+        _patch_folders(cfg["patches"])
     with session(cfg["device"], cfg["threads"], EXTRACT.command, distributed=True) as dist:
         net, info = build_encoder(cfg["encoder"], cfg["encoder_checkpoint"], cfg["encoder_kwargs"], cfg["pooling"])
         if info["random_weights"] and dist.is_main:
