@@ -274,6 +274,8 @@ def test_end_to_end_slides_to_auc_and_heatmap(tmp_path):
         coords = FeatureStore(str(tmp_path / "f")).coords(name).numpy() + 32
         chance.append(textured[coords[:, 1], coords[:, 0]].mean())
         on_texture += [bool(textured[t["y"] + 32, t["x"] + 32]) for t in info[name]["top"]]
+    print(f"AUC mean {summary['auc_mean']:.3f}, eval AUC {ev['auc']:.3f}, top patches on the texture "
+          f"{np.mean(on_texture):.2f} vs chance {np.mean(chance):.2f}")
     assert hm["slides_drawn"] == 16
     assert np.mean(on_texture) > np.mean(chance) + 0.2, (np.mean(on_texture), np.mean(chance))
 
