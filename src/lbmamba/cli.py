@@ -26,8 +26,10 @@ from .engine import (
     DET_TRAIN,
     EVAL,
     EXTRACT,
+    HEATMAP,
     MIL_EVAL,
     MIL_TRAIN,
+    PATCH,
     SEG_EVAL,
     SEG_PREDICT,
     SEG_TRAIN,
@@ -40,6 +42,8 @@ from .engine import (
     evaluate_mil,
     evaluate_seg,
     extract_features,
+    heatmap,
+    patch_slides,
     predict_det,
     predict_seg,
     train,
@@ -148,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mil_sub = _add_group(
         sub, "mil", "whole-slide image classification from patch features (LB-MambaMIL, MambaMIL, ABMIL)",
-        "Multiple-instance learning on whole-slide images in the CLAM layout: `extract` patch features, "
-        "`train` k-fold, `eval` a checkpoint.",
+        "Multiple-instance learning on whole-slide images in the CLAM layout: `patch` slides (tissue and a patch "
+        "grid), `extract` patch features, `train` k-fold, `eval` a checkpoint, `heatmap` its attention.",
     )
     _add_command(
         mil_sub, "train", MIL_TRAIN, train_mil,
@@ -171,11 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(
         mil_sub, "extract", EXTRACT, extract_features,
-        "patch images (one folder per slide) -> CLAM h5 feature files",
-        "Encode every patch image with a timm encoder and write <output>/h5_files/<slide>.h5 (features, coords). "
-        "Coordinates come from file names like 1024_2048.png (x_y), else a running index. No weights are downloaded: "
-        "without --encoder-checkpoint the encoder has random weights (a warning says so).",
-        "lbmamba mil extract --patches PATCHES/ --output FEATS/ --encoder-checkpoint resnet50.pth",
+        "slides + coordinates (or patch-image folders) -> CLAM h5 feature files",
+        "Encode patches with a timm encoder and write <output>/h5_files/<slide>.h5 (features, coords). With --slides "
+        "and --coords (`mil patch`, CLAM or TRIDENT coordinate files) patches are read straight from the slides; "
+        "with --patches, from one folder of images per slide (coordinates from file names like 1024_2048.png, else a "
+        "running index). Under torchrun the slides are shared out among the processes; a rerun skips finished "
+        "slides. No weights are downloaded: without --encoder-checkpoint the encoder has random weights (a warning "
+        "says so).",
+        "lbmamba mil extract --slides SLIDES/ --coords PATCHES/ --output FEATS/ --encoder-checkpoint resnet50.pth",
+    )
+    _add_command(
+        mil_sub, "patch", PATCH, patch_slides,
+        "whole-slide images -> tissue masks and CLAM coordinate files (patches/<slide>.h5)",
+        "Find the tissue of every slide (CLAM's recipe: saturation, median blur, Otsu, closing, area filters) and "
+        "cut a grid of --patch-size patches at --magnification (default 256 px at 20x); write "
+        "<output>/patches/<slide>.h5 (coords at level 0, patch_level, patch_size) and previews/<slide>.png. "
+        "--workers N patches N slides at once; a rerun skips finished slides; --skip-bad skips slides that cannot "
+        "be patched.",
+        "lbmamba mil patch --slides SLIDES/ --output PATCHES/ --workers 4",
+    )
+    _add_command(
+        mil_sub, "heatmap", HEATMAP, heatmap,
+        "attention heatmaps of a `mil train` checkpoint over the slides, and their top patches",
+        "Run a fold checkpoint on each slide's features and draw its attention-pooling weights over the slide "
+        "thumbnail as a colour map (<output>/<slide>_heatmap.png, with the predicted class and score); save the "
+        "--top-k patches as images (<output>/<slide>_top/) and everything in heatmaps.json.",
+        "lbmamba mil heatmap --checkpoint RUN/fold_0.pt --slides SLIDES/ --features FEATS/ --output HEATMAPS/",
     )
     seg_sub = _add_group(
         sub, "seg", "semantic segmentation: UperNet on an LBVim / Vim backbone (ADE20K, your own masks)",

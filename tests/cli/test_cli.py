@@ -79,7 +79,7 @@ def _equal(a, b):
 
 # ------------------------------------------------------------------------------------------ help and plumbing
 @pytest.mark.parametrize("command", [["train"], ["eval"], ["bench"], ["mil", "train"], ["mil", "eval"],
-                                     ["mil", "extract"]], ids=" ".join)
+                                     ["mil", "extract"], ["mil", "patch"], ["mil", "heatmap"]], ids=" ".join)
 def test_every_command_has_help_listing_its_keys(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([*command, "--help"])

@@ -8,7 +8,9 @@ On disk (CLAM's layout, see docs/mil.md):
     labels.csv                        at least `slide_id,label` (labels may be strings)
     SPLITS/splits_<k>.csv             columns train,val,test of slide ids, of different lengths
 
-`FEATURES` may also be a folder of .pt / .h5 files itself. A bag is read only when it is asked for
+`FEATURES` may also be a folder of .pt / .h5 files itself, or TRIDENT's output: a folder holding one
+`features_<encoder>/` (`<slide_id>.h5` with `features` and `coords`), directly or one level down (e.g. the job
+folder with `20x_256px_0px_overlap/features_uni_v1/`). A bag is read only when it is asked for
 (`MILBagDataset.__getitem__` opens the file; h5 bags are sliced, .pt bags memory-mapped), so data sets
 of thousands of 100k x 1024 bags need no more memory than one bag.
 
@@ -247,8 +249,22 @@ class FeatureStore:
                 if name.endswith(ext) and not name.startswith("."):
                     self._files.setdefault(name[: -len(ext)], {}).setdefault(ext[1:], os.path.join(folder, name))
         if not self._files:
+            trident = _trident_feature_dirs(root)
+            if len(trident) > 1:
+                raise MILInputError(f"--features {root}: several TRIDENT feature folders; give one of "
+                                    f"{_some(trident)}")
+            if trident:  # TRIDENT: <job>/<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5
+                self.root = trident[0]
+                for folder, ext in ((os.path.join(trident[0], "pt_files"), ".pt"), (trident[0], ".h5")):
+                    if os.path.isdir(folder):
+                        for name in os.listdir(folder):
+                            if name.endswith(ext) and not name.startswith("."):
+                                self._files.setdefault(name[: -len(ext)], {}).setdefault(
+                                    ext[1:], os.path.join(folder, name))
+        if not self._files:
             raise MILInputError(
-                f"--features {root}: no feature files found (expected pt_files/<slide_id>.pt or h5_files/<slide_id>.h5)"
+                f"--features {root}: no feature files found (expected pt_files/<slide_id>.pt or "
+                "h5_files/<slide_id>.h5, or TRIDENT's features_<encoder>/<slide_id>.h5)"
             )
 
     def __contains__(self, slide_id: str) -> bool:
@@ -346,6 +362,20 @@ class FeatureStore:
 
         with h5py.File(h5, "r") as f:
             return torch.from_numpy(np.asarray(f["coords"][()])) if "coords" in f else None
+
+
+def _trident_feature_dirs(root: str) -> List[str]:
+    """The `features_<encoder>` folders holding .h5 files in `root` or one level down (TRIDENT's job folder)."""
+    found = []
+    for parent in [root] + sorted(os.path.join(root, d) for d in os.listdir(root)):
+        if not os.path.isdir(parent):
+            continue
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            if name.startswith("features_") and os.path.isdir(path):
+                if any(f.endswith(".h5") for f in os.listdir(path)):
+                    found.append(path)
+    return found
 
 
 def inspect_bags(store: FeatureStore, slide_ids: Sequence[str],

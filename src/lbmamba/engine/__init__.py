@@ -24,6 +24,7 @@ from .errors import TrainingDivergedError, UserError
 from .features import EXTRACT, extract_features
 from .mil import MIL_EVAL, MIL_TRAIN, evaluate_mil, train_mil
 from .segmentation import SEG_EVAL, SEG_PREDICT, SEG_TRAIN, evaluate_seg, predict_seg, train_seg
+from .wsi import HEATMAP, PATCH, heatmap, patch_slides
 
 __all__ = [
     "UserError",
@@ -54,4 +55,8 @@ __all__ = [
     "train_det",
     "evaluate_det",
     "predict_det",
+    "PATCH",
+    "HEATMAP",
+    "patch_slides",
+    "heatmap",
 ]
