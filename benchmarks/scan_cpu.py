@@ -130,7 +130,7 @@ def bench_shape(shape, rounds, slow_rounds, skip=()):
     fwd_inputs = make_inputs(*shape)
     grad_inputs = make_inputs(*shape, requires_grad=True)
     big = torch.randn(shape[0], shape[1], shape[2], shape[3])
-    jobs = {"exp": {"fwd": lambda: torch.exp(big)}}
+    jobs = {"exp": {"fwd": lambda: torch.exp(big)} if "exp.fwd" not in skip else {}}
     for name, fn in variants().items():
         def fwd(fn=fn):
             with torch.no_grad():
@@ -327,11 +327,24 @@ def big_section(args, report):
         for name in ["exp"] + list(variants()):
             mem = entry.get("memory", {}).get(name)
             mem_s = f"{mem['extra_peak_bytes'] / mem['input_bytes']:.2f}x" if mem else "-"
-            fb = med.get(f"{name}.fwd_bwd")
-            print(f"| {name} | {med[name + '.fwd']:.2f} | {'-' if fb is None else f'{fb:.2f}'} | {mem_s} |")
+            fwd, fb = ("-" if t is None else f"{t:.2f}" for t in (med.get(f"{name}.{k}") for k in ("fwd", "fwd_bwd")))
+            print(f"| {name} | {fwd} | {fb} | {mem_s} |")
         print()
         for k, v in ratios.items():
             print(f"- {k}: {'skipped' if v is None else f'{v:.2f}'}")
+
+
+def skipped_jobs(given, parser):
+    """--skip values as VARIANT.KIND names: a bare variant skips both kinds; an unknown name is an error."""
+    kinds = {"exp": ("fwd",), **dict.fromkeys(variants(), ("fwd", "fwd_bwd"))}
+    jobs = set()
+    for item in given:
+        name, _, kind = item.partition(".")
+        if name not in kinds or (kind and kind not in kinds[name]):
+            known = ", ".join(f"{n}.{k}" for n, ks in kinds.items() for k in ks)
+            parser.error(f"--skip {item}: not a variant of this machine's run (known: {known})")
+        jobs.update(f"{name}.{k}" for k in ((kind,) if kind else kinds[name]))
+    return jobs
 
 
 def main():
@@ -347,11 +360,13 @@ def main():
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
-        "--skip", action="append", default=[], metavar="VARIANT.KIND",
-        help="leave out e.g. seq_ref.fwd_bwd (at L = 4096 one call takes over 10 minutes); repeatable",
+        "--skip", action="append", default=[], metavar="VARIANT[.KIND]",
+        help="leave out e.g. seq_ref.fwd_bwd (at L = 4096 one call takes over 10 minutes), or a whole variant "
+             "(mambapy); repeatable; skipped rows print '-'",
     )
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.skip = skipped_jobs(args.skip, parser)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child)
