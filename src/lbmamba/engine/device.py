@@ -12,7 +12,7 @@ import torch
 from .config import Key
 from .errors import UserError
 
-__all__ = ["resolve_device", "set_cpu_threads", "threads_warning",
+__all__ = ["resolve_device", "set_cpu_threads", "threads_warning", "ThreadFollower",
             "cpu_threads", "threads_key", "default_threads", "autocast",
            "grad_scaler", "AMP_MODES"]
 
@@ -44,7 +44,9 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0) -> torch.d
 def threads_key() -> Key:
     """The `threads` key every command has."""
     return Key(None, "CPU threads per process; null: the cores other processes leave idle when the command starts "
-                     "(watched for 0.2 s; under torchrun: cores / local processes), at least 1", kind="int",
+                     "(watched for 0.2 s; under torchrun: cores / local processes), at least 1, and during training "
+                     "the idle cores again every 2 s (a job that takes or frees cores changes the count); a "
+                     "number: fixed", kind="int",
                positive=True, flag=True, effect="none")
 
 
@@ -127,6 +129,74 @@ def threads_warning(threads: int, idle: Optional[float] = None) -> Optional[str]
     return (f"warning: threads {threads}, but only {free} of this machine's {usable_cores()} cores are idle now "
             f"(other processes use the rest); threads that share a core with another job wait for it, which can make "
             f"each step many times slower (about 20x measured on a 2-core machine): leave threads unset or use {free}")
+
+
+#: how often a run whose thread count the rule chose looks at the machine again (seconds of wall time), and how
+#: many looks in a row must ask for the same new count before it changes (one burst of load changes nothing)
+FOLLOW_EVERY_S = 2.0
+FOLLOW_AGREE = 2
+
+
+class ThreadFollower:
+    """`threads: null` during a run: the thread count follows the cores other processes leave idle.
+
+    Decided once at the start, a run keeps two threads when a CPU-bound job arrives later, and then each of
+    its steps waits for a core the other job holds (a detection run's steps went from 1.2 s to 5-7 s on a
+    2-core machine). So after its steps the loop calls `after_step()`; every `every_s` seconds it measures
+    what other processes used since the last look (the machine's busy time from /proc/stat minus this
+    process's own CPU time) and, when `agree` looks in a row ask for the same other count, sets it.
+    `decisions` lists (idle cores seen, threads wanted, threads set) per look, for logs and tests.
+    `sample` (for tests): a function returning (wall s, busy jiffies, total jiffies, own CPU s), or None.
+    """
+
+    def __init__(self, threads: int, every_s: float = FOLLOW_EVERY_S, agree: int = FOLLOW_AGREE,
+                 sample=None, announce=None):
+        self.cores, self.threads, self.every_s, self.agree = usable_cores(), int(threads), every_s, agree
+        self.sample, self.announce = sample or _machine_sample, announce
+        self.decisions = []
+        self._last, self._looked, self._wanted, self._votes = self.sample(), time.monotonic(), None, 0
+
+    def others_busy(self, before, after) -> Optional[float]:
+        """Cores other processes kept busy between two samples (None: no time passed)."""
+        wall, busy, total = after[0] - before[0], after[1] - before[1], after[2] - before[2]
+        if wall <= 0 or total <= 0:
+            return None
+        return max(0.0, busy / total * self.cores - (after[3] - before[3]) / wall)
+
+    def after_step(self) -> Optional[int]:
+        """Look again when it is time; the new thread count when it changed it, else None."""
+        if self._last is None or time.monotonic() - self._looked < self.every_s:
+            return None
+        now, self._looked = self.sample(), time.monotonic()
+        others = self.others_busy(self._last, now) if now is not None else None
+        self._last = now
+        if others is None:
+            return None
+        idle = self.cores - others
+        wanted = max(1, min(self.cores, int(idle + 0.5)))
+        self._votes = self._votes + 1 if wanted == self._wanted else 1
+        self._wanted = wanted
+        changed = wanted != self.threads and self._votes >= self.agree
+        if changed:
+            before, self.threads = self.threads, wanted
+            set_cpu_threads(wanted)
+            if self.announce:
+                self.announce(f"threads {before} -> {wanted}: other processes keep {others:.1f} of the "
+                              f"{self.cores} cores busy")
+        self.decisions.append((round(idle, 2), wanted, self.threads))
+        return wanted if changed else None
+
+
+def _machine_sample() -> Optional[Tuple[float, int, int, float]]:
+    """(wall s, busy jiffies, total jiffies of this process's CPUs, this process's CPU s); None without /proc."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    times = _cpu_times(os.sched_getaffinity(0))
+    if times is None:
+        return None
+    own = os.times()
+    return (time.monotonic(), sum(b for b, _ in times.values()), sum(t for _, t in times.values()),
+            own.user + own.system)
 
 
 def set_cpu_threads(threads: int) -> None:

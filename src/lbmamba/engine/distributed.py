@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .device import cpu_threads, default_threads, resolve_device, threads_warning
+from .device import ThreadFollower, cpu_threads, default_threads, resolve_device, threads_warning
 from .errors import UserError
 
 __all__ = ["DistInfo", "session", "all_reduce_sum", "broadcast_object", "barrier", "gather_objects"]
@@ -29,6 +29,8 @@ class DistInfo:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    #: threads: null on the CPU in a single process: the rule that keeps following the machine's load
+    follower: Optional[ThreadFollower] = None
 
     @property
     def distributed(self) -> bool:
@@ -66,6 +68,8 @@ def session(device: Optional[str] = "auto", threads: Optional[int] = None, comma
     info.device = resolve_device(device, info.local_rank)
     if not threads and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         threads = default_threads(max(info.local_world_size, 1))
+        if max(info.local_world_size, 1) == 1:
+            info.follower = ThreadFollower(threads, announce=lambda line: print(line, file=sys.stderr, flush=True))
     elif threads and info.device.type == "cpu" and max(info.local_world_size, 1) == 1 and info.rank == 0:
         warning = threads_warning(int(threads))  # an explicit count above the idle cores: say what it costs
         if warning:

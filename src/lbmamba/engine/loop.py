@@ -308,6 +308,8 @@ class _Loop:
         if plan.ema is not None:
             plan.ema.update(plan.model, step=self.update)
         plan.schedule.after_update(self.update)
+        if dist.follower is not None:  # threads: null follows the machine's load during the run
+            dist.follower.after_step()
 
     def _unit_name(self) -> str:
         return f"epoch {self.count + 1}" if self.unit == "epoch" else "training"
