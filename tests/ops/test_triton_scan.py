@@ -35,11 +35,13 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def _case(case_id, batch, dim, seqlen, dstate, window, B="variable", C="variable", groups=(2, 2), D=True, z=True,
-          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None):  # fmt: skip
-    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default)."""
+          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None, prev=False,
+          offset=0):  # fmt: skip
+    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default);
+    prev: a prev_state (fp32) carried in, with its gradient checked; offset: position_offset."""
     return dict(id=case_id, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, window=window, B=B, C=C,
                 groups=groups, D=D, z=z, bias=bias, softplus=softplus, dtype=dtype, loss=loss, chunk=chunk,
-                ckpt_every=ckpt_every)  # fmt: skip
+                ckpt_every=ckpt_every, prev=prev, offset=offset)  # fmt: skip
 
 
 # Lengths that are not multiples of the window, several windows per chunk and several chunks per
@@ -76,6 +78,12 @@ CASES = [
     _case("n40-default-chunk-w16", 1, 2, 41, 40, 16, chunk=None, ckpt_every=2),
     _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2)),
     _case("n200-bf16-default-chunk", 1, 2, 30, 200, "auto", chunk=None, dtype="bfloat16"),
+    # a state carried in (prev_state, its gradient too): first checkpoint, several runs, straddling
+    # windows, window 1, half precision, and a position offset (the call split at the first window start)
+    _case("prev-lb-w3-checkpoint-every-2", 2, 4, 37, 4, 3, ckpt_every=2, prev=True),
+    _case("prev-w1-grouped", 1, 4, 21, 4, 1, B="grouped", C="constant", prev=True),
+    _case("prev-straddle-w11-last-only", 1, 3, 30, 4, 11, loss="last", prev=True),
+    _case("prev-bf16-offset-5-w4", 1, 4, 29, 4, 4, dtype="bfloat16", prev=True, offset=5),
 ]
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -102,14 +110,17 @@ def _run_case(case, seed, defaults):
     g_out = torch.randn(inputs["u"].shape, generator=gen).to(inputs["u"].dtype).double()
     g_last = torch.randn(case["batch"], case["dim"], case["dstate"], generator=gen).double()
     weights = {"both": (1.0, 1.0), "out": (1.0, 0.0), "last": (0.0, 1.0)}[case["loss"]]
+    order = ORDER + ("prev_state",)
+    inputs["prev_state"] = torch.randn(g_last.shape, generator=gen).float() if case["prev"] else None
 
     def run(scan, cast, **kwargs):
         leaves = {k: None if v is None else cast(v).detach().requires_grad_(True) for k, v in inputs.items()}
         out, last = scan(*(leaves[k] for k in ORDER), delta_softplus=case["softplus"], return_last_state=True,
-                         window=case["window"], **kwargs)  # fmt: skip
+                         prev_state=leaves["prev_state"], window=case["window"], position_offset=case["offset"],
+                         **kwargs)  # fmt: skip
         loss = weights[0] * (out.double() * g_out).sum() + weights[1] * (last.double() * g_last).sum()
         loss.backward()
-        grads = {"d" + k: leaves[k].grad for k in ORDER if leaves[k] is not None}
+        grads = {"d" + k: leaves[k].grad for k in order if leaves[k] is not None}
         return {"out": out, "last_state": last, **grads}
 
     triton_scan.POISON_OUTPUTS = True  # an element the kernels do not write stays NaN
@@ -119,10 +130,10 @@ def _run_case(case, seed, defaults):
     for name, value in got.items():
         ref = expected[name].double()
         errors[name] = ((value.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-    if case["window"] == 1:  # window 1 is exactly the vanilla Mamba scan
-        vanilla = vanilla_mamba_scan(**inputs, softplus=case["softplus"])
+    if case["window"] == 1 and not case["prev"]:  # window 1 is exactly the vanilla Mamba scan
+        vanilla = vanilla_mamba_scan(**{k: inputs[k] for k in ORDER}, softplus=case["softplus"])
         errors["out vs vanilla Mamba"] = ((got["out"].double() - vanilla).norm() / vanilla.norm()).item()
-    leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in ORDER if inputs[k] is not None}
+    leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in order if inputs[k] is not None}
     problems = [
         f"{name} has dtype {got[name].dtype} (input {leaf_dtypes[name]})"
         for name in leaf_dtypes
@@ -186,9 +197,9 @@ def test_interpreted_kernels_match_float64_reference(interpreter_results, case):
     assert "error" not in res, f"{replay}\n{res.get('error')}"
     assert not res["problems"], f"{replay}: {res['problems']}"
     tol = TOLERANCE[case["dtype"]]
-    given = {"D": case["D"], "z": case["z"], "delta_bias": case["bias"]}
-    expected = {"out", "last_state"} | {"d" + k for k in ORDER if given.get(k, True)}
-    if case["window"] == 1:
+    given = {"D": case["D"], "z": case["z"], "delta_bias": case["bias"], "prev_state": case["prev"]}
+    expected = {"out", "last_state"} | {"d" + k for k in ORDER + ("prev_state",) if given.get(k, True)}
+    if case["window"] == 1 and not case["prev"]:
         expected.add("out vs vanilla Mamba")
     assert set(res["errors"]) == expected
     bad = {k: v for k, v in res["errors"].items() if not v < tol}

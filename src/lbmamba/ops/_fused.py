@@ -15,8 +15,8 @@ dtypes, not necessarily contiguous):
            the backend may skip what the caller does not keep and return None for it; prev_state
            (batch, dim, N) or None: h^L before the first position (None: zeros)
     forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True)
-        -> run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state=None), the same as forward for tensors with
-           these types, shapes, strides, dtypes and devices (its set-up done once: short calls reuse it)
+        -> run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state=None), the same as forward for
+           tensors with these types, shapes, strides, dtypes and devices (its set-up done once: short calls reuse it)
     backward(dout, dlast_state | None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints,
              prev_state=None)
         -> du, ddelta, dA, dB, dC, dD (dim,), dz (empty when z is None), ddelta_bias (dim,),

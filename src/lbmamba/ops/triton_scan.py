@@ -696,7 +696,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
             out, last_state, checkpoints, _or(rcarry, checkpoints), _or(prev_state, last_state),
             *cfg.sizes(), cfg.n_ckpt, cfg.b_groups, cfg.c_groups,
             HAS_D=D is not None, HAS_Z=z is not None, C_CONST=cfg.c_const,
-            STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY, HAS_PREV=prev_state is not None, **flags, **cfg.blocks(),
+            STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY, HAS_PREV=prev_state is not None, **flags,
+            **cfg.blocks(),
         )  # fmt: skip
     return out, last_state, checkpoints
 
