@@ -139,7 +139,8 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, wi
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend, prev_state = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, backend = inputs[:11]
+    prev_state = inputs[11] if len(inputs) > 11 else None  # a call that leaves the default out
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], prev_state)
     ctx.scan_options = (delta_softplus, window, backend)
 
