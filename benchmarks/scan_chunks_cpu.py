@@ -96,7 +96,7 @@ def scan_section(rounds):
                  "chunks_over_one": {kind: statistics.median(c / o for c, o in zip(times[f"chunks.{kind}"],
                                                                                    times[f"one.{kind}"]))
                                      for kind in ("fwd", "fwd_bwd")},
-                 "extra_peak_mib": {k: v / 2**20 for k, v in memory.items()}}
+                 "extra_peak_mib": {k: v["extra_peak_bytes"] / 2**20 for k, v in memory.items()}}
         report[shape_name] = entry
         print(f"\n## scan {shape}, window {entry['window']}, chunks of {chunk}: max |one - chunks| = {diff:.2e}")
         print("| variant | ms | chunks / one | extra peak MiB |")

@@ -298,13 +298,18 @@ _ACTIVATIONS = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", 
 _COMPILE_VARIANTS = [
     # (kernel, dtype, pairs per thread of the full block (informational: the blocks come from `_Launch`), N, constexprs)
     ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
-                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=False)),  # fmt: skip
     ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
-                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=False)),  # fmt: skip
     ("_fwd_kernel", "fp32", 2, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
-                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+                                        C_CONST=False, WINDOW=24, STRADDLE=True, HAS_PREV=True)),  # fmt: skip
     ("_bwd_kernel", "fp32", 1, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
-                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+                                        C_CONST=False, WINDOW=24, STRADDLE=True, HAS_PREV=True)),  # fmt: skip
+    # a state carried in (prev_state) at the LBVim layer's flags
+    ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=True)),  # fmt: skip
+    ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=True)),  # fmt: skip
     ("_fwd_right_carry_kernel", "fp32", 2, 4, dict(HAS_BIAS=True, SOFTPLUS=True, B_CONST=False, WINDOW=24)),
     ("_bwd_left_carry_kernel", "fp32", 1, 4, dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, C_CONST=True, WINDOW=24)),
 ]
@@ -314,7 +319,7 @@ _COMPILE_VARIANTS = [
 @pytest.mark.parametrize(
     "kernel, dtype, pairs, dstate, constexprs",
     _COMPILE_VARIANTS,
-    ids=[f"{v[0]}-{v[1]}-N{v[3]}" for v in _COMPILE_VARIANTS],
+    ids=[f"{v[0]}-{v[1]}-N{v[3]}{'-prev' if v[4].get('HAS_PREV') else ''}" for v in _COMPILE_VARIANTS],
 )
 def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
     """The interpreter accepts programs the compiler rejects (e.g. branches returning different

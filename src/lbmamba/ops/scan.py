@@ -218,7 +218,6 @@ def _scan_from_offset(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retur
     return torch.cat([out1, out2], dim=-1)
 
 
-
 def available_backends(device="cpu", dtype=torch.float32):
     """Names of the backends that can run tensors of `device` and `dtype` here."""
     device_type = torch.device(device).type
