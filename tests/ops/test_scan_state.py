@@ -148,20 +148,34 @@ def test_chunks_in_training_dtypes(backend, dtype):
 @pytest.mark.parametrize("chunks", [2, 3])
 @pytest.mark.parametrize("window", [1, 16])
 def test_long_sequences_in_chunks(backend, seqlen, chunks, window):
+    """fp32 at mamba_ssm's test lengths: chunked = one call, values and every gradient."""
     seed = fresh_seed()
-    inputs = make_inputs(1, 8, seqlen, 16, bc="variable", dtype=torch.float32, seed=seed)
+    inputs = make_inputs(1, 4, seqlen, 16, bc="grouped", groups=2, dtype=torch.float32, seed=seed)
     cut = (seqlen // chunks // window) * window
     cuts = [cut * i for i in range(1, chunks)]
-    one, last = selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True, window=window,
+    one_leaves, ch_leaves = leaves_of(inputs), leaves_of(inputs)
+    one, last = selective_scan_fn(**one_leaves, delta_softplus=True, return_last_state=True, window=window,
                                   backend=backend)
-    ch, ch_last = chunked(inputs, cuts, window, backend)
+    ch, ch_last = chunked(ch_leaves, cuts, window, backend)
     assert rel_err(ch, one) < 1e-6 and rel_err(ch_last, last) < 1e-6
+    grads, ch_grads = loss_and_grads(one, last, one_leaves, seed), loss_and_grads(ch, ch_last, ch_leaves, seed)
+    for name, grad in grads.items():
+        assert rel_err(ch_grads[name], grad) < 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_chunked_gradients_match_float64_reference(backend):
+    """1,024 positions in 3 chunks, fp32, against autograd through the float64 sequential reference."""
+    seed = fresh_seed()
+    inputs = make_inputs(1, 4, 1024, 8, bc="variable", dtype=torch.float32, seed=seed)
     leaves = leaves_of(inputs)
-    out, state = chunked(leaves, cuts, window, backend)
+    out, state = chunked(leaves, [336, 672], 16, backend)
     grads = loss_and_grads(out, state, leaves, seed)
     ref_leaves = leaves_of({k: v.double() for k, v in inputs.items()})
-    r_out, r_last = selective_scan_ref(**ref_leaves, delta_softplus=True, return_last_state=True, window=window)
+    r_out, r_last = selective_scan_ref(**ref_leaves, delta_softplus=True, return_last_state=True, window=16)
     r_grads = loss_and_grads(r_out, r_last, ref_leaves, seed)
+    assert rel_err(out, r_out) < 1e-5
     for name, grad in grads.items():
         assert rel_err(grad, r_grads[name]) < 1e-4, name
 
