@@ -112,7 +112,9 @@ def test_prev_state_is_mamba_ssms_positional_argument():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", ["variable", "grouped", "constant"])
-@pytest.mark.parametrize("window,cuts", [(1, [13]), (1, [5, 41]), (4, [16]), (4, [8, 44]), (16, [32, 48])])
+@pytest.mark.parametrize("window,cuts", [(1, [13]), (4, [8, 44]), (16, [32, 48]),
+                                         pytest.param(1, [5, 41], marks=pytest.mark.slow),
+                                         pytest.param(4, [16], marks=pytest.mark.slow)])
 def test_chunks_cut_at_window_multiples_give_the_one_call(backend, form, window, cuts):
     """Outputs, last state and every input's gradient (through the carried states: truncated back-propagation
     that is not truncated) are those of one call."""
@@ -234,6 +236,7 @@ def test_bad_state_arguments(name, kwargs, exc, message):
         selective_scan_fn(**inputs, **kwargs)
 
 
+@pytest.mark.slow  # about 9 s; the gradient tests above run the op with prev_state through its autograd
 def test_custom_op_contract_with_prev_state():
     from lbmamba.ops import _fused
 

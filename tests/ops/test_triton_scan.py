@@ -79,9 +79,9 @@ CASES = [
     _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2)),
     _case("n200-bf16-default-chunk", 1, 2, 30, 200, "auto", chunk=None, dtype="bfloat16"),
     # a state carried in (prev_state, its gradient too): first checkpoint, several runs, straddling
-    # windows, window 1, half precision, and a position offset (the call split at the first window start)
+    # windows, the last state's gradient alone, half precision, and a position offset (the call split at
+    # the first window start)
     _case("prev-lb-w3-checkpoint-every-2", 2, 4, 37, 4, 3, ckpt_every=2, prev=True),
-    _case("prev-w1-grouped", 1, 4, 21, 4, 1, B="grouped", C="constant", prev=True),
     _case("prev-straddle-w11-last-only", 1, 3, 30, 4, 11, loss="last", prev=True),
     _case("prev-bf16-offset-5-w4", 1, 4, 29, 4, 4, dtype="bfloat16", prev=True, offset=5),
 ]
