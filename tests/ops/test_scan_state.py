@@ -131,6 +131,21 @@ def test_chunks_cut_at_window_multiples_give_the_one_call(backend, form, window,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 4])
+def test_one_position_calls_from_a_carried_state(backend, window):
+    """Chunks of one position (a decay to apply to the carried state even at L = 1), with and without autograd:
+    at window 1 the one call; at window 4 the one call whose windows are all one position long."""
+    inputs = make_inputs(2, 5, 9, 3, bc="grouped", groups=5, dtype=torch.float64, seed=fresh_seed())
+    expected = selective_scan_ref(**inputs, delta_softplus=True, window=1)
+    with torch.no_grad():
+        out, _ = chunked(inputs, list(range(1, 9)), window, backend)
+    assert rel_err(out, expected) < 1e-12
+    leaves = leaves_of(inputs)
+    out, _ = chunked(leaves, list(range(1, 9)), window, backend)
+    assert rel_err(out.detach(), expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunks_in_training_dtypes(backend, dtype):
     """fp32 / bf16 chunked calls match the float64 one call as closely as the one call does."""

@@ -568,7 +568,8 @@ def _forward_kernel(
         if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
             for buffer in (dtl, ul, dtu, Al, Bl, Cl):
                 fill_rows(buffer, buffer.shape[0], width, zero)
-        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, seqlen > 1)
+        # one position without a carried state needs no decay (A is not even read)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, seqlen > 1 or has_prev)
         if has_prev:  # h^L enters the first position from prev (lanes past the block's own: 0)
             fill_rows(h, n_state, width, zero)
             copy_transposed(h, prev[b], d0, lanes)
