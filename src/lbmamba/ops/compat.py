@@ -103,7 +103,9 @@ def selective_window_update(state, u, delta, A, B, C, D=None, z=None, delta_bias
         out (batch, dim, T), in u's dtype.
     """
     window = u.shape[-1] if window is None else window
-    out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, state, window=window,
+    # with autograd on, the scan may keep prev_state for its backward: give it a copy, as `state` changes below
+    prev = state.clone() if torch.is_grad_enabled() else state
+    out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, prev, window=window,
                                   position_offset=position_offset, backend=backend)
     with torch.no_grad():
         state.copy_(last)
