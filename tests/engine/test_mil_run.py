@@ -264,3 +264,19 @@ def test_early_stopping_counts_epochs_as_clam_does():
     # the demo's preset (patience 4, stop_epoch 4): at least 6 epochs
     assert _epochs_run([0.5] * 30, patience=4, stop_epoch=4) == (6, 1)  # ties are no improvement
     assert _epochs_run([0.5] * 3, patience=4, stop_epoch=4) == (3, 1)  # the epochs ran out first
+
+
+def test_scan_chunk_gives_the_same_scores(tiny_bags):
+    """`scan_chunk` (mil train / mil eval): the bags' mixer layers in chunks score exactly as whole bags; a mixer
+    with a second direction is refused with the key's name."""
+    summary = train_mil(_cfg(tiny_bags, model="lb", depth=1, d_state=4, fold_indices=[0], scan_chunk=2))
+    ckpt = os.path.join(summary["output"], "fold_0.pt")
+    args = dict(checkpoint=ckpt, features=str(tiny_bags / "feats"), labels=str(tiny_bags / "labels.csv"),
+                device="cpu", progress=False)
+    whole, chunked = evaluate_mil(args), evaluate_mil(dict(args, scan_chunk=2))
+    assert whole["n"] == chunked["n"] == 8
+    for key in ("loss", "auc", "acc", "f1"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(UserError, match="scan_chunk: scan_chunk needs a one-direction mixer"):
+        train_mil(_cfg(tiny_bags, model="bimamba", depth=1, d_state=4, fold_indices=[0], scan_chunk=2,
+                       output=str(tiny_bags / "run2")))

@@ -102,3 +102,36 @@ def test_abmil_is_ungated_attention_mil_and_the_gated_one_is_kept():
     names = {n for n, _ in gated.named_parameters()}
     assert {"attention_a.0.weight", "attention_b.0.weight", "attention_c.weight"} <= names
     assert torch.count_nonzero(gated.fc[0].bias) == 0
+
+
+@pytest.mark.parametrize("mixer,window,chunk", [("lb", "auto", 100), ("lb", 4, 13), ("mamba", 1, 7)])
+def test_scan_chunks_give_the_whole_bag_result(mixer, window, chunk):
+    """A bag through the mixer layers in chunks (scan state and conv look-back carried) = in one call: logits,
+    attention and every gradient. 300 instances: window "auto" is 16, and chunk 100 rounds down to 96."""
+    torch.manual_seed(0)
+    model = create_mil_model(mixer, in_dim=6, drop_rate=0.0, window=window, **TINY).double()
+    bag = torch.randn(300, 6, dtype=torch.float64)
+
+    def run():
+        model.zero_grad()
+        logits, scores = model(bag, return_attention=True)
+        (logits.sum() + scores.square().mean()).backward()
+        return logits.detach(), scores.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole = run()
+    model.set_scan_chunk(chunk)
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(chunked[2], whole[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    model.set_grad_checkpointing(True)  # both together
+    torch.testing.assert_close(run()[0], whole[0], rtol=1e-10, atol=1e-12)
+
+
+def test_scan_chunk_errors():
+    with pytest.raises(ValueError, match="scan_chunk needs a one-direction mixer"):
+        create_mil_model("bimamba", in_dim=6, **TINY).set_scan_chunk(64)
+    with pytest.raises(ValueError, match="scan_chunk must be a positive int or None, got 0"):
+        create_mil_model("lb", in_dim=6, **TINY).set_scan_chunk(0)
+    create_mil_model("abmil", in_dim=6).set_scan_chunk(64)  # no mixer layers: nothing to chunk

@@ -35,13 +35,15 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def _case(case_id, batch, dim, seqlen, dstate, window, B="variable", C="variable", groups=(2, 2), D=True, z=True,
-          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None, slow=True):  # fmt: skip
-    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default).
+          bias=True, softplus=True, dtype="float32", loss="both", chunk=8, ckpt_every=None, prev=False, offset=0,
+          slow=True):  # fmt: skip
+    """One interpreter case; chunk / ckpt_every override CHUNK_LEN / CHECKPOINT_EVERY (None: the default);
+    prev: a prev_state (fp32) carried in, with its gradient checked; offset: position_offset.
     slow=False: one of the default run's cases (every B / C form, checkpoint spacing, straddling windows, half
-    dtype and d_state block among them); the others run with `-m slow`."""
+    dtype, d_state block and carried state among them); the others run with `-m slow`."""
     return dict(id=case_id, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, window=window, B=B, C=C,
                 groups=groups, D=D, z=z, bias=bias, softplus=softplus, dtype=dtype, loss=loss, chunk=chunk,
-                ckpt_every=ckpt_every, slow=slow)  # fmt: skip
+                ckpt_every=ckpt_every, prev=prev, offset=offset, slow=slow)  # fmt: skip
 
 
 # Lengths that are not multiples of the window, several windows per chunk and several chunks per
@@ -79,6 +81,12 @@ CASES = [
     _case("n40-default-chunk-w16", 1, 2, 41, 40, 16, chunk=None, ckpt_every=2),
     _case("n200-straddle-w6", 1, 2, 23, 200, 6, C="grouped", groups=(2, 2), slow=False),
     _case("n200-bf16-default-chunk", 1, 2, 30, 200, "auto", chunk=None, dtype="bfloat16"),
+    # a state carried in (prev_state, its gradient too): first checkpoint, several runs, straddling
+    # windows, the last state's gradient alone, half precision, and a position offset (the call split at
+    # the first window start)
+    _case("prev-lb-w3-checkpoint-every-2", 2, 4, 37, 4, 3, ckpt_every=2, prev=True, slow=False),
+    _case("prev-straddle-w11-last-only", 1, 3, 30, 4, 11, loss="last", prev=True),
+    _case("prev-bf16-offset-5-w4", 1, 4, 29, 4, 4, dtype="bfloat16", prev=True, offset=5, slow=False),
 ]
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -105,14 +113,17 @@ def _run_case(case, seed, defaults):
     g_out = torch.randn(inputs["u"].shape, generator=gen).to(inputs["u"].dtype).double()
     g_last = torch.randn(case["batch"], case["dim"], case["dstate"], generator=gen).double()
     weights = {"both": (1.0, 1.0), "out": (1.0, 0.0), "last": (0.0, 1.0)}[case["loss"]]
+    order = ORDER + ("prev_state",)
+    inputs["prev_state"] = torch.randn(g_last.shape, generator=gen).float() if case["prev"] else None
 
     def run(scan, cast, **kwargs):
         leaves = {k: None if v is None else cast(v).detach().requires_grad_(True) for k, v in inputs.items()}
         out, last = scan(*(leaves[k] for k in ORDER), delta_softplus=case["softplus"], return_last_state=True,
-                         window=case["window"], **kwargs)  # fmt: skip
+                         prev_state=leaves["prev_state"], window=case["window"], position_offset=case["offset"],
+                         **kwargs)  # fmt: skip
         loss = weights[0] * (out.double() * g_out).sum() + weights[1] * (last.double() * g_last).sum()
         loss.backward()
-        grads = {"d" + k: leaves[k].grad for k in ORDER if leaves[k] is not None}
+        grads = {"d" + k: leaves[k].grad for k in order if leaves[k] is not None}
         return {"out": out, "last_state": last, **grads}
 
     triton_scan.POISON_OUTPUTS = True  # an element the kernels do not write stays NaN
@@ -122,10 +133,10 @@ def _run_case(case, seed, defaults):
     for name, value in got.items():
         ref = expected[name].double()
         errors[name] = ((value.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-    if case["window"] == 1:  # window 1 is exactly the vanilla Mamba scan
-        vanilla = vanilla_mamba_scan(**inputs, softplus=case["softplus"])
+    if case["window"] == 1 and not case["prev"]:  # window 1 is exactly the vanilla Mamba scan
+        vanilla = vanilla_mamba_scan(**{k: inputs[k] for k in ORDER}, softplus=case["softplus"])
         errors["out vs vanilla Mamba"] = ((got["out"].double() - vanilla).norm() / vanilla.norm()).item()
-    leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in ORDER if inputs[k] is not None}
+    leaf_dtypes = {"d" + k: str(inputs[k].dtype) for k in order if inputs[k] is not None}
     problems = [
         f"{name} has dtype {got[name].dtype} (input {leaf_dtypes[name]})"
         for name in leaf_dtypes
@@ -193,9 +204,9 @@ def test_interpreted_kernels_match_float64_reference(interpreter_results, case):
     assert "error" not in res, f"{replay}\n{res.get('error')}"
     assert not res["problems"], f"{replay}: {res['problems']}"
     tol = TOLERANCE[case["dtype"]]
-    given = {"D": case["D"], "z": case["z"], "delta_bias": case["bias"]}
-    expected = {"out", "last_state"} | {"d" + k for k in ORDER if given.get(k, True)}
-    if case["window"] == 1:
+    given = {"D": case["D"], "z": case["z"], "delta_bias": case["bias"], "prev_state": case["prev"]}
+    expected = {"out", "last_state"} | {"d" + k for k in ORDER + ("prev_state",) if given.get(k, True)}
+    if case["window"] == 1 and not case["prev"]:
         expected.add("out vs vanilla Mamba")
     assert set(res["errors"]) == expected
     bad = {k: v for k, v in res["errors"].items() if not v < tol}
@@ -294,13 +305,18 @@ _ACTIVATIONS = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", 
 _COMPILE_VARIANTS = [
     # (kernel, dtype, pairs per thread of the full block (informational: the blocks come from `_Launch`), N, constexprs)
     ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
-                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=False)),  # fmt: skip
     ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
-                                        C_CONST=False, WINDOW=8, STRADDLE=False)),  # fmt: skip
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=False)),  # fmt: skip
     ("_fwd_kernel", "fp32", 2, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
-                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+                                        C_CONST=False, WINDOW=24, STRADDLE=True, HAS_PREV=True)),  # fmt: skip
     ("_bwd_kernel", "fp32", 1, 64, dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=False, B_CONST=True,
-                                        C_CONST=False, WINDOW=24, STRADDLE=True)),  # fmt: skip
+                                        C_CONST=False, WINDOW=24, STRADDLE=True, HAS_PREV=True)),  # fmt: skip
+    # a state carried in (prev_state) at the LBVim layer's flags (slow: the N64 pair above compiles HAS_PREV)
+    ("_fwd_kernel", "bf16", 2, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=True)),  # fmt: skip
+    ("_bwd_kernel", "bf16", 1, 16, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, B_CONST=False,
+                                        C_CONST=False, WINDOW=8, STRADDLE=False, HAS_PREV=True)),  # fmt: skip
     ("_fwd_right_carry_kernel", "fp32", 2, 4, dict(HAS_BIAS=True, SOFTPLUS=True, B_CONST=False, WINDOW=24)),
     ("_bwd_left_carry_kernel", "fp32", 1, 4, dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, C_CONST=True, WINDOW=24)),
 ]
@@ -309,8 +325,8 @@ _COMPILE_VARIANTS = [
 @pytest.mark.skipif(_INTERPRETING, reason="under TRITON_INTERPRET=1 the kernels are interpreted, not compiled")
 @pytest.mark.parametrize(
     "kernel, dtype, pairs, dstate, constexprs",
-    _COMPILE_VARIANTS,
-    ids=[f"{v[0]}-{v[1]}-N{v[3]}" for v in _COMPILE_VARIANTS],
+    [pytest.param(*v, marks=[pytest.mark.slow] if v[4].get("HAS_PREV") and v[3] == 16 else [],
+                  id=f"{v[0]}-{v[1]}-N{v[3]}{'-prev' if v[4].get('HAS_PREV') else ''}") for v in _COMPILE_VARIANTS],
 )
 def test_kernels_compile_for_sm90(kernel, dtype, pairs, dstate, constexprs):
     """The interpreter accepts programs the compiler rejects (e.g. branches returning different

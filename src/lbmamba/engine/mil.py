@@ -116,6 +116,9 @@ MIL_TRAIN = ConfigTable("mil train", {
     "drop_rate": _preset_key("drop_rate", "dropout after the input projection", "float", aliases=("--dropout",),
                              effect="model"),
     "grad_checkpointing": Key(False, "recompute mixer layers in the backward (huge bags)", flag=True, effect="none"),
+    "scan_chunk": Key(None, "run the mixer layers over a bag in chunks of N instances, the scan state carried (same "
+                            "result, less memory for bags of 100,000+; lb / mamba mixers); null: whole bags",
+                      kind="int", positive=True, flag=True, effect="none"),
     # optimisation
     "opt": Key("adam", "adam: Adam with L2 weight decay on every parameter (MambaMIL's); adamw: decoupled decay, "
                        "none on biases, norms, A_log and D", choices=("adam", "adamw"), flag=True),
@@ -145,6 +148,7 @@ MIL_EVAL = ConfigTable("mil eval", {
     "workers": MIL_TRAIN.keys["workers"],
     "threads": MIL_TRAIN.keys["threads"],
     "progress": MIL_TRAIN.keys["progress"],
+    "scan_chunk": MIL_TRAIN.keys["scan_chunk"],
 })
 
 _CURVES = [("loss", "loss", [("train_loss", "train"), ("val_loss", "validation")]),
@@ -454,6 +458,7 @@ class FoldTask(Task):
         model = create_mil_model(**self.model_config).to(device)
         if cfg["grad_checkpointing"]:
             model.set_grad_checkpointing(True)
+        _set_scan_chunk(model, cfg["scan_chunk"])
         preset = preset_for("mil", cfg)
         optimizer = create_optimizer(preset, param_groups(model, preset, cfg["weight_decay"]), cfg["lr"], cfg)
         self.generator = torch.Generator()
@@ -518,8 +523,16 @@ def evaluate_mil(overrides: Optional[Mapping[str, Any]] = None, config_path: Opt
         return _evaluate_mil(cfg, dist)
 
 
+def _set_scan_chunk(model: nn.Module, chunk: Optional[int]) -> None:
+    try:
+        model.set_scan_chunk(chunk)
+    except ValueError as exc:
+        raise UserError(f"scan_chunk: {exc}") from exc
+
+
 def _evaluate_mil(cfg: Mapping[str, Any], dist: DistInfo) -> Dict[str, Any]:
     model, meta = load_mil_checkpoint(cfg["checkpoint"], dist.device)
+    _set_scan_chunk(model, cfg["scan_chunk"])
     table = read_labels(cfg["labels"], class_names=meta.get("class_names"))
     label_of = table.as_dict()
     fold, split = cfg["fold"], cfg["split"]

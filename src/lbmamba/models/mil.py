@@ -42,11 +42,14 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from ..nn import Mamba, SRMamba
+from ..nn.mixer import at_least_fp32
+from ..ops import resolve_window, selective_scan_fn
 
 __all__ = ["MIL_MODELS", "MIXERS", "MODEL_NAMES", "MIL_INITS", "MambaMIL", "ABMIL", "GatedABMIL", "create_mil_model"]
 
@@ -124,6 +127,8 @@ class _MILBase(nn.Module):
     num_classes: int
     embed_dim: int
     grad_checkpointing: bool = False
+    #: positions per scan call (None: the whole bag in one call); see set_scan_chunk
+    scan_chunk: Optional[int] = None
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -154,6 +159,21 @@ class _MILBase(nn.Module):
         """Recompute each mixer layer in the backward (less memory for very large bags)."""
         self.grad_checkpointing = enable
 
+    def set_scan_chunk(self, chunk: Optional[int]) -> None:
+        """Run each mixer layer over the bag in chunks of about `chunk` instances (None: the whole bag at once),
+        carrying the scan's state and the convolution's look-back from chunk to chunk: the same result, with
+        the layer's (d_inner x instances) intermediates made for one chunk at a time instead of the whole bag
+        (at inference; in training autograd keeps every chunk's, unless grad_checkpointing). Chunks hold whole
+        LB windows (`chunk` is rounded down to a multiple of the window, at least one window), so the windows
+        are those of one call. One-direction mixers only ("lb", "mamba"); a model without mixers ignores it."""
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"scan_chunk must be a positive int or None, got {chunk!r}")
+        mixer = getattr(self, "mixer", None)
+        if chunk is not None and mixer is not None and mixer not in _CHUNKABLE:
+            raise ValueError(f"scan_chunk needs a one-direction mixer {_CHUNKABLE}: the {mixer!r} mixer's second "
+                             "branch runs over the bag in another order")
+        self.scan_chunk = chunk
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
@@ -174,9 +194,11 @@ class _MILBase(nn.Module):
         self.norm = nn.Identity()
 
     def _layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        chunk = self.scan_chunk
+        run = layer if chunk is None or chunk >= h.shape[1] else lambda x: layer_in_chunks(layer, x, chunk)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return h + grad_checkpoint(layer, h, use_reentrant=False)
-        return h + layer(h)
+            return h + grad_checkpoint(run, h, use_reentrant=False)
+        return h + run(h)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, in_dim) or (B, n, in_dim) -> instance embeddings (B, n, embed_dim) after the final norm."""
@@ -240,6 +262,40 @@ class _MILBase(nn.Module):
         score of every instance, (1, n_instances): softmax over the last axis gives the pooling weights.
         """
         return self.forward_head(self.forward_features(x), return_attention=return_attention)
+
+
+#: the mixers whose layers run in chunks (set_scan_chunk): one scan, left to right
+_CHUNKABLE = ("lb", "mamba")
+
+
+def layer_in_chunks(layer: nn.Sequential, h: torch.Tensor, chunk: int) -> torch.Tensor:
+    """A [LayerNorm -> Mamba mixer] layer over h (B, n, embed_dim) in chunks of positions, as one call.
+
+    The mixer's steps, chunk by chunk: LayerNorm and in_proj per position; the causal conv1d with the chunk's
+    d_conv - 1 positions before it read again; x_proj, dt_proj; the scan from the previous chunk's last state
+    (prev_state), with the window the whole bag would have and chunks of whole windows; out_proj.
+    """
+    norm, mixer = layer[0], layer[1]
+    conv1d, x_proj, dt_proj, A_log, D = mixer.branch()
+    seqlen = h.shape[1]
+    window = resolve_window(mixer.window, seqlen)  # as one call over the bag
+    chunk = max(window, chunk - chunk % window)
+    look_back = mixer.d_conv - 1
+    A = -torch.exp(at_least_fp32(A_log))
+    outs, state = [], None
+    for start in range(0, seqlen, chunk):
+        end = min(start + chunk, seqlen)
+        first = max(0, start - look_back)
+        x, z = mixer.project_in(norm(h[:, first:end])).chunk(2, dim=1)
+        x = F.conv1d(x, conv1d.weight, conv1d.bias, padding=look_back, groups=mixer.d_inner)[..., :end - first]
+        x, z = F.silu(x[..., start - first:]), z[..., start - first:]
+        dt, B, C = torch.split(F.linear(x.transpose(1, 2), x_proj.weight), [mixer.dt_rank, mixer.d_state,
+                                                                             mixer.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        y, state = selective_scan_fn(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), at_least_fp32(D), z,
+                                     at_least_fp32(dt_proj.bias), True, True, state, window=window)
+        outs.append(mixer.out_proj(y.transpose(1, 2)))
+    return torch.cat(outs, dim=1)
 
 
 def _check_common(in_dim: Any, act: str) -> None:

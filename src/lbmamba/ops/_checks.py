@@ -92,7 +92,8 @@ def _bc_form(name: str, t: torch.Tensor, batch: int, dim: int, seqlen: int, dsta
     )
 
 
-def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, window="auto") -> ScanShape:
+def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, window="auto", prev_state=None,
+                    position_offset=0) -> ScanShape:
     """Validate the arguments of a selective scan; raise TypeError / ValueError naming the culprit."""
     for name, t in (("u", u), ("delta", delta), ("A", A)):
         if not isinstance(t, torch.Tensor):
@@ -130,13 +131,24 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, window="
         _check_float("z", z)
         if tuple(z.shape) != tuple(u.shape):
             raise ValueError(f"z must have the same shape as u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if prev_state is not None:
+        if not isinstance(prev_state, torch.Tensor):
+            raise TypeError(f"prev_state must be a torch.Tensor or None, got {type(prev_state).__name__}")
+        _check_float("prev_state", prev_state)
+        if tuple(prev_state.shape) != (batch, dim, dstate):
+            raise ValueError(f"prev_state must have shape (batch, dim, N) = ({batch}, {dim}, {dstate}), "
+                             f"got {tuple(prev_state.shape)}")
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
+        raise ValueError(f"position_offset must be an int >= 0 (the position of u[..., 0] in the whole sequence), "
+                         f"got {position_offset!r}")
     # the per-position tensors share u's dtype (as mamba_ssm requires): a silent cast would change what is computed
     per_position = [("delta", delta), ("z", z)] + [(n, t) for n, t in (("B", B), ("C", C)) if t.dim() >= 3]
     others = [f"{n} is {t.dtype}" for n, t in per_position if t is not None and t.dtype != u.dtype]
     if others:
         raise TypeError(f"u, delta, z and variable B / C must have one dtype: u is {u.dtype} but {', '.join(others)}; "
                         "convert them first, e.g. delta.to(u.dtype)")
-    tensors = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)]
+    tensors = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias),
+               ("prev_state", prev_state)]
     devices = {name: t.device for name, t in tensors if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {v}" for k, v in devices.items())

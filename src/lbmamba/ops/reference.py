@@ -48,31 +48,37 @@ def selective_scan_ref(
     delta_bias=None,
     delta_softplus=False,
     return_last_state=False,
+    prev_state=None,
     *,
     window="auto",
+    position_offset=0,
 ):
     """The LB selective scan, computed sequentially (float64 inputs stay float64, others run in fp32).
 
     Same arguments and results as :func:`lbmamba.ops.selective_scan_fn`.
     """
-    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window)
+    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window, prev_state, position_offset)
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     a, x = discretize(u, delta, A, B, delta_bias, delta_softplus, shape, dtype)
     L, W = shape.seqlen, shape.window
 
-    # Global forward state h^L, crossing every window boundary.
-    h = torch.zeros_like(x[:, :, 0])
+    # Global forward state h^L, crossing every window boundary (and entering from prev_state).
+    h = torch.zeros_like(x[:, :, 0]) if prev_state is None else prev_state.to(dtype)
     forward_states = []
     for t in range(L):
         h = a[:, :, t] * h + x[:, :, t]
         forward_states.append(h)
     h_left = torch.stack(forward_states, dim=2)
 
-    # Local backward state h^R, restarted at zero past the end of every window of W positions.
+    # Local backward state h^R, restarted at zero past the end of every window of W positions; the windows
+    # are aligned at global position 0, position t of this call being position_offset + t.
     backward_states = [None] * L
-    for start in range(0, L, W):
+    head = (-position_offset) % W  # positions before the first aligned window start: a window's tail
+    starts = ([0] if head else []) + list(range(head, L, W))
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else L
         r = torch.zeros_like(x[:, :, 0])
-        for t in reversed(range(start, min(start + W, L))):
+        for t in reversed(range(start, min(end, L))):
             r = a[:, :, t] * r + x[:, :, t]
             backward_states[t] = r
     h_right = torch.stack(backward_states, dim=2)

@@ -77,7 +77,8 @@ _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 
 
-def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[ScanShape, str, _Signature | None]:
+def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend, prev_state=None
+             ) -> tuple[ScanShape, str, _Signature | None]:
     """(check_scan_args(...), choose_backend(backend, u), direct), from _CHECKED when these arguments'
     signature passed before.
 
@@ -86,9 +87,9 @@ def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[Scan
     call; else None. The
     op's dispatch costs tens of microseconds, which at short lengths was as much as the scan itself.
     """
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, prev_state)
     if torch.compiler.is_compiling():  # traced once per graph: nothing to save, and no global state in it
-        return check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1]), None
+        return check_scan_args(*tensors[:8], window, prev_state), choose_backend(backend, u, A.shape[1]), None
     try:
         key = (type(window), window, backend, *[  # a list, not a generator: 10 % of the look-up
             t if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
@@ -96,7 +97,8 @@ def _checked(u, delta, A, B, C, D, z, delta_bias, window, backend) -> tuple[Scan
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
         key, answer = None, None
     if answer is None:
-        shape, name = check_scan_args(*tensors, window), choose_backend(backend, u, A.shape[1])  # raise on bad input
+        shape = check_scan_args(*tensors[:8], window, prev_state)  # raise on bad input
+        name = choose_backend(backend, u, A.shape[1])
         present = [t for t in tensors if t is not None]
         answer = _Signature(shape, name, all(type(t) in _PLAIN_TENSORS for t in present),
                             any(t.requires_grad for t in present))
@@ -137,8 +139,10 @@ def selective_scan_fn(
     delta_bias=None,
     delta_softplus=False,
     return_last_state=False,
+    prev_state=None,
     *,
     window="auto",
+    position_offset=0,
     backend="auto",
 ):
     """The LB selective scan, with `mamba_ssm.ops.selective_scan_interface.selective_scan_fn`'s signature.
@@ -150,27 +154,68 @@ def selective_scan_fn(
         D, delta_bias: (dim,) or None.  z: (batch, dim, L) or None (output gate silu(z)).
         delta_softplus: apply softplus to delta + delta_bias.
         return_last_state: also return the forward state at the last position, (batch, dim, N).
+        prev_state: (batch, dim, N) or None: the forward state h^L before position 0 (the last state of
+            the previous chunk of a longer sequence), as mamba_ssm's. Unlike mamba_ssm it takes
+            gradients: chunked training back-propagates through it.
         window: size W of the local backward windows, a positive int or "auto" (4 / 8 / 16 for
             L <= 128 / <= 256 / longer, as the reference CUDA kernel). window=1 is vanilla Mamba.
+            "auto" depends on this call's L: give an int when scanning a sequence in chunks.
+        position_offset: the position of u[..., 0] in the whole sequence (int >= 0): windows are aligned
+            at whole-sequence multiples of W, so the first window of this call may be the tail of one
+            that began in the previous chunk. Chunks cut at multiples of W need no offset.
         backend: "auto", "reference", "torch", "cpu" or "triton".
 
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
     """
-    shape, name, direct = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend)
+    shape, name, direct = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend, prev_state)
+    if position_offset:
+        if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
+            check_scan_args(u, delta, A, B, C, D, z, delta_bias, window, prev_state, position_offset)  # raises
+        head = (-position_offset) % shape.window  # this call's positions before its first aligned window start
+        if name == "reference":
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      prev_state, window=shape.window, position_offset=position_offset)
+        if 0 < head < shape.seqlen:
+            return _scan_from_offset(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     prev_state, shape.window, head, name)
+        window = shape.window  # aligned at this call's start, or all of it is one window's tail
     if name == "reference":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, window=window)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  prev_state, window=window)
     if name == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                    window=window)
+                                    prev_state, window=window)
     if direct is not None:
         keep_last = bool(return_last_state)
         plan = direct.plans.get(keep_last) or direct.direct_plan(keep_last, (u, delta, A, B, C, D, z, delta_bias))
-        out, last_state, _ = plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last_state, _ = plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state)
     else:
         out, last_state, _ = _fused.lb_scan_fwd(
-            u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name)
+            u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name,
+            prev_state)
     return (out, last_state) if return_last_state else out
+
+
+def _scan_from_offset(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, prev_state, window,
+                      head, backend):
+    """A call whose first `head` positions (0 < head < L) are the tail of a window begun before it: those
+    positions as one call (one window), then the rest from its last state, windows aligned at `head`."""
+
+    def part(t, s):
+        return t if t is None or t.dim() == 2 else t[..., s]  # constant B / C: (dim, N), no positions
+
+    first, rest = slice(0, head), slice(head, None)
+    out1, state1 = selective_scan_fn(
+        part(u, first), part(delta, first), A, part(B, first), part(C, first), D, part(z, first), delta_bias,
+        delta_softplus, True, prev_state, window=window, backend=backend)
+    out2 = selective_scan_fn(
+        part(u, rest), part(delta, rest), A, part(B, rest), part(C, rest), D, part(z, rest), delta_bias,
+        delta_softplus, return_last_state, state1, window=window, backend=backend)
+    if return_last_state:
+        out2, last_state = out2
+        return torch.cat([out1, out2], dim=-1), last_state
+    return torch.cat([out1, out2], dim=-1)
 
 
 def available_backends(device="cpu", dtype=torch.float32):

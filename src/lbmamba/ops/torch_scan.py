@@ -210,7 +210,7 @@ def _recompute(bufs: _Chunk, checkpoint, dt, dtu, A2, b_op, s, Tc):
 
 class _LBScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk, prev_state=None):
         batch, dim, L = u.shape
         N = A.shape[1]
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -226,7 +226,10 @@ class _LBScan(torch.autograd.Function):
         # h^L before each chunk, for the backward; without one, only the state carried to the next chunk
         keep = any(ctx.needs_input_grad)
         checkpoints = torch.empty((n_chunks if keep else 1, batch, dim, N), dtype=ct, device=dev)
-        checkpoints[0].zero_()
+        if prev_state is None:
+            checkpoints[0].zero_()
+        else:  # h^L before the first position
+            checkpoints[0].copy_(prev_state)
         bufs = _Chunk(("a", "hl", "hr") if W > 1 else ("a", "hl"), T, W, batch, dim, N, ct, dev)
         out = torch.empty((batch, dim, L), dtype=u.dtype, device=dev)
         last_state = torch.empty((batch, dim, N), dtype=ct, device=dev)
@@ -251,14 +254,14 @@ class _LBScan(torch.autograd.Function):
                 y.mul_(F.silu(_load(z, s, e, ct)))
             _positions_first(out, s, e).copy_(y)
 
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, prev_state)
         ctx.softplus, ctx.window, ctx.chunk = softplus, W, T
         ctx.set_materialize_grads(False)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, checkpoints, prev_state = ctx.saved_tensors
         softplus, W, T = ctx.softplus, ctx.window, ctx.chunk
         need = ctx.needs_input_grad
         batch, dim, L = u.shape
@@ -377,15 +380,19 @@ class _LBScan(torch.autograd.Function):
             None,
             None,
             None,
+            carry.to(prev_state.dtype) if prev_state is not None and need[11] else None,  # a_0 G^L_0
         )
 
 
 def selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, window="auto"
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    prev_state=None, *, window="auto"
 ):
-    """The LB scan in plain PyTorch ops (any device), same arguments and results as `selective_scan_fn`."""
-    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window)
+    """The LB scan in plain PyTorch ops (any device), same arguments and results as `selective_scan_fn`
+    (windows aligned at this call's position 0: `selective_scan_fn` handles position_offset)."""
+    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, window, prev_state)
     window = min(shape.window, shape.seqlen)  # a window past L is one window [0, L)
     chunk = chunk_length(window, shape.seqlen)
-    out, last_state = _LBScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), window, chunk)
+    out, last_state = _LBScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), window, chunk,
+                                    prev_state)
     return (out, last_state) if return_last_state else out

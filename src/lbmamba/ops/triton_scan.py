@@ -239,11 +239,12 @@ def _right_decay(a, j, t, WINDOW: tl.constexpr, STRADDLE: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_ptr, ckpt_ptr, rcarry_ptr,
+    out_ptr, last_ptr, ckpt_ptr, rcarry_ptr, prev_ptr,
     dim, L, N, n_chunks, n_ckpt, b_groups, c_groups,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
     CKPT_EVERY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
     pid_d, b, d, n, dmask, nd_mask, nd_offs, row = _program(dim, L, N, BLOCK_D, BLOCK_N)
     ckpt_offs = _state_offs(b, dim, d, n, N, n_ckpt)
@@ -258,6 +259,8 @@ def _fwd_kernel(
     c_base = _group_base(pid_d, b, dim, N, L, c_groups, BLOCK_D)
 
     h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # h^L before the current chunk
+    if HAS_PREV:  # h^L entering the first position (the first checkpoint, so the backward starts from it too)
+        h = tl.load(prev_ptr + b * dim * N + nd_offs, mask=nd_mask, other=0.0)
     next_u, next_delta, next_z, next_B, next_C = _load_chunk(
         u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b_base, c_base, 0, j, row, n, dmask, N, L,
         CHUNK, HAS_Z, not B_CONST, not C_CONST,
@@ -330,11 +333,12 @@ def _fwd_right_carry_kernel(
 @triton.jit
 def _bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, lcarry_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dprev_ptr,
     dim, L, N, n_chunks, n_ckpt, b_groups, c_groups,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, WINDOW: tl.constexpr, STRADDLE: tl.constexpr,
     CKPT_EVERY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
     """Chunks right to left, in runs of CKPT_EVERY chunks that share a checkpoint. dA, dD,
     ddelta_bias and constant dB/dC are written per batch element ((batch, dim, N) / (batch, dim));
@@ -457,6 +461,8 @@ def _bwd_kernel(
                 tl.atomic_add(dC_ptr + c_base + bc_offs, tl.sum(dC_t, axis=2), mask=bc_mask, sem="relaxed")
 
     state_offs = b * dim * N + nd_offs
+    if HAS_PREV:  # after the first chunk dhl = a_0 dh^L_0: the gradient reaching h^L_{-1}
+        tl.store(dprev_ptr + state_offs, dhl, mask=nd_mask)
     tl.store(dA_ptr + state_offs, dA_acc, mask=nd_mask)
     if B_CONST:
         tl.store(dB_ptr + state_offs, dB_acc, mask=nd_mask)
@@ -663,7 +669,8 @@ def _check_inputs(u, A):
                          f"(backend='torch' runs any)")
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True):
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True,
+            prev_state=None):
     # the kernel writes the last state and the checkpoints whether kept or not: at GPU sizes they are a
     # small part of its traffic, and a Python call's overhead is not this backend's bottleneck
     _check_inputs(u, A)
@@ -674,6 +681,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
     out = _new(u.shape, u.dtype, dev)
     last_state = _new((cfg.batch, cfg.dim, cfg.dstate), torch.float32, dev)
     checkpoints = _new((cfg.batch, cfg.dim, cfg.n_ckpt, cfg.dstate), torch.float32, dev)
+    if prev_state is not None:
+        prev_state = prev_state.detach().float().contiguous()
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), B_CONST=cfg.b_const)
     with _device_guard(dev):
         rcarry = None
@@ -684,10 +693,11 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
             )
         _fwd_kernel[cfg.grid](
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
-            out, last_state, checkpoints, _or(rcarry, checkpoints),
+            out, last_state, checkpoints, _or(rcarry, checkpoints), _or(prev_state, last_state),
             *cfg.sizes(), cfg.n_ckpt, cfg.b_groups, cfg.c_groups,
             HAS_D=D is not None, HAS_Z=z is not None, C_CONST=cfg.c_const,
-            STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY, **flags, **cfg.blocks(),
+            STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY, HAS_PREV=prev_state is not None, **flags,
+            **cfg.blocks(),
         )  # fmt: skip
     return out, last_state, checkpoints
 
@@ -695,13 +705,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
 def forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=True, keep_checkpoints=True):
     """`forward` bound to the window and flags (its set-up is small beside a GPU launch: nothing to keep)."""
 
-    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state, keep_checkpoints)
+    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state=None):
+        return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state, keep_checkpoints,
+                       prev_state)
 
     return run
 
 
-def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
+def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints,
+             prev_state=None):
     _check_inputs(u, A)
     param_dtypes = [t.dtype if t is not None else torch.float32 for t in (A, B, C, D, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
@@ -728,6 +740,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dC = _new(per_batch, torch.float32, dev) if cfg.c_const else torch.zeros(C.shape, dtype=torch.float32, device=dev)
     dD = _new((cfg.batch, cfg.dim), torch.float32, dev) if D is not None else None
     dbias = _new((cfg.batch, cfg.dim), torch.float32, dev) if delta_bias is not None else None
+    dprev = _new(per_batch, torch.float32, dev) if prev_state is not None else None
     flags = dict(
         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), C_CONST=cfg.c_const
     )
@@ -742,10 +755,10 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
         _bwd_kernel[cfg.grid](
             dout, dlast_state, u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A),
             checkpoints, _or(lcarry, checkpoints),
-            du, ddelta, dz, dB, dC, dA, _or(dD, dA), _or(dbias, dA),
+            du, ddelta, dz, dB, dC, dA, _or(dD, dA), _or(dbias, dA), _or(dprev, dA),
             *cfg.sizes(), cfg.n_ckpt, cfg.b_groups, cfg.c_groups,
             HAS_D=D is not None, B_CONST=cfg.b_const, STRADDLE=cfg.straddle, CKPT_EVERY=CHECKPOINT_EVERY,
-            **flags, **cfg.blocks(),
+            HAS_PREV=prev_state is not None, **flags, **cfg.blocks(),
         )  # fmt: skip
 
     A_dtype, B_dtype, C_dtype, D_dtype, bias_dtype = param_dtypes
@@ -762,6 +775,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
         dD.sum(0).to(D_dtype) if D is not None else absent(),
         dz,
         dbias.sum(0).to(bias_dtype) if delta_bias is not None else absent(),
+        dprev.to(prev_state.dtype) if prev_state is not None else u.new_empty((0,)),
     )
 
 

@@ -66,7 +66,8 @@ def supports(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints):
+def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, checkpoints,
+             prev_state=None):
     ct = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -90,13 +91,17 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     dbias_part = torch.empty((batch, dim), dtype=ct)
     has_dlast = dlast_state is not None
     dlast = _np(dlast_state, ct) if has_dlast else _placeholder(3, ct)
+    has_prev = prev_state is not None
+    prev = _np(prev_state, ct) if has_prev else _placeholder(3, ct)
+    dprev = torch.empty((batch, dim, dstate), dtype=ct) if has_prev else None
     (g_k, g_cl), (u_k, u_cl), (delta_k, delta_cl), (z_k, z_cl) = (_kernel_layout(t, ct) for t in (dout, u, delta, z))
     _run_tasks(
         _backward_kernel, batch * len(blocks), threads, width,
         g_k, dlast, has_dlast, u_k, delta_k, _per_channel(delta_bias, dim, ct), bool(delta_softplus), _np(A, ct),
         Bc, Bg, Cc, Cg, _per_channel(D, dim, ct), z_k, z is not None, g_cl, u_cl, delta_cl, z_cl, int(window),
         chunk_length(window), _np(checkpoints, ct), blocks, du.numpy(), ddelta.numpy(), dz.numpy(),
-        dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
+        dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(), dbias_part.numpy(), prev, has_prev,
+        dprev.numpy() if has_prev else _placeholder(3, ct),
     )
     dD, dbias = dD_part.sum(0), dbias_part.sum(0)
     return (
@@ -108,6 +113,7 @@ def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
         dD.to(D.dtype) if D is not None else dD.float(),
         dz.to(z.dtype) if z is not None else u.new_empty((0,)),
         dbias.to(delta_bias.dtype) if delta_bias is not None else dbias.float(),
+        dprev.to(prev_state.dtype) if has_prev else u.new_empty((0,)),
     )
 
 

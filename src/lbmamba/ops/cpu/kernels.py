@@ -526,10 +526,11 @@ def _fetch_add(typingctx, counters, index, value):
 @njit(inline="always", **_JIT_EXACT)  # one body, in _forward_at (see there); exact flags for the inlined exponential
 def _forward_kernel(
     counters, n_tasks, width, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z, u_cl, delta_cl, z_cl, window,
-    chunk, blocks, keep_last, keep_ckpt, out, last, ckpt,
+    chunk, blocks, keep_last, keep_ckpt, out, last, ckpt, prev, has_prev,
 ):
     # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
     # keep_last / keep_ckpt: write the last state / the checkpoints (else last / ckpt are placeholders)
+    # has_prev: h^L before position 0 is prev (batch, dim, N), else 0 (prev is a placeholder)
     batch, dim, seqlen = out.shape
     zero = out.dtype.type(0)  # typed: keeps the accumulators in the compute dtype instead of float64
     # None for B / C given per position: numba compiles a kernel per case, with no branch on it
@@ -567,7 +568,11 @@ def _forward_kernel(
         if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
             for buffer in (dtl, ul, dtu, Al, Bl, Cl):
                 fill_rows(buffer, buffer.shape[0], width, zero)
-        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, seqlen > 1)
+        # one position without a carried state needs no decay (A is not even read)
+        a_max = block_params(A, Bc, Cc, d0, lanes, Al, Bl, Cl, acc, seqlen > 1 or has_prev)
+        if has_prev:  # h^L enters the first position from prev (lanes past the block's own: 0)
+            fill_rows(h, n_state, width, zero)
+            copy_transposed(h, prev[b], d0, lanes)
         for start in range(0, seqlen, chunk):
             rows = min(chunk, seqlen - start)
             if start > 0 and keep_ckpt:  # h^L is 0 at the first chunk's start: no checkpoint for it
@@ -601,7 +606,7 @@ def _forward_kernel(
                         # left to right: h^L_t = a_t h^L_{t-1} + x_t (x recomputed: cheaper than storing it)
                         # and y_t += C_t (h^L_t + h^R_t - x_t) = C_t (a_t h^L_{t-1} + h^R_t)
                         first = 0
-                        if start + ts == 0:  # h^L is 0 before the first position: h^L_0 = x_0, y_0 = C_0 h^R_0
+                        if start + ts == 0 and not has_prev:  # h^L_{-1} = 0: h^L_0 = x_0, y_0 = C_0 h^R_0
                             bs = zero if b_const else Bt[0, n]
                             cs = zero if c_const else Ct[0, n]
                             for c in range(width):
@@ -617,7 +622,7 @@ def _forward_kernel(
                                 yl[ts + j, c] += (Cl[n, c] if c_const else cs) * (carried + hr[j, c])
                     else:  # vanilla scan: a and x formed on the fly, no local backward state
                         first = 0
-                        if start + ts == 0:  # h is 0 before the first position: no decay to compute
+                        if start + ts == 0 and not has_prev:  # h is 0 before the first position: no decay
                             bs = zero if b_const else Bt[0, n]
                             cs = zero if c_const else Ct[0, n]
                             for c in range(width):
@@ -669,8 +674,8 @@ def _strided_view(address, shape, strides, like):
 @njit(**_JIT_EXACT)
 def _forward_at(
     counters, n_tasks, width, blocks, u_at, delta_at, z_at, A_at, D_at, bias_at, Bc_at, Bg_at, Cc_at, Cg_at, out_at,
-    last_at, ckpt_at, softplus, batch, dim, seqlen, dstate, Bg_shape, Bg_strides, Cg_shape, Cg_strides, ckpt_count,
-    u_cl, delta_cl, z_cl, has_z, window, chunk, keep_last, keep_ckpt, like,
+    last_at, ckpt_at, softplus, prev_at, has_prev, batch, dim, seqlen, dstate, Bg_shape, Bg_strides, Cg_shape,
+    Cg_strides, ckpt_count, u_cl, delta_cl, z_cl, has_z, window, chunk, keep_last, keep_ckpt, like,
 ):
     """_forward_kernel on tensors given by their data addresses (torch's data_ptr(), a tenth of the cost of
     a numpy view, which took a third of a short call). u, delta and z are contiguous as (batch, L, dim)
@@ -697,6 +702,7 @@ def _forward_at(
         window, chunk, blocks, keep_last, keep_ckpt, _view(out_at, layout, like),
         _view(last_at, (batch, dim, dstate) if keep_last else (1, 1, 1), like),
         _view(ckpt_at, (batch, ckpt_count, dstate, dim) if keep_ckpt else (1, 1, 1, 1), like),
+        _view(prev_at, (batch, dim, dstate) if has_prev else (1, 1, 1), like), has_prev,
     )
 
 
@@ -709,8 +715,9 @@ def _forward_at(
 def _backward_kernel(
     counters, n_tasks, width, g, dlast, has_dlast, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z,
     g_cl, u_cl, delta_cl, z_cl, window, chunk, ckpt, blocks, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part,
-    dbias_part,
+    dbias_part, prev, has_prev, dprev,
 ):
+    # has_prev: h^L before position 0 is prev (batch, dim, N) and its gradient goes to dprev (else placeholders)
     # *_cl: that tensor is given as (batch, L, dim), else as (batch, dim, L)
     batch, dim, seqlen = du.shape
     zero = du.dtype.type(0)  # typed: keeps the accumulators in the compute dtype instead of float64
@@ -781,6 +788,8 @@ def _backward_kernel(
             _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
             if ck > 0:
                 copy_rows(hl[0], 0, ckpt[b, ck - 1], d0, lanes)
+            elif has_prev:
+                copy_transposed(hl[0], prev[b], d0, lanes)
             else:
                 fill_rows(hl[0], n_state, lanes, zero)
             for i in range(rows):
@@ -860,6 +869,11 @@ def _backward_kernel(
             store_block(ddelta, b, d0, lanes, start, rows, ddtl)
             if has_z:
                 store_block(dz, b, d0, lanes, start, rows, gz)
+        if has_prev:  # carry = a_0 dh^L_0: what reaches h^L_{-1}
+            for c in range(lanes):
+                row = dprev[b, d0 + c]
+                for n in range(n_state):
+                    row[n] = carry[n, c]
         dD_part[b, d0:d1] = dD_acc[:lanes]
         dbias_part[b, d0:d1] = dbias_acc[:lanes]
         copy_rows(dA_part[b], d0, dA_acc, 0, lanes)

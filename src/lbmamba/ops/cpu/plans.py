@@ -67,8 +67,10 @@ class ForwardPlan:
             answer = self._tasks[threads] = batch * len(blocks), width, blocks
         return answer
 
-    def __call__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def __call__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state=None):
         """(out in u's dtype, last state or None, checkpoints or None), as `forward`."""
+        if prev_state is not None:  # (batch, dim, N), contiguous in the compute dtype; kept alive by this name
+            prev_state = prev_state.detach().to(self.ct).contiguous()
         if self.any_convert:  # the copies stay referenced by these names until the kernel has run
             u, delta, z, A, B, C, D, delta_bias = (
                 _as_compute(t, self.ct, cl) if convert else t
@@ -88,7 +90,8 @@ class ForwardPlan:
             B_at if self.B_const else None, at if self.B_const else B_at,
             C_at if self.C_const else None, at if self.C_const else C_at,
             out.data_ptr(), at if last is None else last.data_ptr(), at if ckpt is None else ckpt.data_ptr(),
-            bool(delta_softplus), *self.fixed_args,
+            bool(delta_softplus), at if prev_state is None else prev_state.data_ptr(), prev_state is not None,
+            *self.fixed_args,
         )
         if threads == 1 and self.compiled:  # the short call: straight into the kernel
             _forward_at(None, n_tasks, *args)
@@ -108,7 +111,8 @@ def forward_plan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state=Tr
     return ForwardPlan(u, delta, A, B, C, D, z, delta_bias, window, keep_last_state, keep_checkpoints)
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True):
+def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_last_state=True, keep_checkpoints=True,
+            prev_state=None):
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     key = (window, keep_last_state, keep_checkpoints) + tuple(
         None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
@@ -117,4 +121,4 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, window, keep_la
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         plan = _PLANS[key] = ForwardPlan(*tensors, window, keep_last_state, keep_checkpoints)
-    return plan(*tensors, delta_softplus)
+    return plan(*tensors, delta_softplus, prev_state)
