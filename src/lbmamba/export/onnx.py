@@ -176,7 +176,7 @@ def quantize_dynamic(source: str, target: str) -> Dict[str, Any]:
 
         proto = onnx.load(tmp)
         stats = graph_stats(proto)
-        # the quantised ops come from onnxruntime's contrib domain (com.microsoft), which plain onnxruntime runs
+        # DynamicQuantizeLinear + MatMulInteger: ops of the default ONNX domain (no com.microsoft contrib ops)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
