@@ -196,6 +196,7 @@ def export_model(overrides: Optional[Mapping[str, Any]] = None,
     output = os.path.abspath(os.path.expanduser(cfg["output"]))
     if os.path.isdir(output):
         raise UserError(f"output must be a file path (model.onnx), got the folder {output}")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     with session("cpu", cfg.get("threads"), "export", distributed=False):
         model, meta, img_size, in_chans = _load(cfg, cfg["task"])
         quantized = cfg["quantize"] == "dynamic"
@@ -289,7 +290,7 @@ def predict(overrides: Optional[Mapping[str, Any]] = None, config_path: Optional
             except Exception as exc:
                 raise UserError(f"cannot load {checkpoint} in onnxruntime: {str(exc).splitlines()[0]}") from exc
             meta = runner.metadata
-            if not meta:
+            if not meta.get("task"):
                 raise UserError(f"{checkpoint} has no lbmamba metadata (preprocessing, classes); export it with "
                                 "`lbmamba export`")
             if meta.get("task") != "classification":
