@@ -12,6 +12,7 @@ size, class names, ...) is stored in the file's metadata under the key "lbmamba"
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -95,14 +96,18 @@ def export_onnx(model: nn.Module, path: str, *, img_size: Sequence[int], in_chan
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(_TRACE_BATCH, in_chans, height, width, generator=generator)
     start = time.perf_counter()
+    # the trace runs on a copy: layers that cache index tensors per input shape would otherwise keep the
+    # tracer's tensors, and the model would fail (or differ) in eager mode afterwards
+    traced = copy.deepcopy(model)
     try:
         with onnx_scan(), torch.no_grad():
             program = torch.onnx.export(
-                model, (example,), None, dynamo=True, opset_version=opset, input_names=["images"],
+                traced, (example,), None, dynamo=True, opset_version=opset, input_names=["images"],
                 output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                 verbose=False, optimize=True)
     except Exception as exc:  # the exporter raises many types; all mean "this model does not export"
         raise ExportError(f"the model cannot be exported to ONNX ({_first_line(exc)})") from exc
+    del traced
     proto = program.model_proto
     if proto.functions:  # helper functions of the exporter's library: inline them, leave no custom domain
         proto = onnx.inliner.inline_local_functions(proto)

@@ -176,7 +176,8 @@ def selective_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
 @contextlib.contextmanager
 def onnx_scan():
-    """Inside the block, every lbmamba module that imported `selective_scan_fn` calls `selective_scan_onnx`."""
+    """Inside the block, every lbmamba module that imported `selective_scan_fn` calls `selective_scan_onnx`; on
+    leaving it, the layers' cached index tables are emptied (see `_clear_table_caches`)."""
     patched = []
     for name, module in list(sys.modules.items()):
         if name.startswith("lbmamba.") and getattr(module, "selective_scan_fn", None) is selective_scan_fn:
@@ -187,3 +188,14 @@ def onnx_scan():
     finally:
         for module in patched:
             module.selective_scan_fn = selective_scan_fn
+        _clear_table_caches()
+
+
+def _clear_table_caches() -> None:
+    """Empty the layers' cached index tables (functools caches of the scan orders): a trace fills them with the
+    tracer's tensors, which eager calls after it must not get."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lbmamba.") and module is not None:
+            for value in list(vars(module).values()):
+                if callable(value) and hasattr(value, "cache_clear") and getattr(value, "__module__", "") == name:
+                    value.cache_clear()
