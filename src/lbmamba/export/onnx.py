@@ -101,6 +101,7 @@ def export_onnx(model: nn.Module, path: str, *, img_size: Sequence[int], in_chan
     traced = copy.deepcopy(model)
     try:
         with onnx_scan(), torch.no_grad():
+            traced(example)  # fills the layers' index-table caches with real tensors: the trace takes them as constants
             program = torch.onnx.export(
                 traced, (example,), None, dynamo=True, opset_version=opset, input_names=["images"],
                 output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
