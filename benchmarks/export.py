@@ -47,9 +47,15 @@ def bench_model(name, size, batches, rounds, folder, threads):
     figures = export_onnx(model, path, img_size=(size, size), in_chans=3, metadata={"model": name}, threads=threads)
     export_s = time.perf_counter() - start
     qpath = os.path.join(folder, f"{name}_{size}_int8.onnx")
+    print(json.dumps({"model": name, "img_size": size, "export_s": round(export_s, 1), "nodes": figures["nodes"],
+                      "mb": round(figures["bytes"] / 2**20, 2), "rel_error": figures["max_rel_error"]}), flush=True)
     q = quantize_dynamic(path, qpath)
     fp32, int8 = OnnxModel(path, threads), OnnxModel(qpath, threads)
-    tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    # PyTorch's dynamic int8 swaps nn.Linear modules; the Mamba mixer reads x_proj / dt_proj weights directly
+    # (F.linear(x, x_proj.weight)), which a quantised Linear does not have: those two stay fp32
+    spec = {n: torch.ao.quantization.default_dynamic_qconfig for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.split(".")[-1].startswith(("x_proj", "dt_proj"))}
+    tq = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
     row = {"model": name, "img_size": size, "export_s": round(export_s, 1), "nodes": figures["nodes"],
            "mb": round(figures["bytes"] / 2**20, 2), "int8_mb": round(q["bytes"] / 2**20, 2),
            "rel_error": figures["max_rel_error"]}
