@@ -25,11 +25,13 @@ from .engine import (
     DET_PREDICT,
     DET_TRAIN,
     EVAL,
+    EXPORT,
     EXTRACT,
     HEATMAP,
     MIL_EVAL,
     MIL_TRAIN,
     PATCH,
+    PREDICT,
     SEG_EVAL,
     SEG_PREDICT,
     SEG_TRAIN,
@@ -41,9 +43,11 @@ from .engine import (
     evaluate_det,
     evaluate_mil,
     evaluate_seg,
+    export_model,
     extract_features,
     heatmap,
     patch_slides,
+    predict,
     predict_det,
     predict_seg,
     train,
@@ -149,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints a table, writes bench.json and bench.png (throughput against parameters, or against accuracy with "
         "--results).",
         "lbmamba bench --models lbvim_tiny_patch16_224,vim_tiny_patch16_224 --results acc.json",
+    )
+    _add_command(
+        sub, "export", EXPORT, export_model,
+        "write a model.onnx that plain onnxruntime runs (checked against PyTorch)",
+        "Export a classifier or segmentor checkpoint (or a timm model name with --checkpoint WEIGHTS) to ONNX: "
+        "standard ops only (the scan as a short blocked graph), a dynamic batch axis, the image size fixed by "
+        "--img-size, and the preprocessing (mean, std, size, class names) in the file's metadata. The file is run in "
+        "onnxruntime on random batches and compared with PyTorch; above --tolerance nothing is written. "
+        "--quantize dynamic writes int8 MatMul weights. See docs/deploy.md.",
+        "lbmamba export --checkpoint runs/digits/best.pth --output model.onnx",
+    )
+    _add_command(
+        sub, "predict", PREDICT, predict,
+        "classify images: top-k classes and scores (PyTorch or onnxruntime)",
+        "Classify an image or a folder of images with a classifier checkpoint (--engine torch) or an exported "
+        "model.onnx (--engine onnxruntime) and write the top-k classes and softmax scores to a CSV file.",
+        "lbmamba predict --checkpoint model.onnx --inputs photos/ --top-k 3",
     )
     mil_sub = _add_group(
         sub, "mil", "whole-slide image classification from patch features (LB-MambaMIL, MambaMIL, ABMIL)",

@@ -21,6 +21,7 @@ from .classification import EVAL, TRAIN, evaluate, train
 from .config import ConfigTable, Key
 from .detection import DET_EVAL, DET_PREDICT, DET_TRAIN, evaluate_det, predict_det, train_det
 from .errors import TrainingDivergedError, UserError
+from .export import EXPORT, PREDICT, export_model, predict
 from .features import EXTRACT, extract_features
 from .mil import MIL_EVAL, MIL_TRAIN, evaluate_mil, train_mil
 from .segmentation import SEG_EVAL, SEG_PREDICT, SEG_TRAIN, evaluate_seg, predict_seg, train_seg
@@ -59,4 +60,8 @@ __all__ = [
     "HEATMAP",
     "patch_slides",
     "heatmap",
+    "EXPORT",
+    "PREDICT",
+    "export_model",
+    "predict",
 ]

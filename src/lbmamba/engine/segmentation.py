@@ -57,7 +57,7 @@ from .runs import note, open_run
 from .schedule import POLY_SCHEDULES
 
 __all__ = ["SEG_TRAIN", "SEG_EVAL", "SEG_PREDICT", "train_seg", "evaluate_seg", "predict_seg",
-           "evaluate_segmentor", "SegmentationTask", "DIGIT_SCENES", "LAYOUTS"]
+           "evaluate_segmentor", "segmentor_for", "SegmentationTask", "DIGIT_SCENES", "LAYOUTS"]
 
 DIGIT_SCENES = "digit_scenes"
 LAYOUTS = ("auto", "ade20k", "generic")
@@ -429,6 +429,12 @@ def _model_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], class_nam
                device: torch.device) -> Tuple[Segmentor, List[str]]:
     return model_for(cfg, ckpt, class_names, device, lambda n: _build(cfg, n),
                      lambda model: _load_weights(model, ckpt, cfg["checkpoint"], whole_only=True), False, "segmentor")
+
+
+def segmentor_for(cfg: Dict[str, Any], ckpt: Optional[Mapping[str, Any]], class_names: Optional[List[str]],
+                  device: torch.device) -> Tuple[Segmentor, List[str]]:
+    """The segmentor of a `seg train` config with the checkpoint's weights, and its class names (for export)."""
+    return _model_for(cfg, ckpt, class_names, device)
 
 
 @user_errors()
