@@ -65,3 +65,19 @@ def busy(on: bool = True) -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmRSS": now, "VmHWM": the peak), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Set the peak-RSS counter (VmHWM) back to the current RSS, and return that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes("VmRSS")

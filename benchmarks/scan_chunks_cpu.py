@@ -27,7 +27,7 @@ import torch
 
 from lbmamba.models.mil import create_mil_model
 from lbmamba.ops import resolve_window, selective_scan_fn
-from machine import cpu_name, interleaved
+from machine import cpu_name, interleaved, reset_peak_rss, rss_bytes
 
 SCAN_SHAPES = {"lbvim_t_layer": ((8, 384, 196, 16), 64), "long": ((1, 768, 65536, 16), 8192)}
 MIL_CHUNKS = (None, 8192, 2048)
@@ -141,20 +141,6 @@ def peak_memory(section, shape_name, variant, kind):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:  # the peak-RSS counter back to the current RSS
-        f.write("5")
-    return _rss_bytes("VmRSS")
-
-
 def memory_child(section, shape_name, variant, kind):
     import time
 
@@ -165,24 +151,24 @@ def memory_child(section, shape_name, variant, kind):
         with torch.no_grad():
             in_chunks(small, 4, 16)
         inputs = scan_inputs(*SCAN_SHAPES[shape_name][0], requires_grad=kind == "fwd_bwd")
-        before = _reset_peak()
+        before = reset_peak_rss()
         if kind == "fwd":
             with torch.no_grad():
                 fn(inputs)
         else:
             fn(inputs).sum().backward()
-        print(json.dumps({"extra_peak_bytes": _rss_bytes("VmHWM") - before}))
+        print(json.dumps({"extra_peak_bytes": rss_bytes("VmHWM") - before}))
         return
     model, bag = mil_model(), mil_bag()
     chunk = None if variant == "None" else int(variant)
     model.set_scan_chunk(chunk)
     with torch.no_grad():
         model(bag[:300])  # compile / load the kernels outside the measurement
-        before = _reset_peak()
+        before = reset_peak_rss()
         start = time.perf_counter()
         logits = model(bag)
         seconds = time.perf_counter() - start
-    print(json.dumps({"extra_peak_bytes": _rss_bytes("VmHWM") - before, "seconds": seconds,
+    print(json.dumps({"extra_peak_bytes": rss_bytes("VmHWM") - before, "seconds": seconds,
                       "logits": logits.tolist()}))
 
 

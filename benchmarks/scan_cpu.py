@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lbmamba.ops import selective_scan_fn
-from machine import busy, cpu_name, interleaved, timed
+from machine import busy, cpu_name, interleaved, reset_peak_rss, rss_bytes, timed
 
 SHAPES = {"lbvim_t_layer": (8, 384, 196, 16), "long": (1, 768, 4096, 16)}
 
@@ -171,14 +171,6 @@ def peak_memory(variant, shape_name):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(variant, shape_name):
     shape = SHAPES[shape_name]
     fn = variants()[variant]
@@ -186,12 +178,10 @@ def memory_child(variant, shape_name):
     fn(**small).sum().backward()  # compile / load kernels outside the measurement
     inputs = make_inputs(*shape, requires_grad=True)
     input_bytes = sum(t.numel() * t.element_size() for t in inputs.values())
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter to the current RSS
-        f.write("5")
-    before = _rss_bytes("VmRSS")
+    before = reset_peak_rss()
     out = fn(**inputs)
     out.backward(torch.ones_like(out))
-    extra = _rss_bytes("VmHWM") - before
+    extra = rss_bytes("VmHWM") - before
     print(json.dumps({"variant": variant, "shape": shape_name, "input_bytes": input_bytes, "extra_peak_bytes": extra}))
 
 

@@ -277,6 +277,28 @@ def tiny_bags(tmp_path):
 
 
 @pytest.fixture
+def load_script(monkeypatch):
+    """load_script(path) -> a benchmark script imported as a module, as it runs (its folder first on sys.path);
+    sys.path and the benchmarks' helper modules it brought in are put back afterwards."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+
+    def load(path):
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in set(sys.modules) - before:
+        if name in ("machine", "models_cpu"):
+            del sys.modules[name]
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread (and the machine is shared); the count is put back after."""
     n = torch.get_num_threads()

@@ -2,7 +2,6 @@
 that it puts the op back), and its quick run for two families, with every field of its JSON (slow:
 `pytest -m slow`)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,17 +26,8 @@ TOP_FIELDS = {"machine", "torch", "timm", "backend", "threads", "img_size", "bat
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmark module, imported here; sys.path and the modules it brings in are put back afterwards."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    spec = importlib.util.spec_from_file_location("other_mambas_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for name in set(sys.modules) - before:
-        if name in ("machine", "models_cpu"):
-            del sys.modules[name]
+def bench(load_script):
+    return load_script(SCRIPT)
 
 
 @pytest.mark.usefixtures("one_thread")

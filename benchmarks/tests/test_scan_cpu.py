@@ -2,8 +2,6 @@
 and a skipped job is neither run nor printed."""
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scan_cpu.py"
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmark module, imported as its script runs (its folder on sys.path); put back afterwards."""
-    monkeypatch.setattr(sys, "path", [str(SCRIPT.parent), *sys.path])
-    before = set(sys.modules)
-    spec = importlib.util.spec_from_file_location("scan_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for name in set(sys.modules) - before:
-        if name == "machine":
-            del sys.modules[name]
+def bench(load_script):
+    return load_script(SCRIPT)
 
 
 def test_skip_takes_a_variant_or_one_kind_and_names_the_known_ones(bench):

@@ -3,7 +3,6 @@ the rule read back from the drawn cells), its model table, its shared runs file,
 quick run (JSON line, tables, figure) run twice into one folder: the second run resumes (loads every
 finished run, trains none; slow: `pytest -m slow`)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,17 +20,8 @@ ROW_FIELDS = {"timm_name", "lr", "params", "seeds", "test_accs", "acc_mean", "ac
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmark module, imported here; sys.path and the modules it brings in are put back afterwards."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    spec = importlib.util.spec_from_file_location("tradeoff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for name in set(sys.modules) - before:
-        if name == "machine":
-            del sys.modules[name]
+def bench(load_script):
+    return load_script(SCRIPT)
 
 
 @pytest.mark.parametrize("task", ["cued", "cued_rows"])
