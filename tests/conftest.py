@@ -276,26 +276,20 @@ def tiny_bags(tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def load_script(monkeypatch):
-    """load_script(path) -> a benchmark script imported as a module, as it runs (its folder first on sys.path);
-    sys.path and the benchmarks' helper modules it brought in are put back afterwards."""
+def load_script(path, monkeypatch):
+    """A benchmark script imported as a module, as it runs (its folder first on sys.path); `monkeypatch` puts
+    sys.path and the benchmarks' helper modules it imported back after the test."""
     import importlib.util
 
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
     before = set(sys.modules)
-
-    def load(path):
-        sys.path.insert(0, str(path.parent))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    yield load
-    for name in set(sys.modules) - before:
-        if name in ("machine", "models_cpu"):
-            del sys.modules[name]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("machine", "models_cpu"):
+        if name in sys.modules and name not in before:  # registered through monkeypatch: removed at teardown
+            monkeypatch.setitem(sys.modules, name, sys.modules.pop(name))
+    return module
 
 
 @pytest.fixture

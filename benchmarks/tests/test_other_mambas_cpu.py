@@ -12,7 +12,7 @@ import timm
 import torch
 
 import lbmamba.nn.mixer as mixer_module
-from conftest import one_thread  # noqa: F401  (the tests fixture, shared)
+from conftest import load_script, one_thread  # noqa: F401  (one_thread: the tests fixture, shared)
 from lbmamba.ops import selective_scan_fn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "other_mambas_cpu.py"
@@ -26,8 +26,8 @@ TOP_FIELDS = {"machine", "torch", "timm", "backend", "threads", "img_size", "bat
 
 
 @pytest.fixture
-def bench(load_script):
-    return load_script(SCRIPT)
+def bench(monkeypatch):
+    return load_script(SCRIPT, monkeypatch)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_thread  # noqa: F401  (the tests fixture, shared)
+from conftest import load_script, one_thread  # noqa: F401  (one_thread: the tests fixture, shared)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scan_cpu.py"
 
 
 @pytest.fixture
-def bench(load_script):
-    return load_script(SCRIPT)
+def bench(monkeypatch):
+    return load_script(SCRIPT, monkeypatch)
 
 
 def test_skip_takes_a_variant_or_one_kind_and_names_the_known_ones(bench):

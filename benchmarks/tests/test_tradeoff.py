@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "tradeoff.py"
 
 TOP_FIELDS = {"machine", "torch", "timm", "threads", "quick", "config", "tasks", "models", "seeds", "rounds",
@@ -20,8 +22,8 @@ ROW_FIELDS = {"timm_name", "lr", "params", "seeds", "test_accs", "acc_mean", "ac
 
 
 @pytest.fixture
-def bench(load_script):
-    return load_script(SCRIPT)
+def bench(monkeypatch):
+    return load_script(SCRIPT, monkeypatch)
 
 
 @pytest.mark.parametrize("task", ["cued", "cued_rows"])

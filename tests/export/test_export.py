@@ -41,6 +41,25 @@ def test_a_previous_state_enters_as_the_state_before_position_0():
     assert torch.allclose(rest, whole[0][..., 5:], rtol=1e-10, atol=1e-12)
 
 
+def test_inside_the_export_block_every_scan_call_is_the_standard_op_form_and_after_it_none():
+    """The stand-in is set at selective_scan_fn itself: a layer whose module was imported inside the block, or
+    that passes prev_state positionally (MIL's chunked bags), gets it too, and nothing stays switched."""
+    import lbmamba.nn.mixer as mixer
+    from lbmamba.export import onnx_scan
+    from lbmamba.ops import selective_scan_fn
+
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 12, 3).values()
+    state = torch.zeros(1, 4, 3)
+    with onnx_scan():
+        got = selective_scan_fn(u, delta, A, B, C, D, z, bias, True, False, state, window=4)
+        with pytest.raises(ValueError, match="selective_scan_onnx: position_offset"):
+            selective_scan_fn(u, delta, A, B, C, window=4, position_offset=3)
+    assert torch.allclose(got, selective_scan_fn(u, delta, A, B, C, D, z, bias, True, False, state, window=4),
+                          rtol=1e-5, atol=1e-6)
+    assert mixer.selective_scan_fn is selective_scan_fn
+    selective_scan_fn(u, delta, A, B, C, window=4, position_offset=3)  # the real scan again: offsets allowed
+
+
 # ----------------------------------------------------------------------------------------------- a digits classifier
 _DIGITS_CONFIG = {"model": "lbvim_tiny_patch16_224", "model_kwargs": {"embed_dim": 16, "depth": 2, "patch_size": 8},
                   "img_size": 32, "in_chans": 1, "data": "digits"}

@@ -17,9 +17,9 @@ underflow to 0, which is their value). It is exact up to float rounding: the sum
 approximated. The file size does not change (no weights in the scan); the node count per scan call is about
 8 (ceil(log2 L) + ceil(log2 W)) + 20.
 
-`onnx_scan()` switches every lbmamba layer to this form inside a `with` block (the layers import
-`selective_scan_fn` by name; the block replaces that name in their modules and puts it back after), which is
-how `lbmamba.export.export_onnx` traces a model. The form is also correct in eager PyTorch (tests compare it
+`onnx_scan()` switches every lbmamba layer to this form inside a `with` block (through
+`lbmamba.ops.scan.scan_stand_in`: `selective_scan_fn` itself calls this form while the block runs), which is how
+`lbmamba.export.export_onnx` traces a model. The form is also correct in eager PyTorch (tests compare it
 with the reference), only slower than the real backends.
 """
 
@@ -32,7 +32,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..ops import resolve_window, selective_scan_fn
+from ..ops import resolve_window
+from ..ops.scan import scan_stand_in
 
 __all__ = ["selective_scan_onnx", "onnx_scan", "prefix_scan"]
 
@@ -141,9 +142,13 @@ FORM = {"form": "blocked"}
 
 
 def selective_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        return_last_state=False, *, window="auto", backend="auto", prev_state=None):
+                        return_last_state=False, prev_state=None, *, window="auto", position_offset=0,
+                        backend="auto"):
     """`selective_scan_fn` (same arguments and results, float32) in standard ONNX-exportable ops; `backend` is
-    accepted and ignored. `prev_state` (batch, dim, N), when given, is the forward state before position 0."""
+    accepted and ignored. `prev_state` (batch, dim, N), when given, is the forward state before position 0.
+    A position_offset other than 0 (windows aligned across chunks of one sequence) has no ONNX form here."""
+    if position_offset:
+        raise ValueError(f"selective_scan_onnx: position_offset must be 0 in an exported graph, got {position_offset}")
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     dim, L = u.shape[1], u.shape[2]
     W = min(resolve_window(window, L), L)
@@ -176,18 +181,12 @@ def selective_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
 @contextlib.contextmanager
 def onnx_scan():
-    """Inside the block, every lbmamba module that imported `selective_scan_fn` calls `selective_scan_onnx`; on
-    leaving it, the layers' cached index tables are emptied (see `_clear_table_caches`)."""
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("lbmamba.") and getattr(module, "selective_scan_fn", None) is selective_scan_fn:
-            patched.append(module)
-            module.selective_scan_fn = selective_scan_onnx
+    """Inside the block, every call of `selective_scan_fn` (so every lbmamba layer) runs `selective_scan_onnx`;
+    on leaving it, the layers' cached index tables are emptied (see `_clear_table_caches`)."""
     try:
-        yield
+        with scan_stand_in(selective_scan_onnx):
+            yield
     finally:
-        for module in patched:
-            module.selective_scan_fn = selective_scan_fn
         _clear_table_caches()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _fused
@@ -128,6 +130,23 @@ def choose_backend(backend: str, u: torch.Tensor, dstate: int | None = None) -> 
     return backend
 
 
+#: a function with selective_scan_fn's signature that every call goes to while set (`scan_stand_in`)
+_STAND_IN = None
+
+
+@contextlib.contextmanager
+def scan_stand_in(fn):
+    """Inside the block, `selective_scan_fn` calls `fn` (same signature) instead: how `lbmamba.export` traces
+    models with the scan written in standard ONNX ops. Set here, at the one function every layer calls, so
+    that no module's imported name has to be swapped (and none can be missed or left swapped)."""
+    global _STAND_IN
+    before, _STAND_IN = _STAND_IN, fn
+    try:
+        yield
+    finally:
+        _STAND_IN = before
+
+
 def selective_scan_fn(
     u,
     delta,
@@ -168,6 +187,9 @@ def selective_scan_fn(
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
     """
+    if _STAND_IN is not None:
+        return _STAND_IN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, prev_state,
+                         window=window, position_offset=position_offset, backend=backend)
     shape, name, direct = _checked(u, delta, A, B, C, D, z, delta_bias, window, backend, prev_state)
     if position_offset:
         if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
