@@ -8,7 +8,7 @@ start, i.e. all of them).
 The steps are LBVim-T training steps (the LB scan on the cpu backend, AdamW) on random 224 px images, in this
 process; after each step the rule looks at the machine as `lbmamba`'s training loop does (its own code:
 `lbmamba.engine.device.ThreadFollower`). Reported per phase: the median step time and its ratio to the idle
-phase's. Targets (issue 33): busy / idle <= 2.2, after / idle <= 1.1.
+phase's. Targets: busy / idle <= 2.2, after / idle <= 1.1.
 """
 
 from __future__ import annotations

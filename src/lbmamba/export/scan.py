@@ -71,18 +71,22 @@ def _pad_first(t: torch.Tensor, pad: int, value: float) -> torch.Tensor:
     return torch.cat([t, fill])  # (F.pad of axis 0 comes out of the TorchScript exporter with its axes mixed up)
 
 
+def _blocks(t: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """Axis 0 of `t` cut into blocks of `size` positions, (n_blocks, size, ...), the last one padded with `value`."""
+    n = -(-t.shape[0] // size)
+    pad = n * size - t.shape[0]
+    if pad:
+        t = _pad_first(t, pad, value)
+    return t.reshape((n, size) + t.shape[1:])
+
+
 def blocked_scan(a: torch.Tensor, x: torch.Tensor, block: int):
     """h_t = a_t h_{t-1} + x_t along axis 0 (h_{-1} = 0) of (L, ...) tensors, in blocks of `block` positions:
     one step per position of a block (all blocks at once), then one step per block for the states carried
     between blocks, then one fix-up. Returns (h, P) with P_t = prod_{s<=t} a_s."""
     L = x.shape[0]
-    nb = -(-L // block)
-    pad = nb * block - L
-    if pad:
-        x = _pad_first(x, pad, 0.0)
-        a = _pad_first(a, pad, 1.0)
-    xb = x.reshape((nb, block) + x.shape[1:])
-    ab = a.reshape((nb, block) + a.shape[1:])
+    xb, ab = _blocks(x, block, 0.0), _blocks(a, block, 1.0)
+    nb = xb.shape[0]
     h, p = xb[:, 0], ab[:, 0]
     hs, ps = [h], [p]
     for j in range(1, block):  # inside every block at once
@@ -106,7 +110,7 @@ def blocked_scan(a: torch.Tensor, x: torch.Tensor, block: int):
         p_in = p_in * torch.stack([torch.ones_like(total[0])] + total[:-1]).unsqueeze(1)
     h_out = h_in.reshape((nb * block,) + x.shape[1:])
     p_out = p_in.reshape((nb * block,) + x.shape[1:])
-    if pad:
+    if nb * block != L:
         h_out, p_out = h_out[:L], p_out[:L]
     return h_out, p_out
 
@@ -115,13 +119,8 @@ def window_backward(a: torch.Tensor, x: torch.Tensor, W: int) -> torch.Tensor:
     """a_t h^R_{t+1} along axis 0 of (L, ...) tensors: h^R_t = a_t h^R_{t+1} + x_t inside windows of W
     positions (zero past each window's end), one step per position of a window, all windows at once."""
     L = x.shape[0]
-    nw = -(-L // W)
-    pad = nw * W - L
-    if pad:
-        x = _pad_first(x, pad, 0.0)
-        a = _pad_first(a, pad, 0.0)
-    xw = x.reshape((nw, W) + x.shape[1:])
-    aw = a.reshape((nw, W) + a.shape[1:])
+    xw, aw = _blocks(x, W, 0.0), _blocks(a, W, 0.0)
+    nw = xw.shape[0]
     r = xw[:, W - 1]
     outs = [torch.zeros_like(r)]  # a h^R past the window end
     for j in range(W - 2, -1, -1):
@@ -129,7 +128,7 @@ def window_backward(a: torch.Tensor, x: torch.Tensor, W: int) -> torch.Tensor:
         outs.append(g)
         r = g + xw[:, j]
     out = torch.stack(outs[::-1], 1).reshape((nw * W,) + x.shape[1:])
-    return out[:L] if pad else out
+    return out[:L] if nw * W != L else out
 
 
 def block_length(seqlen: int) -> int:
