@@ -81,3 +81,62 @@ def reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return rss_bytes("VmRSS")
+
+
+def vector_width() -> str:
+    """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2", ...), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return platform.machine() or "unknown"
+
+
+def provenance(args, script: str) -> dict:
+    """Where a result file comes from: the command, the git commit (with "+dirty" when the tree has
+    changes), the UTC date, the CPU and its vector width, and the load average (1, 5, 15 min) as it ends:
+    above the cores' count, other jobs shared the machine and times are slower than an idle one's."""
+    import shlex
+    from datetime import datetime, timezone
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"command": shlex.join(["python", script, *args]), "commit": commit,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
+            "vector_width": vector_width(), "cores": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_result(path: str, script: str, args, data: dict) -> str:
+    """Write a result file for the results page (benchmarks/report.py): {"benchmark": the script's name,
+    the provenance (command, commit, date, CPU), "data": data}, atomically."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+    from lbmamba.engine.files import write_json
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    name = os.path.splitext(os.path.basename(script))[0]
+    write_json(path, {"benchmark": name, **provenance(list(args), script), "data": data})
+    return path
+
+
+def read_result(path: str):
+    """A result file's contents, or None when there is none."""
+    import json
+
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

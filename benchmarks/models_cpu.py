@@ -100,6 +100,8 @@ def main(argv=None):
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--result", default=None,
+                        help="also write the numbers to this result file (for benchmarks/report.py)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
@@ -201,6 +203,13 @@ def main(argv=None):
                 print(f"LBVim-T / uVim-T inference, batch {b}: {_against(ratio, 0.9)}")
         ratio = lb["train"] / vim["train"]
         print(f"LBVim-T / Vim-T training step, batch {args.train_batch}: {_against(ratio, 1.4)}")
+    if args.result:
+        from machine import write_result
+
+        write_result(args.result, "benchmarks/models_cpu.py", sys.argv[1:] if argv is None else argv,
+                     {"img_size": args.img_size, "threads": torch.get_num_threads(), "repeats": repeats,
+                      "train_batch": args.train_batch, "rows": rows})
+        print(f"result file: {args.result}")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,11 @@ def pareto(points):
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot(summary: dict, path: str, title: str) -> str:
+def plot(summary: dict, path: str, title: str, key: str = "acc",
+         ylabel: str = "test accuracy (%), mean ± std over seeds",
+         reference: tuple | None = (NO_CONTEXT_ACC, "no context (about 55 %)")) -> str:
+    """One panel per task of summary[task][model]: the score `key`_mean ± `key`_std (fractions, drawn in %)
+    against infer_img_s, the Pareto front, and a dotted `reference` line (value, label) when given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -313,17 +317,18 @@ def plot(summary: dict, path: str, title: str) -> str:
     for ax, task in zip(axes, tasks):
         rows = summary[task]
         names = list(rows)
-        pts = [(rows[m]["infer_img_s"], rows[m]["acc_mean"]) for m in names]
+        pts = [(rows[m]["infer_img_s"], rows[m][f"{key}_mean"]) for m in names]
         for k, m in enumerate(names):
-            ax.errorbar(pts[k][0], pts[k][1] * 100, yerr=rows[m]["acc_std"] * 100, fmt="o", capsize=3,
+            ax.errorbar(pts[k][0], pts[k][1] * 100, yerr=rows[m][f"{key}_std"] * 100, fmt="o", capsize=3,
                         color=f"C{k % 10}", label=m)
             ax.annotate(m, (pts[k][0], pts[k][1] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axhline(NO_CONTEXT_ACC * 100, color="grey", ls=":", lw=1, label="no context (about 55 %)")
+        if reference is not None:
+            ax.axhline(reference[0] * 100, color="grey", ls=":", lw=1, label=reference[1])
         front = pareto(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] * 100 for i in front], "k--", lw=1, alpha=0.6,
                 label="Pareto front")
         ax.set_xlabel("CPU inference throughput (images/s)")
-        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_ylabel(ylabel)
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -355,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/tradeoff_runs", help="folder of the resumable runs file")
     p.add_argument("--figure", default="benchmarks/tradeoff.png")
     p.add_argument("--json", default=None, help="also write every number here")
+    p.add_argument("--result", default=None, help="also write the summary to this result file (for "
+                   "benchmarks/report.py: benchmarks/results/tradeoff.json, or tradeoff_other_mambas.json)")
     p.add_argument("--quick", action="store_true", help="tiny setting: checks that it runs")
     p.add_argument("--train-only", action="store_true",
                    help="train the missing runs and stop (no timing, table or figure): for several processes "
@@ -473,6 +480,11 @@ def main(argv=None) -> int:
               "runs": {f"{t}/{m}/{sd}": runs[f"{t}/{m}/{sd}"] for t in tasks for m in models for sd in seeds}}
     if args.json:
         write_json(args.json, report)
+    if args.result:
+        from machine import write_result
+
+        write_result(args.result, "benchmarks/tradeoff.py", sys.argv[1:] if argv is None else argv,
+                     {k: v for k, v in report.items() if k != "runs"})
     print(json.dumps(report))
     return 0
 
