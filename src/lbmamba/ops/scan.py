@@ -8,6 +8,7 @@ import torch
 
 from . import _fused
 from ._checks import ScanShape, as_grouped, check_scan_args
+from .func_transforms import func_scan
 from .reference import selective_scan_ref
 from .torch_scan import selective_scan_torch
 
@@ -205,13 +206,16 @@ def selective_scan_fn(
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   prev_state, window=window)
-    if name == "torch":
+    if name == "torch" and not _functorch_active():
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     prev_state, window=window)
     if direct is not None:
         keep_last = bool(return_last_state)
         plan = direct.plans.get(keep_last) or direct.direct_plan(keep_last, (u, delta, A, B, C, D, z, delta_bias))
         out, last_state, _ = plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state)
+    elif _functorch_active():  # torch.func's transforms need Functions with setup_context and a vmap rule
+        out, last_state = func_scan(u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, delta_softplus,
+                                    prev_state, shape.window, name)
     else:
         out, last_state, _ = _fused.lb_scan_fwd(
             u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, bool(delta_softplus), shape.window, name,

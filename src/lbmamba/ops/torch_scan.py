@@ -208,180 +208,193 @@ def _recompute(bufs: _Chunk, checkpoint, dt, dtu, A2, b_op, s, Tc):
     return Tw
 
 
+def lb_forward(u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk, prev_state=None, keep=True):
+    """The forward without autograd: out, last_state and (keep) h^L before every chunk,
+    (n_chunks, batch, dim, N), which `lb_backward` takes (without keep: one state, for no backward)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dev = u.device
+    W, T = window, chunk
+    A_ = A.to(ct)
+    A2 = A_ * _LOG2E
+    bias = delta_bias.to(ct) if delta_bias is not None else None
+    D_ = D.to(ct) if D is not None else None
+    b_op, c_op = _BC(B, dim, ct), _BC(C, dim, ct)
+    n_chunks = -(-L // T)
+
+    # h^L before each chunk, for the backward; without one, only the state carried to the next chunk
+    checkpoints = torch.empty((n_chunks if keep else 1, batch, dim, N), dtype=ct, device=dev)
+    if prev_state is None:
+        checkpoints[0].zero_()
+    else:  # h^L before the first position
+        checkpoints[0].copy_(prev_state)
+    bufs = _Chunk(("a", "hl", "hr") if W > 1 else ("a", "hl"), T, W, batch, dim, N, ct, dev)
+    out = torch.empty((batch, dim, L), dtype=u.dtype, device=dev)
+    last_state = torch.empty((batch, dim, N), dtype=ct, device=dev)
+
+    for c in range(n_chunks):
+        s = c * T
+        e = min(s + T, L)
+        Tc = e - s
+        _, dt, dtu, u_c = _steps(delta, u, bias, softplus, s, e, ct)
+        Tw = _recompute(bufs, checkpoints[c if keep else 0], dt, dtu, A2, b_op, s, Tc)
+        if c + 1 < n_chunks:
+            checkpoints[c + 1 if keep else 0].copy_(bufs.hl[Tc])
+        else:
+            last_state.copy_(bufs.hl[Tc])
+        if W > 1:  # h = h^L + h^R - x = h^L + a h^R_{t+1}, in place over h^L
+            hw, aw, hrw = bufs.windows("hl", Tw, 1)[0], bufs.windows("a", Tw)[0], bufs.windows("hr", Tw)[0]
+            hw[:, :W - 1].addcmul_(aw[:, :W - 1], hrw[:, 1:])
+        y = c_op.contract(bufs.hl[1:Tc + 1], s)
+        if D_ is not None:
+            y.addcmul_(u_c, D_)
+        if z is not None:
+            y.mul_(F.silu(_load(z, s, e, ct)))
+        _positions_first(out, s, e).copy_(y)
+    return out, last_state, checkpoints
+
+
+def lb_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk, checkpoints,
+                prev_state=None, need=(True,) * 12):
+    """The gradients of `lb_forward`'s inputs (in its argument order, None where not needed or not given)
+    from those of out (`dout`) and last_state (`dlast`), either None for zeros. `need`: needs_input_grad."""
+    W, T = window, chunk
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dev = u.device
+    A_ = A.to(ct)
+    A2 = A_ * _LOG2E
+    bias = delta_bias.to(ct) if delta_bias is not None else None
+    D_ = D.to(ct) if D is not None else None
+    b_op, c_op = _BC(B, dim, ct), _BC(C, dim, ct)
+    n_chunks = checkpoints.shape[0]
+    if dout is None:  # only the last state is used
+        dout = torch.zeros((), dtype=u.dtype, device=dev).expand(batch, dim, L)
+
+    du = torch.empty((batch, dim, L), dtype=u.dtype, device=dev)
+    ddelta = torch.empty((batch, dim, L), dtype=delta.dtype, device=dev)
+    dz = torch.empty((batch, dim, L), dtype=z.dtype, device=dev) if z is not None and need[6] else None
+    dA = torch.zeros((dim, N), dtype=ct, device=dev)
+    dB, dC = b_op.new_grad(), c_op.new_grad()
+    dD = torch.zeros(dim, dtype=ct, device=dev) if D is not None else None
+    dbias = torch.zeros(dim, dtype=ct, device=dev) if delta_bias is not None else None
+
+    # a: a, then scratch; hl: h^L (slot 0: before the chunk), then da a; dh: dy C, then G^L, then dx;
+    # hr: h^R; gr: h, then G^R, then a G^R
+    bufs = _Chunk(("a", "hl", "dh", "hr", "gr") if W > 1 else ("a", "hl", "dh"), T, W, batch, dim, N, ct, dev)
+    ones = torch.ones((N, 1), dtype=ct, device=dev)
+    carry = torch.zeros((batch, dim, N), dtype=ct, device=dev)  # a_{t+1} G^L_{t+1} at the chunk's end
+    if dlast is not None:
+        carry.copy_(dlast)
+
+    for c in range(n_chunks - 1, -1, -1):
+        s = c * T
+        e = min(s + T, L)
+        Tc = e - s
+        raw, dt, dtu, u_c = _steps(delta, u, bias, softplus, s, e, ct)
+        Tw = _recompute(bufs, checkpoints[c], dt, dtu, A2, b_op, s, Tc)
+        av = bufs.a_at
+        h = bufs.hl[1:Tc + 1]
+        if W > 1:
+            (aw, aj), hrw = bufs.windows("a", Tw), bufs.windows("hr", Tw)[0]
+            (dhw, dhj), (grw, grj) = bufs.windows("dh", Tw), bufs.windows("gr", Tw)
+
+        # the readout: dy, dz, dD, dC
+        g = _load(dout, s, e, ct)
+        if z is not None:
+            z_c = _load(z, s, e, ct)
+            dy = g * F.silu(z_c)
+        else:
+            dy = g
+        if W > 1 and (dz is not None or need[4]):  # h = h^L + a h^R_{t+1}, in the G^R buffer (free till G^R)
+            hlw = bufs.windows("hl", Tw, 1)[0]
+            torch.addcmul(hlw[:, :W - 1], aw[:, :W - 1], hrw[:, 1:], out=grw[:, :W - 1])
+            grw[:, W - 1].copy_(hlw[:, W - 1])
+            h = bufs.gr[:Tc]
+        if dz is not None:
+            y = c_op.contract(h, s)
+            if D_ is not None:
+                y.addcmul_(u_c, D_)
+            _positions_first(dz, s, e).copy_(torch.ops.aten.silu_backward(g.mul_(y), z_c))
+        if dD is not None and need[5]:
+            dD.add_((dy * u_c).sum((0, 1)))
+        if need[4]:
+            c_op.grad(dy, h, dC, s)
+
+        # the reverse recurrences: G^R (inside each window, left to right) and G^L (right to left)
+        dh = bufs.dh[:Tc]
+        c_op.scale(dy, s, dh)
+        if W > 1:
+            grj[0].copy_(dhj[0])
+            for j in range(1, W):
+                torch.addcmul(dhj[j], aj[j - 1], grj[j - 1], out=grj[j])
+        gl = bufs.dh_at
+        gl[Tc - 1].add_(carry)
+        for i in range(Tc - 2, -1, -1):
+            gl[i].addcmul_(av[i + 1], gl[i + 1])
+        torch.mul(av[0], gl[0], out=carry)
+
+        # da a = a_t (G^L_t h^L_{t-1} + G^R_t h^R_{t+1}), over h^L_{t-1}; dx = G^L_t + a_{t-1} G^R_{t-1}
+        ea = bufs.hl[:Tc]
+        ea.mul_(bufs.a[:Tc]).mul_(dh)
+        if W > 1:
+            grw.mul_(aw)  # a G^R
+            bufs.windows("hl", Tw)[0][:, :W - 1].addcmul_(grw[:, :W - 1], hrw[:, 1:])
+            dhw[:, 1:].add_(grw[:, :W - 1])
+        dx = dh
+
+        # through a = exp(ΔA), x = Δ u B and the softplus
+        tmp = bufs.a[:Tc]
+        ddt = _sum_last(torch.mul(ea, A_, out=tmp), ones)
+        if need[2]:
+            dA.add_(torch.mul(ea, dt.unsqueeze(-1), out=tmp).sum((0, 1)))
+        dxb = b_op.contract(dx, s)
+        if need[3]:
+            b_op.grad(dtu, dx, dB, s)
+        ddt.addcmul_(dxb, u_c)
+        du_c = dxb.mul_(dt)
+        if D_ is not None:
+            du_c.addcmul_(dy, D_)
+        _positions_first(du, s, e).copy_(du_c)
+        if softplus:
+            ddt = torch.ops.aten.softplus_backward(ddt, raw, 1.0, _SOFTPLUS_THRESHOLD)
+        if dbias is not None:
+            dbias.add_(ddt.sum((0, 1)))
+        _positions_first(ddelta, s, e).copy_(ddt)
+
+    return (
+        du,
+        ddelta,
+        dA.to(A.dtype) if need[2] else None,
+        b_op.finish_grad(dB, B) if need[3] else None,
+        c_op.finish_grad(dC, C) if need[4] else None,
+        dD.to(D.dtype) if dD is not None and need[5] else None,
+        dz,
+        dbias.to(delta_bias.dtype) if dbias is not None and need[7] else None,
+        None,
+        None,
+        None,
+        carry.to(prev_state.dtype) if prev_state is not None and need[11] else None,  # a_0 G^L_0
+    )
+
+
 class _LBScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk, prev_state=None):
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-        dev = u.device
-        W, T = window, chunk
-        A_ = A.to(ct)
-        A2 = A_ * _LOG2E
-        bias = delta_bias.to(ct) if delta_bias is not None else None
-        D_ = D.to(ct) if D is not None else None
-        b_op, c_op = _BC(B, dim, ct), _BC(C, dim, ct)
-        n_chunks = -(-L // T)
-
-        # h^L before each chunk, for the backward; without one, only the state carried to the next chunk
-        keep = any(ctx.needs_input_grad)
-        checkpoints = torch.empty((n_chunks if keep else 1, batch, dim, N), dtype=ct, device=dev)
-        if prev_state is None:
-            checkpoints[0].zero_()
-        else:  # h^L before the first position
-            checkpoints[0].copy_(prev_state)
-        bufs = _Chunk(("a", "hl", "hr") if W > 1 else ("a", "hl"), T, W, batch, dim, N, ct, dev)
-        out = torch.empty((batch, dim, L), dtype=u.dtype, device=dev)
-        last_state = torch.empty((batch, dim, N), dtype=ct, device=dev)
-
-        for c in range(n_chunks):
-            s = c * T
-            e = min(s + T, L)
-            Tc = e - s
-            _, dt, dtu, u_c = _steps(delta, u, bias, softplus, s, e, ct)
-            Tw = _recompute(bufs, checkpoints[c if keep else 0], dt, dtu, A2, b_op, s, Tc)
-            if c + 1 < n_chunks:
-                checkpoints[c + 1 if keep else 0].copy_(bufs.hl[Tc])
-            else:
-                last_state.copy_(bufs.hl[Tc])
-            if W > 1:  # h = h^L + h^R - x = h^L + a h^R_{t+1}, in place over h^L
-                hw, aw, hrw = bufs.windows("hl", Tw, 1)[0], bufs.windows("a", Tw)[0], bufs.windows("hr", Tw)[0]
-                hw[:, :W - 1].addcmul_(aw[:, :W - 1], hrw[:, 1:])
-            y = c_op.contract(bufs.hl[1:Tc + 1], s)
-            if D_ is not None:
-                y.addcmul_(u_c, D_)
-            if z is not None:
-                y.mul_(F.silu(_load(z, s, e, ct)))
-            _positions_first(out, s, e).copy_(y)
-
+        out, last_state, checkpoints = lb_forward(u, delta, A, B, C, D, z, delta_bias, softplus, window, chunk,
+                                                  prev_state, keep=any(ctx.needs_input_grad))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, prev_state)
-        ctx.softplus, ctx.window, ctx.chunk = softplus, W, T
+        ctx.softplus, ctx.window, ctx.chunk = softplus, window, chunk
         ctx.set_materialize_grads(False)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, checkpoints, prev_state = ctx.saved_tensors
-        softplus, W, T = ctx.softplus, ctx.window, ctx.chunk
-        need = ctx.needs_input_grad
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-        dev = u.device
-        A_ = A.to(ct)
-        A2 = A_ * _LOG2E
-        bias = delta_bias.to(ct) if delta_bias is not None else None
-        D_ = D.to(ct) if D is not None else None
-        b_op, c_op = _BC(B, dim, ct), _BC(C, dim, ct)
-        n_chunks = checkpoints.shape[0]
-        if dout is None:  # only the last state is used
-            dout = torch.zeros((), dtype=u.dtype, device=dev).expand(batch, dim, L)
-
-        du = torch.empty((batch, dim, L), dtype=u.dtype, device=dev)
-        ddelta = torch.empty((batch, dim, L), dtype=delta.dtype, device=dev)
-        dz = torch.empty((batch, dim, L), dtype=z.dtype, device=dev) if z is not None and need[6] else None
-        dA = torch.zeros((dim, N), dtype=ct, device=dev)
-        dB, dC = b_op.new_grad(), c_op.new_grad()
-        dD = torch.zeros(dim, dtype=ct, device=dev) if D is not None else None
-        dbias = torch.zeros(dim, dtype=ct, device=dev) if delta_bias is not None else None
-
-        # a: a, then scratch; hl: h^L (slot 0: before the chunk), then da a; dh: dy C, then G^L, then dx;
-        # hr: h^R; gr: h, then G^R, then a G^R
-        bufs = _Chunk(("a", "hl", "dh", "hr", "gr") if W > 1 else ("a", "hl", "dh"), T, W, batch, dim, N, ct, dev)
-        ones = torch.ones((N, 1), dtype=ct, device=dev)
-        carry = torch.zeros((batch, dim, N), dtype=ct, device=dev)  # a_{t+1} G^L_{t+1} at the chunk's end
-        if dlast is not None:
-            carry.copy_(dlast)
-
-        for c in range(n_chunks - 1, -1, -1):
-            s = c * T
-            e = min(s + T, L)
-            Tc = e - s
-            raw, dt, dtu, u_c = _steps(delta, u, bias, softplus, s, e, ct)
-            Tw = _recompute(bufs, checkpoints[c], dt, dtu, A2, b_op, s, Tc)
-            av = bufs.a_at
-            h = bufs.hl[1:Tc + 1]
-            if W > 1:
-                (aw, aj), hrw = bufs.windows("a", Tw), bufs.windows("hr", Tw)[0]
-                (dhw, dhj), (grw, grj) = bufs.windows("dh", Tw), bufs.windows("gr", Tw)
-
-            # the readout: dy, dz, dD, dC
-            g = _load(dout, s, e, ct)
-            if z is not None:
-                z_c = _load(z, s, e, ct)
-                dy = g * F.silu(z_c)
-            else:
-                dy = g
-            if W > 1 and (dz is not None or need[4]):  # h = h^L + a h^R_{t+1}, in the G^R buffer (free till G^R)
-                hlw = bufs.windows("hl", Tw, 1)[0]
-                torch.addcmul(hlw[:, :W - 1], aw[:, :W - 1], hrw[:, 1:], out=grw[:, :W - 1])
-                grw[:, W - 1].copy_(hlw[:, W - 1])
-                h = bufs.gr[:Tc]
-            if dz is not None:
-                y = c_op.contract(h, s)
-                if D_ is not None:
-                    y.addcmul_(u_c, D_)
-                _positions_first(dz, s, e).copy_(torch.ops.aten.silu_backward(g.mul_(y), z_c))
-            if dD is not None and need[5]:
-                dD.add_((dy * u_c).sum((0, 1)))
-            if need[4]:
-                c_op.grad(dy, h, dC, s)
-
-            # the reverse recurrences: G^R (inside each window, left to right) and G^L (right to left)
-            dh = bufs.dh[:Tc]
-            c_op.scale(dy, s, dh)
-            if W > 1:
-                grj[0].copy_(dhj[0])
-                for j in range(1, W):
-                    torch.addcmul(dhj[j], aj[j - 1], grj[j - 1], out=grj[j])
-            gl = bufs.dh_at
-            gl[Tc - 1].add_(carry)
-            for i in range(Tc - 2, -1, -1):
-                gl[i].addcmul_(av[i + 1], gl[i + 1])
-            torch.mul(av[0], gl[0], out=carry)
-
-            # da a = a_t (G^L_t h^L_{t-1} + G^R_t h^R_{t+1}), over h^L_{t-1}; dx = G^L_t + a_{t-1} G^R_{t-1}
-            ea = bufs.hl[:Tc]
-            ea.mul_(bufs.a[:Tc]).mul_(dh)
-            if W > 1:
-                grw.mul_(aw)  # a G^R
-                bufs.windows("hl", Tw)[0][:, :W - 1].addcmul_(grw[:, :W - 1], hrw[:, 1:])
-                dhw[:, 1:].add_(grw[:, :W - 1])
-            dx = dh
-
-            # through a = exp(ΔA), x = Δ u B and the softplus
-            tmp = bufs.a[:Tc]
-            ddt = _sum_last(torch.mul(ea, A_, out=tmp), ones)
-            if need[2]:
-                dA.add_(torch.mul(ea, dt.unsqueeze(-1), out=tmp).sum((0, 1)))
-            dxb = b_op.contract(dx, s)
-            if need[3]:
-                b_op.grad(dtu, dx, dB, s)
-            ddt.addcmul_(dxb, u_c)
-            du_c = dxb.mul_(dt)
-            if D_ is not None:
-                du_c.addcmul_(dy, D_)
-            _positions_first(du, s, e).copy_(du_c)
-            if softplus:
-                ddt = torch.ops.aten.softplus_backward(ddt, raw, 1.0, _SOFTPLUS_THRESHOLD)
-            if dbias is not None:
-                dbias.add_(ddt.sum((0, 1)))
-            _positions_first(ddelta, s, e).copy_(ddt)
-
-        return (
-            du,
-            ddelta,
-            dA.to(A.dtype) if need[2] else None,
-            b_op.finish_grad(dB, B) if need[3] else None,
-            c_op.finish_grad(dC, C) if need[4] else None,
-            dD.to(D.dtype) if dD is not None and need[5] else None,
-            dz,
-            dbias.to(delta_bias.dtype) if dbias is not None and need[7] else None,
-            None,
-            None,
-            None,
-            carry.to(prev_state.dtype) if prev_state is not None and need[11] else None,  # a_0 G^L_0
-        )
+        return lb_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.window, ctx.chunk,
+                           checkpoints, prev_state, ctx.needs_input_grad)
 
 
 def selective_scan_torch(
