@@ -241,3 +241,24 @@ def test_nested_vmap_and_forward_mode_refused(backend):
             close(out[i, j], selective_scan_ref(uu[i, j], g["delta"], g["A"], g["B"], g["C"], window=4))
     with pytest.raises(NotImplementedError, match="jvp"):  # forward mode: documented as not supported
         torch.func.jvp(f, (g["u"],), (torch.ones_like(g["u"]),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_and_vmap_with_position_offset(backend):
+    """A chunk whose first positions end a window begun before it (position_offset 3, window 4)."""
+    g = make(batch=2, L=13)
+
+    def f(backend_name):
+        def fn(u, A, prev_state):
+            out, last = selective_scan_fn(u, g["delta"], A, g["B"], g["C"], g["D"], g["z"], g["delta_bias"], True,
+                                          True, prev_state, window=4, position_offset=3, backend=backend_name)
+            return out.sum() + last.square().sum()
+        return fn
+
+    args = (g["u"], g["A"], g["prev_state"])
+    for a, b in zip(grad(f(backend), argnums=(0, 1, 2))(*args), grad(f("reference"), argnums=(0, 1, 2))(*args)):
+        close(a, b)
+    with no_fallback():
+        got = vmap(f(backend), in_dims=(0, None, 0))(torch.stack([g["u"], -g["u"]]), g["A"],
+                                                       torch.stack([g["prev_state"]] * 2))
+    close(got[1], f("reference")(-g["u"], g["A"], g["prev_state"]))
