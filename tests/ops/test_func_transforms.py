@@ -262,3 +262,32 @@ def test_grad_and_vmap_with_position_offset(backend):
         got = vmap(f(backend), in_dims=(0, None, 0))(torch.stack([g["u"], -g["u"]]), g["A"],
                                                        torch.stack([g["prev_state"]] * 2))
     close(got[1], f("reference")(-g["u"], g["A"], g["prev_state"]))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
+def test_registered_ops_vmap_rules():
+    """torch.ops.lbmamba.lb_scan_fwd / lb_scan_bwd under vmap (no fallback) equal the per-sample calls."""
+    V = 2
+    g = make(batch=1, L=9, bc="grouped", prev=False)
+    us = torch.randn(V, *g["u"].shape, dtype=torch.float64)
+    As = -torch.rand(V, *g["A"].shape, dtype=torch.float64) - 0.2
+    rest = (g["B"], g["C"], g["D"], g["z"], g["delta_bias"], True, 4, "cpu")
+
+    def fwd(u, A):
+        return torch.ops.lbmamba.lb_scan_fwd(u, g["delta"], A, *rest)
+
+    def bwd(dout, u, A):
+        _, _, ckpt = fwd(u, A)
+        return torch.ops.lbmamba.lb_scan_bwd(dout, None, u, g["delta"], A, *rest, ckpt)
+
+    douts = torch.randn_like(us)
+    for in_dims in ((0, None), (0, 0)):  # folded into batch, then into channels (A per sample)
+        with no_fallback():
+            got = vmap(fwd, in_dims=in_dims)(us, As if in_dims[1] == 0 else g["A"])
+            got_b = vmap(bwd, in_dims=(0,) + in_dims)(douts, us, As if in_dims[1] == 0 else g["A"])
+        for v in range(V):
+            A = As[v] if in_dims[1] == 0 else g["A"]
+            for a, b in zip(got, fwd(us[v], A)):
+                close(a[v], b)
+            for a, b in zip(got_b, bwd(douts[v], us[v], A)):
+                close(a[v], b)

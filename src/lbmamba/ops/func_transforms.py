@@ -177,3 +177,33 @@ def func_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, prev_state, w
     out, last_state, _ = FuncScan.apply(u, delta, A, B, C, D, z, delta_bias, prev_state, bool(delta_softplus),
                                         window, backend)
     return out, last_state
+
+
+# The registered ops themselves (`lbmamba::lb_scan_fwd` / `lb_scan_bwd`) under vmap, with the same folds: for
+# code that calls them directly (selective_scan_fn goes through FuncScan under transforms).
+_OP_FORWARD_KINDS = _FORWARD_KINDS[:8] + (None, None, None, "seq")  # ..., softplus, window, backend, prev_state
+_OP_BACKWARD_KINDS = ("seq", "seq") + _FORWARD_KINDS[:8] + (None, None, None, "ckpt", "seq")
+
+
+def _op_forward_vmap(info, in_dims, *args):
+    V, backend = info.batch_size, args[10]
+    mode = _mode(in_dims, args, _OP_FORWARD_KINDS)
+    folded = [_fold(t, b, k, mode, backend, V) for t, b, k in zip(args, in_dims, _OP_FORWARD_KINDS)]
+    outputs = _fused.lb_scan_fwd(*folded)
+    results = [_unfold(t, k, mode, backend, V) for t, k in zip(outputs, ("seq", "seq", "ckpt"))]
+    return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+
+def _op_backward_vmap(info, in_dims, *args):
+    V, backend = info.batch_size, args[12]
+    folded = [_fold(t, b, k, "dim", backend, V) for t, b, k in zip(args, in_dims, _OP_BACKWARD_KINDS)]
+    grads = _fused.lb_scan_bwd(*folded)
+    results = []
+    for g, kind in zip(grads, ("seq", "seq", "chan", "bc", "bc", "chan", "seq", "chan", "seq")):
+        # dz / dprev_state are empty when z / prev_state were not given
+        results.append((g.new_empty((V, 0)), 0) if g.numel() == 0 else _unfold(g, kind, "dim", backend, V))
+    return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+
+torch.library.register_vmap("lbmamba::lb_scan_fwd", _op_forward_vmap)
+torch.library.register_vmap("lbmamba::lb_scan_bwd", _op_backward_vmap)
