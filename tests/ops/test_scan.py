@@ -225,7 +225,7 @@ def test_direct_call_reads_the_mixers_layouts(dtype, seqlen):
         assert rel_err(last, ref_last) < tol, f"seed {seed}"
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's loop over the op: expected here
+@pytest.mark.filterwarnings("error:There is a performance drop")  # the vmap rule folds, never a per-sample loop
 def test_vmap_goes_through_the_op():
     """Under a torch.func transform the tensors are wrapped: the call must not take the direct path."""
     inputs = make_inputs(3, 8, 9, 4, bc="variable", seed=fresh_seed())
