@@ -31,9 +31,9 @@ from machine import provenance, read_result, write_result  # noqa: E402  (after 
 #: task -> the command's words after `lbmamba`, and the figures its README line quotes
 TASKS = {
     "train": (["train"], ["val_top1"]),
-    "mil": (["mil", "train"], ["test_auc_mean", "test_f1_mean"]),
-    "seg": (["seg", "train"], ["mIoU", "mAcc"]),
-    "det": (["det", "train"], ["bbox_AP50", "bbox_AP", "segm_AP50"]),
+    "mil": (["mil", "train"], ["auc_mean", "f1_mean", "acc_mean"]),
+    "seg": (["seg", "train"], ["val_mIoU", "val_mAcc"]),
+    "det": (["det", "train"], ["val_box_AP50", "val_box_AP", "val_mask_AP"]),
 }
 
 

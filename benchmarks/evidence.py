@@ -71,7 +71,7 @@ TASKS = {
     "marked_bar": ("cls", local_tasks.CLS_CLASSES, 1),
 }
 #: optimizer steps per run (quick: 8)
-STEPS = {"digit_scenes": 600, "capped_bars": 300, "marked_bar": 400}
+STEPS = {"digit_scenes": 1200, "capped_bars": 300, "marked_bar": 400}
 #: fractions of a run's steps after which the test score is taken too (the learning curve)
 CURVE_AT = (0.25, 0.5, 0.75)
 MODELS = {name: VIM_FAMILY[name] for name in ("lbvim", "uvim", "vim", "lbvim_w2", "lbvim_w8", "lbvim_w16")}
@@ -169,7 +169,8 @@ def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
         sched.step()
         losses.append(float(loss.detach()))
     train_s = time.perf_counter() - start
-    return {"task": task, "model": name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
+    return {"task": task, "model": name, "seed": seed, "steps": total,
+            "params": sum(p.numel() for p in model.parameters()),
             "score": score(model, task, *data["test"], batch), "curve": curve,
             "final_loss": statistics.fmean(losses[-50:]), "train_s": train_s}
 
@@ -262,9 +263,16 @@ def main(argv=None) -> int:
     machine = describe(torch.get_num_threads())
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    # the runs file is named by the settings every run shares; a task's steps live in each run, so that a
+    # new budget for one task retrains that task only
+    shared = {k: v for k, v in cfg.items() if k != "steps"}
+    digest = hashlib.sha1(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:10]
     runs_path = os.path.join(args.out, f"runs-{digest}.json")
-    runs = record_run(runs_path, cfg)
+
+    def current(found: dict) -> dict:
+        return {k: r for k, r in found.items() if r.get("steps") == cfg["steps"][k.split("/")[0]]}
+
+    runs = current(record_run(runs_path, shared))
     print(f"# LB where context is local: {', '.join(tasks)}; models {', '.join(models)}; seeds {seeds}")
     print(f"{machine}; torch {torch.__version__}; settings {json.dumps(cfg)}; runs file {runs_path}", flush=True)
 
@@ -279,7 +287,7 @@ def main(argv=None) -> int:
             n = {"train": cfg["n_train"], "test": cfg["n_test"]}
             data[task] = {s: make_data(task, n[s], cfg["data_seed"] + off, s) for s, off in SPLIT_OFFSETS.items()}
         r = train_one(task, name, int(seed), cfg, data[task])
-        runs = record_run(runs_path, cfg, key, r)
+        runs = current(record_run(runs_path, shared, key, r))
         trained += 1
         print(f"trained {key}: score {r['score']:.3f} ({r['train_s']:.0f} s)", flush=True)
     planned = plan(tasks, models, seeds, runs)

@@ -32,9 +32,11 @@ def write(folder: Path, name: str, data: dict) -> None:
 
 def test_page_from_fixture_files(report, tmp_path):
     write(tmp_path, "evidence.json", {
-        "config": {"embed_dim": 64, "depth": 4, "batch": 32, "steps": {"capped_bars": 20}}, "seeds": [0, 1, 2], "figure": "benchmarks/evidence.png",
+        "config": {"embed_dim": 64, "depth": 4, "batch": 32, "steps": {"capped_bars": 20}}, "seeds": [0, 1, 2],
+        "figure": "benchmarks/evidence.png",
         "missing": ["digit_scenes/vim/2"],
-        "summary": {"capped_bars": {"lbvim": row([0.90, 0.91, 0.92]), "uvim": row([0.80, 0.81, 0.79]),
+        "summary": {"capped_bars": {"lbvim": row([0.90, 0.91, 0.92]),
+                                    "uvim": row([0.80, 0.81, 0.79]),
                                     "vim": row([0.90, 0.93, 0.91])}}})
     write(tmp_path, "models_cpu.json", {"train_batch": 8, "rows": {
         "LBVim-T": {"params": 6.42e6, "mm_flops": 2.356e9, "scan_flops": 0.376e9, "infer": {"8": 28.9, "32": 28.5},
