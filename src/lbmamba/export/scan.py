@@ -2,20 +2,21 @@
 
 `selective_scan_fn`'s backends loop over positions (or call kernels) that an ONNX graph cannot hold: traced, the
 `torch` backend's per-position loop unrolls into tens of thousands of nodes, and a custom op needs a custom
-onnxruntime build. Here the two recurrences of the LB scan (docs/lb-scan.md) are written as *parallel prefix
-scans* (Hillis-Steele) of the affine maps h -> a_t h + x_t: after round k every position holds the composition of
-the 2^k maps ending at it, so
+onnxruntime build. Here the two recurrences of the LB scan (docs/lb-scan.md), h_t = a_t h_{t-1} + x_t over the
+whole sequence (h^L) and inside each window backwards (h^R), are written for a fixed length L as a short graph of
+elementwise ops on (batch, L, dim, N) tensors: no Loop, no Scan.
 
-    for d = 1, 2, 4, ...:   x_t += a_t x_{t-d};   a_t *= a_{t-d}      (positions before 0: x = 0, a = 1)
+The default, `blocked_scan`: the positions are cut into blocks of about sqrt(L); one step per position of a block
+runs all blocks at once (a Split takes the positions, then a Mul and an Add per step, a Concat puts them back),
+one step per block carries the state from block to block, and one fix-up adds the carried state times the decay
+inside the block, exp(CumSum(delta A)) (log-decays <= 0 summed over one block: it can underflow to 0, never
+overflow). `window_backward` is the same loop over the W positions of a window, all windows at once. About
+2 (sqrt(L) + W) nodes per scan call; O(L) work. It is exact up to float rounding: the sums are reassociated, not
+approximated. The file size does not change (no weights in the scan).
 
-leaves h_t in x and the cumulative decay prod_{s<=t} a_s in a, after ceil(log2 L) rounds of about 8 nodes each
-(Slice, Pad, Mul, Add). The global forward state h^L runs over the whole sequence; the window-local backward
-state h^R runs over a (windows, W) view of the reversed-in-window problem, so each window restarts by itself
-(the Pad of the shift fills the zero state at every window end). Everything is elementwise on (batch, dim, N, L)
-tensors: no Loop, no Scan, no exp of a cumulative sum that could overflow (products of decays in (0, 1] only
-underflow to 0, which is their value). It is exact up to float rounding: the sums are reassociated, not
-approximated. The file size does not change (no weights in the scan); the node count per scan call is about
-8 (ceil(log2 L) + ceil(log2 W)) + 20.
+The other form, kept for the measurements (FORM["form"] = "doubling"), is a Hillis-Steele prefix scan over the
+whole sequence: ceil(log2 L) rounds of `x_t += a_t x_{t-d}; a_t *= a_{t-d}`; fewer nodes, but L log L work and
+shifted copies that made it 3x slower in onnxruntime (docs/deploy.md).
 
 `onnx_scan()` switches every lbmamba layer to this form inside a `with` block (through
 `lbmamba.ops.scan.scan_stand_in`: `selective_scan_fn` itself calls this form while the block runs), which is how
