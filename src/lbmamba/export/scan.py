@@ -100,8 +100,7 @@ def blocked_scan(a: torch.Tensor, x: torch.Tensor, block: int, log_a: Optional[t
     one Split (not a Gather per position) and put back with one Concat, so a step is one Mul and one Add; with
     `log_a` (log a, which the caller has: a = exp(delta A)) the decay inside a block is exp(CumSum(log a)), two
     nodes, where a product per position would add a Mul per step (the sums stay within a block and are <= 0:
-    the exp cannot overflow). The batch is the outer axis: the trace's symbolic batch size then enters no
-    stride, which keeps torch.export's shape arithmetic (most of the export time) small."""
+    the exp cannot overflow)."""
     L = x.shape[1]
     xb, ab = _blocks(x, block, 0.0), _blocks(a, block, 1.0)  # (batch, nb, block, ...)
     nb = xb.shape[1]
