@@ -176,6 +176,8 @@ def test_bad_input_is_one_line_naming_the_problem(digits_run, tmp_path):
     with pytest.raises(UserError, match="engine onnxruntime needs an exported .onnx"):
         predict({"checkpoint": str(digits_run["checkpoint"]), "engine": "onnxruntime",
                  "inputs": str(digits_run["images"])})
+    with pytest.raises(ValueError, match="optimize must be one of light, full, none, got 'fast'"):
+        export_onnx(torch.nn.Identity(), str(tmp_path / "m.onnx"), img_size=(8, 8), in_chans=1, optimize="fast")
     assert not (tmp_path / "m.onnx").exists()
 
 
