@@ -41,6 +41,27 @@ def test_a_previous_state_enters_as_the_state_before_position_0():
     assert torch.allclose(rest, whole[0][..., 5:], rtol=1e-10, atol=1e-12)
 
 
+def test_the_blocked_scan_gives_the_states_and_decays_with_or_without_log_a():
+    """blocked_scan along the positions (axis 1) against a plain loop, for a length that leaves the last block
+    short; the decays from exp(CumSum(log a)) equal the per-position products."""
+    from lbmamba.export.scan import blocked_scan
+
+    g = torch.Generator().manual_seed(3)
+    log_a = -torch.rand(2, 23, 3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 23, 3, 4, generator=g, dtype=torch.float64)
+    a = log_a.exp()
+    h, p, hs, ps = torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0]), [], []
+    for t in range(23):
+        h, p = a[:, t] * h + x[:, t], a[:, t] * p
+        hs.append(h)
+        ps.append(p)
+    for kwargs in ({"log_a": log_a}, {}):
+        got_h, got_p = blocked_scan(a, x, 5, **kwargs)
+        assert torch.allclose(got_h, torch.stack(hs, 1), rtol=1e-12, atol=1e-14)
+        assert torch.allclose(got_p, torch.stack(ps, 1), rtol=1e-12, atol=1e-14)
+    assert blocked_scan(a, x, 5, log_a=log_a, decay=False)[1] is None
+
+
 def test_inside_the_export_block_every_scan_call_is_the_standard_op_form_and_after_it_none():
     """The stand-in is set at selective_scan_fn itself: a layer whose module was imported inside the block, or
     that passes prev_state positionally (MIL's chunked bags), gets it too, and nothing stays switched."""
@@ -99,6 +120,9 @@ def digits_run(tmp_path_factory):
 def test_the_export_holds_standard_ops_its_preprocessing_and_a_dynamic_batch(digits_run):
     figures = digits_run["figures"]
     assert figures["max_rel_error"] <= 1e-4 and figures["checked_batches"] == [1, 3]
+    assert set(figures["phases"]) == {"trace", "translate", "optimize", "verify"}
+    assert figures["export_seconds"] == pytest.approx(sum(p["wall_s"] for p in figures["phases"].values()), abs=0.05)
+    assert 0 < figures["export_cpu_seconds"] and all(p["cpu_s"] >= 0 for p in figures["phases"].values())
     proto = onnx.load(str(digits_run["onnx"]))
     onnx.checker.check_model(proto, full_check=True)
     stats = graph_stats(proto)
@@ -152,6 +176,8 @@ def test_bad_input_is_one_line_naming_the_problem(digits_run, tmp_path):
     with pytest.raises(UserError, match="engine onnxruntime needs an exported .onnx"):
         predict({"checkpoint": str(digits_run["checkpoint"]), "engine": "onnxruntime",
                  "inputs": str(digits_run["images"])})
+    with pytest.raises(ValueError, match="optimize must be one of light, full, none, got 'fast'"):
+        export_onnx(torch.nn.Identity(), str(tmp_path / "m.onnx"), img_size=(8, 8), in_chans=1, optimize="fast")
     assert not (tmp_path / "m.onnx").exists()
 
 

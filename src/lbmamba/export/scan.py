@@ -2,20 +2,21 @@
 
 `selective_scan_fn`'s backends loop over positions (or call kernels) that an ONNX graph cannot hold: traced, the
 `torch` backend's per-position loop unrolls into tens of thousands of nodes, and a custom op needs a custom
-onnxruntime build. Here the two recurrences of the LB scan (docs/lb-scan.md) are written as *parallel prefix
-scans* (Hillis-Steele) of the affine maps h -> a_t h + x_t: after round k every position holds the composition of
-the 2^k maps ending at it, so
+onnxruntime build. Here the two recurrences of the LB scan (docs/lb-scan.md), h_t = a_t h_{t-1} + x_t over the
+whole sequence (h^L) and inside each window backwards (h^R), are written for a fixed length L as a short graph of
+elementwise ops on (batch, L, dim, N) tensors: no Loop, no Scan.
 
-    for d = 1, 2, 4, ...:   x_t += a_t x_{t-d};   a_t *= a_{t-d}      (positions before 0: x = 0, a = 1)
+The default, `blocked_scan`: the positions are cut into blocks of about sqrt(L); one step per position of a block
+runs all blocks at once (a Split takes the positions, then a Mul and an Add per step, a Concat puts them back),
+one step per block carries the state from block to block, and one fix-up adds the carried state times the decay
+inside the block, exp(CumSum(delta A)) (log-decays <= 0 summed over one block: it can underflow to 0, never
+overflow). `window_backward` is the same loop over the W positions of a window, all windows at once. About
+2 (sqrt(L) + W) nodes per scan call; O(L) work. It is exact up to float rounding: the sums are reassociated, not
+approximated. The file size does not change (no weights in the scan).
 
-leaves h_t in x and the cumulative decay prod_{s<=t} a_s in a, after ceil(log2 L) rounds of about 8 nodes each
-(Slice, Pad, Mul, Add). The global forward state h^L runs over the whole sequence; the window-local backward
-state h^R runs over a (windows, W) view of the reversed-in-window problem, so each window restarts by itself
-(the Pad of the shift fills the zero state at every window end). Everything is elementwise on (batch, dim, N, L)
-tensors: no Loop, no Scan, no exp of a cumulative sum that could overflow (products of decays in (0, 1] only
-underflow to 0, which is their value). It is exact up to float rounding: the sums are reassociated, not
-approximated. The file size does not change (no weights in the scan); the node count per scan call is about
-8 (ceil(log2 L) + ceil(log2 W)) + 20.
+The other form, kept for the measurements (FORM["form"] = "doubling"), is a Hillis-Steele prefix scan over the
+whole sequence: ceil(log2 L) rounds of `x_t += a_t x_{t-d}; a_t *= a_{t-d}`; fewer nodes, but L log L work and
+shifted copies that made it 3x slower in onnxruntime (docs/deploy.md).
 
 `onnx_scan()` switches every lbmamba layer to this form inside a `with` block (through
 `lbmamba.ops.scan.scan_stand_in`: `selective_scan_fn` itself calls this form while the block runs), which is how
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,84 +53,103 @@ def prefix_scan(a: torch.Tensor, x: torch.Tensor):
     return x, a
 
 
-def _bc_positions_first(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C as a tensor that broadcasts against (L, batch, dim, N): (dim, N), (L, batch, 1, N) or
-    (L, batch, dim, N) for grouped ones."""
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` only where the dtype changes (a no-op cast still costs a node in the trace)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _bc_positions_second(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C as a tensor that broadcasts against (batch, L, dim, N): (dim, N), (batch, L, 1, N) or
+    (batch, L, dim, N) for grouped ones."""
     if t.dim() == 2:
         return t
     if t.dim() == 3:
-        return t.permute(2, 0, 1).unsqueeze(2)
+        return t.transpose(1, 2).unsqueeze(2)
     groups = t.shape[1]
-    t = t.permute(3, 0, 1, 2)  # (L, batch, G, N)
+    t = t.permute(0, 3, 1, 2)  # (batch, L, G, N)
     if groups == 1:
         return t
     return t.repeat_interleave(dim // groups, dim=2)
 
 
-def _pad_first(t: torch.Tensor, pad: int, value: float) -> torch.Tensor:
-    """`pad` (<= len(t)) positions of `value` after the end of axis 0."""
-    fill = torch.zeros_like(t[:pad]) if value == 0 else torch.full_like(t[:pad], value)
-    return torch.cat([t, fill])  # (F.pad of axis 0 comes out of the TorchScript exporter with its axes mixed up)
-
-
 def _blocks(t: torch.Tensor, size: int, value: float) -> torch.Tensor:
-    """Axis 0 of `t` cut into blocks of `size` positions, (n_blocks, size, ...), the last one padded with `value`."""
-    n = -(-t.shape[0] // size)
-    pad = n * size - t.shape[0]
+    """Axis 1 (the positions) of `t` cut into blocks of `size` positions, (batch, n_blocks, size, ...), the last
+    one padded with `value`."""
+    n = -(-t.shape[1] // size)
+    pad = n * size - t.shape[1]
     if pad:
-        t = _pad_first(t, pad, value)
-    return t.reshape((n, size) + t.shape[1:])
+        fill = t[:, :pad]
+        fill = torch.zeros_like(fill) if value == 0 else torch.full_like(fill, value)
+        t = torch.cat([t, fill], 1)
+    return t.reshape(t.shape[:1] + (n, size) + t.shape[2:])
 
 
-def blocked_scan(a: torch.Tensor, x: torch.Tensor, block: int):
-    """h_t = a_t h_{t-1} + x_t along axis 0 (h_{-1} = 0) of (L, ...) tensors, in blocks of `block` positions:
-    one step per position of a block (all blocks at once), then one step per block for the states carried
-    between blocks, then one fix-up. Returns (h, P) with P_t = prod_{s<=t} a_s."""
-    L = x.shape[0]
-    xb, ab = _blocks(x, block, 0.0), _blocks(a, block, 1.0)
-    nb = xb.shape[0]
-    h, p = xb[:, 0], ab[:, 0]
-    hs, ps = [h], [p]
+def _positions(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, n, size, ...) blocks back to (batch, length, ...) positions (the padding dropped)."""
+    t = t.reshape(t.shape[:1] + (t.shape[1] * t.shape[2],) + t.shape[3:])
+    return t[:, :length] if t.shape[1] != length else t
+
+
+def blocked_scan(a: torch.Tensor, x: torch.Tensor, block: int, log_a: Optional[torch.Tensor] = None,
+                 decay: bool = True):
+    """h_t = a_t h_{t-1} + x_t along axis 1 (h_{-1} = 0) of (batch, L, ...) tensors, in blocks of `block`
+    positions: one step per position of a block (all blocks at once), then one step per block for the states
+    carried between blocks, then one fix-up. Returns (h, P) with P_t = prod_{s<=t} a_s (None unless `decay`).
+
+    The graph is kept short, since every scan of a model emits it again: the positions of a block are taken with
+    one Split (not a Gather per position) and put back with one Concat, so a step is one Mul and one Add; with
+    `log_a` (log a, which the caller has: a = exp(delta A)) the decay inside a block is exp(CumSum(log a)), two
+    nodes, where a product per position would add a Mul per step (the sums stay within a block and are <= 0:
+    the exp cannot overflow)."""
+    L = x.shape[1]
+    xb, ab = _blocks(x, block, 0.0), _blocks(a, block, 1.0)  # (batch, nb, block, ...)
+    nb = xb.shape[1]
+    xs, as_ = xb.split(1, 2), ab.split(1, 2)  # (batch, nb, 1, ...) each
+    h = xs[0]
+    hs = [h]
     for j in range(1, block):  # inside every block at once
-        aj = ab[:, j]
-        h = aj * h + xb[:, j]
-        p = aj * p
+        h = as_[j] * h + xs[j]
         hs.append(h)
-        ps.append(p)
-    h_in = torch.stack(hs, 1)  # (nb, block, ...)
-    p_in = torch.stack(ps, 1)
-    carry = [h_in[0, -1]]  # the state at the end of each block
-    for c in range(1, nb):
-        carry.append(p_in[c, -1] * carry[-1] + h_in[c, -1])
+    h_in = torch.cat(hs, 2)  # (batch, nb, block, ...)
+    p_in = None
+    if nb > 1 or decay:  # the decay from each block's start to each of its positions
+        if log_a is not None:
+            p_in = torch.exp(torch.cumsum(_blocks(log_a, block, 0.0), 2))
+        else:
+            p = as_[0]
+            ps = [p]
+            for j in range(1, block):
+                p = as_[j] * p
+                ps.append(p)
+            p_in = torch.cat(ps, 2)
     if nb > 1:
-        before = torch.stack([torch.zeros_like(carry[0])] + carry[:-1]).unsqueeze(1)  # (nb, 1, ...)
+        ends_h, ends_p = h_in[:, :, block - 1:].split(1, 1), p_in[:, :, block - 1:].split(1, 1)  # (batch, 1, 1, ...)
+        carry = [ends_h[0]]  # the state at the end of each block
+        for c in range(1, nb - 1):
+            carry.append(ends_p[c] * carry[-1] + ends_h[c])
+        before = torch.cat([torch.zeros_like(carry[0])] + carry, 1)  # (batch, nb, 1, ...): the state before each
         h_in = h_in + p_in * before
-        # the cumulative decay from position 0: the blocks' own times every block before
-        total = [p_in[0, -1]]
-        for c in range(1, nb):
-            total.append(total[-1] * p_in[c, -1])
-        p_in = p_in * torch.stack([torch.ones_like(total[0])] + total[:-1]).unsqueeze(1)
-    h_out = h_in.reshape((nb * block,) + x.shape[1:])
-    p_out = p_in.reshape((nb * block,) + x.shape[1:])
-    if nb * block != L:
-        h_out, p_out = h_out[:L], p_out[:L]
-    return h_out, p_out
+        if decay:  # the cumulative decay from position 0: the blocks' own times every block before
+            total = [ends_p[0]]
+            for c in range(1, nb - 1):
+                total.append(total[-1] * ends_p[c])
+            p_in = p_in * torch.cat([torch.ones_like(total[0])] + total, 1)
+    return _positions(h_in, L), (_positions(p_in, L) if decay else None)
 
 
 def window_backward(a: torch.Tensor, x: torch.Tensor, W: int) -> torch.Tensor:
-    """a_t h^R_{t+1} along axis 0 of (L, ...) tensors: h^R_t = a_t h^R_{t+1} + x_t inside windows of W
-    positions (zero past each window's end), one step per position of a window, all windows at once."""
-    L = x.shape[0]
+    """a_t h^R_{t+1} along axis 1 of (batch, L, ...) tensors: h^R_t = a_t h^R_{t+1} + x_t inside windows of W
+    positions (zero past each window's end), one step per position of a window, all windows at once (a Split
+    in, a Mul and an Add per step, a Concat out)."""
     xw, aw = _blocks(x, W, 0.0), _blocks(a, W, 0.0)
-    nw = xw.shape[0]
-    r = xw[:, W - 1]
+    xs, as_ = xw.split(1, 2), aw.split(1, 2)
+    r = xs[W - 1]
     outs = [torch.zeros_like(r)]  # a h^R past the window end
     for j in range(W - 2, -1, -1):
-        g = aw[:, j] * r  # a_j h^R_{j+1}
+        g = as_[j] * r  # a_j h^R_{j+1}
         outs.append(g)
-        r = g + xw[:, j]
-    out = torch.stack(outs[::-1], 1).reshape((nw * W,) + x.shape[1:])
-    return out[:L] if nw * W != L else out
+        r = g + xs[j]
+    return _positions(torch.cat(outs[::-1], 2), x.shape[1])
 
 
 def block_length(seqlen: int) -> int:
@@ -151,30 +172,31 @@ def selective_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     dim, L = u.shape[1], u.shape[2]
     W = min(resolve_window(window, L), L)
-    dt = delta.to(ct).permute(2, 0, 1)  # positions first: (L, batch, dim)
+    dt = _as(delta, ct).transpose(1, 2)  # positions second: (batch, L, dim)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)
+        dt = dt + _as(delta_bias, ct)
     if delta_softplus:
         dt = F.softplus(dt)
-    u_ = u.to(ct).permute(2, 0, 1)
-    a = torch.exp(dt.unsqueeze(-1) * A.to(ct))  # (L, batch, dim, N)
-    x = (dt * u_).unsqueeze(-1) * _bc_positions_first(B.to(ct), dim)
+    u_ = _as(u, ct).transpose(1, 2)
+    log_a = dt.unsqueeze(-1) * _as(A, ct)  # (batch, L, dim, N)
+    a = torch.exp(log_a)
+    x = (dt * u_).unsqueeze(-1) * _bc_positions_second(_as(B, ct), dim)
     if FORM["form"] == "doubling":
-        h, decay = prefix_scan(a.permute(1, 2, 3, 0), x.permute(1, 2, 3, 0))
-        h, decay = h.permute(3, 0, 1, 2), decay.permute(3, 0, 1, 2)
+        h, decay = prefix_scan(a.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
+        h, decay = h.permute(0, 3, 1, 2), decay.permute(0, 3, 1, 2)
     else:
-        h, decay = blocked_scan(a, x, block_length(L))
+        h, decay = blocked_scan(a, x, block_length(L), log_a=log_a, decay=prev_state is not None)
     if prev_state is not None:
-        h = h + decay * prev_state.to(ct)
-    last = h[-1]
+        h = h + decay * _as(prev_state, ct).unsqueeze(1)
+    last = h[:, -1]
     if W > 1:
         h = h + window_backward(a, x, W)
-    y = (h * _bc_positions_first(C.to(ct), dim)).sum(-1)  # (L, batch, dim)
+    y = (h * _bc_positions_second(_as(C, ct), dim)).sum(-1)  # (batch, L, dim)
     if D is not None:
-        y = y + D.to(ct) * u_
+        y = y + _as(D, ct) * u_
     if z is not None:
-        y = y * F.silu(z.to(ct).permute(2, 0, 1))
-    out = y.permute(1, 2, 0).to(u.dtype)
+        y = y * F.silu(_as(z, ct).transpose(1, 2))
+    out = _as(y.transpose(1, 2), u.dtype)
     return (out, last) if return_last_state else out
 
 

@@ -17,13 +17,19 @@ import torch.nn.functional as F
 __all__ = ["RMSNorm", "rms_norm", "add_norm"]
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`, written only where the dtype changes: the same tensor in eager mode, and no no-op cast
+    node per norm in a torch.export trace (the ONNX export's trace time grows with its node count)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension, computed in float32, returned in x's dtype."""
-    x32 = x.float()
+    x32 = _cast(x, torch.float32)
     y = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+        y = y * _cast(weight, torch.float32)
+    return _cast(y, x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -46,11 +52,11 @@ class RMSNorm(nn.Module):
 def _norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply `norm` to `x` in float32 when it is one of the two norms we know how to upcast."""
     if isinstance(norm, RMSNorm):
-        return rms_norm(x.float(), norm.weight, norm.eps)
+        return rms_norm(_cast(x, torch.float32), norm.weight, norm.eps)
     if isinstance(norm, nn.LayerNorm):
-        weight = norm.weight.float() if norm.weight is not None else None
-        bias = norm.bias.float() if norm.bias is not None else None
-        return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps)
+        weight = _cast(norm.weight, torch.float32) if norm.weight is not None else None
+        bias = _cast(norm.bias, torch.float32) if norm.bias is not None else None
+        return F.layer_norm(_cast(x, torch.float32), norm.normalized_shape, weight, bias, norm.eps)
     return norm(x)
 
 
@@ -67,6 +73,6 @@ def add_norm(
     """
     residual = x if residual is None else residual + x
     if residual_in_fp32:
-        residual = residual.float()
-    hidden = _norm_fp32(norm, residual).to(x.dtype)
+        residual = _cast(residual, torch.float32)
+    hidden = _cast(_norm_fp32(norm, residual), x.dtype)
     return hidden, residual
