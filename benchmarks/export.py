@@ -210,6 +210,8 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true",
                         help="also time per-channel int8, uint8 MatMul + Conv, and onnxruntime's basic level")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--result", default=None,
+                        help="also write everything to this result file (for benchmarks/report.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     jobs = JOBS
@@ -233,6 +235,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(out, handle, indent=1)
+    if args.result:
+        from machine import write_result
+
+        write_result(args.result, "benchmarks/export.py", sys.argv[1:] if argv is None else argv, out)
 
 
 if __name__ == "__main__":

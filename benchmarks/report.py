@@ -245,13 +245,28 @@ def export_section(results: dict) -> list:
     res = results.get("export.json")
     if res is None:
         return out + [MISSING["export.json"], ""]
-    rows = []
-    for r in res["data"].get("models", []):
-        lat = r.get("latency_ms", {})
-        rows.append([f"{r['model']} ({r['img_size']} px)", f"{r['export_s']:.0f} s", f"{r['nodes']:,}",
-                     f"{r['file_mb']:.1f} / {r.get('int8_file_mb', float('nan')):.1f}",
-                     " / ".join(f"{lat[k]:.0f}" if k in lat else "–" for k in ("eager", "ort_fp32", "ort_int8"))])
-    out += table(["model", "export", "nodes", "file MB fp32 / int8", "batch 1 ms: eager / ort fp32 / ort int8"], rows)
+    data, rows = res["data"], []
+    for r in data.get("models", []):
+        latency = [" / ".join(f"{r[f'{job}_ms_b{b}']:.0f}" if f"{job}_ms_b{b}" in r else "–"
+                              for job in ("eager", "ort_fp32", "ort_int8")) for b in (1, 8)]
+        share = r.get("ort_fp32_profile_b1", {}).get("dense_share")
+        rows.append([f"{r['model']} ({r['img_size']} px)", f"{r['export_s']:.0f} / {r['export_cpu_s']:.0f}",
+                     f"{r['nodes']:,}", f"{r['mb']:.1f} / {r['int8_mb']:.1f}", f"{r['rel_error']:.0e}", *latency,
+                     f"{100 * share:.0f} %" if share is not None else "–"])
+    out += table(["model", "export s (wall / CPU)", "nodes", "MB fp32 / int8", "error vs PyTorch",
+                  "batch 1 ms: eager / ort fp32 / ort int8", "batch 8 ms: eager / ort fp32 / ort int8",
+                  "MatMul share of ort time"], rows)
+    digits = data.get("digits")
+    if digits:
+        out += ["", f"int8 on the shipped default ({digits['train_epochs']} epochs, {digits['images']} held-out "
+                f"digits): top-1 {digits['top1_ort_fp32']:.2f} % in onnxruntime fp32, {digits['top1_ort_int8']:.2f} "
+                f"% int8 (PyTorch {digits['val_top1_train']:.2f} %)."]
+    load = data.get("load_at_start")
+    if load and load[0] > (res.get("cores") or 1):
+        out += ["", f"Measured while other jobs shared the machine (load average {load[0]:.1f} at the start): "
+                "latencies, eager's above all, are slower than on an idle machine; rerun for the targets."]
+    out += ["", "Why int8 barely helps the Mambas: onnxruntime spends most of their time in the scan's elementwise "
+            "graph, which stays fp32 (the last column); details in `docs/deploy.md`."]
     return out + ["", source(res), ""]
 
 
