@@ -48,8 +48,8 @@ PUBLISHED_TOP1 = {"Vim-T": "76.1 % (Vim paper)"}
 MISSING = {
     "models_cpu.json": "not measured yet: run `python benchmarks/models_cpu.py --result "
                        "benchmarks/results/models_cpu.json`",
-    "scan_cpu.json": "not measured yet: run `python benchmarks/scan_cpu.py --sections big --json "
-                     "benchmarks/results/scan_cpu.json`",
+    "scan_cpu.json": "not measured yet: run `python benchmarks/scan_cpu.py --sections big --shapes lbvim_t_layer "
+                     "--result benchmarks/results/scan_cpu.json`",
     "defaults.json": "not measured yet: run `python benchmarks/defaults.py`",
     "evidence.json": "not measured yet: run `python benchmarks/evidence.py`",
     "tradeoff.json": "not measured yet: run `python benchmarks/tradeoff.py`",

@@ -348,6 +348,7 @@ def main():
     parser.add_argument("--slow-rounds", type=int, default=3, help="rounds of seq_ref and mambapy (the first ones)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--result", default=None, help="also write them to this result file (benchmarks/report.py)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
         "--skip", action="append", default=[], metavar="VARIANT[.KIND]",
@@ -376,6 +377,10 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.result:
+        from machine import write_result
+
+        write_result(args.result, "benchmarks/scan_cpu.py", sys.argv[1:], report)
 
 
 if __name__ == "__main__":
