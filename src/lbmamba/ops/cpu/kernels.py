@@ -237,6 +237,17 @@ def fast_exp_ok(dt_max, a_max):
 
 
 @njit(**_JIT_EXACT)
+def decay_block(dt, A, rows, lanes, out, e_float, fast):
+    """out[i, n, c] = exp(dt[i, c] * A[n, c]) for i < rows, c < lanes; e_float: `lanes` floats of
+    scratch. A function of its own, so that kernels compiled with 'reassoc' do not inline it."""
+    e_bits = e_float.view(np.int32)
+    for i in range(rows):
+        for n in range(A.shape[0]):
+            for c in range(lanes):
+                out[i, n, c] = _decay(dt[i, c] * A[n, c], fast, e_bits, e_float, c)
+
+
+@njit(**_JIT_EXACT)
 def load_block(src, src_cl, b, d0, lanes, start, rows, dst):
     """dst[i, c] = the value of channel d0 + c at position start + i of batch element b; src is
     (batch, L, dim) when src_cl, else (batch, dim, L) (then the copy is a transpose)."""
@@ -378,6 +389,26 @@ def output_rows(yl, ul, zl, Dv, z, z_cl, has_z, b, d0, lanes, start, rows, out, 
                 zv = zl[i, c]
                 yl[i, c] *= zv / (1 + _exp_clamped(-zv, e_bits, e_float, c))
     store_block(out, b, d0, lanes, start, rows, yl)
+
+
+@njit(**_JIT)
+def _inputs_and_local_backward(dtu, a, Bl, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r):
+    """x_t = Δ_t u_t B_t, and, right to left inside each window, q_t = a_t h^R_{t+1} (0 at the end).
+
+    With window 1, q = 0. B is the block's constant B (Bl[n, lane]) or its group's (Bg[bb, bg, t, n]).
+    """
+    n_state = a.shape[1]
+    for ws in range(0, rows, window):
+        fill_rows(r, r.shape[0], lanes, 0)
+        for i in range(min(ws + window, rows) - 1, ws - 1, -1):
+            for n in range(n_state):
+                bs = Bl[0, 0] if b_const else Bg[bb, bg, start + i, n]
+                for c in range(lanes):
+                    xv = dtu[i, c] * (Bl[n, c] if b_const else bs)
+                    qv = a[i, n, c] * r[n, c]
+                    x[i, n, c] = xv
+                    q[i, n, c] = qv
+                    r[n, c] = qv + xv
 
 
 @functools.lru_cache(maxsize=256)
@@ -680,51 +711,6 @@ def _forward_at(
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT_EXACT)
-def _state_sweep(n, rows, lanes, window, dtl, dtu, dyl, Al, Bc, Bl, Bt, Cc, Cl, Ct, h0, a, hl, gr, fast, e_float):
-    """State n of a chunk, left to right: a_t = exp(Δ_t A) (a), h^L (hl: row i holds h^L_{i-1}, row 0 from
-    h0[n]) and, with window > 1, dh^R (gr): gr_t = dy_t C_t + a_{t-1} gr_{t-1}, reset at each window start.
-
-    Bc / Cc None: B / C per position, Bt / Ct[i, n] (the chunk's rows); else the block's Bl / Cl[n, lane].
-    A function of its own with exact flags (the exponential), called by the backward per chunk and state;
-    its buffers are (rows, width): one state's, so they stay in L1 / L2 (the chunk's (rows, N, width) of
-    every state did not fit in L2 at the LBVim-T layer shape)."""
-    b_const = Bc is not None
-    c_const = Cc is not None
-    zero = a.dtype.type(0)
-    e_bits = e_float.view(np.int32)
-    Arow = Al[n]
-    Brow = Bl[n]
-    Crow = Cl[n]
-    first = hl[0]
-    start_state = h0[n]
-    for c in range(lanes):
-        first[c] = start_state[c]
-    for i in range(rows):
-        bs = zero if b_const else Bt[i, n]
-        ar = a[i]
-        hp = hl[i]
-        hn = hl[i + 1]
-        dtr = dtl[i]
-        dtur = dtu[i]
-        for c in range(lanes):
-            av = _decay(dtr[c] * Arow[c], fast, e_bits, e_float, c)
-            ar[c] = av
-            hn[c] = av * hp[c] + dtur[c] * (Brow[c] if b_const else bs)
-        if window > 1:
-            cs = zero if c_const else Ct[i, n]
-            gi = gr[i]
-            dyr = dyl[i]
-            if i % window == 0:
-                for c in range(lanes):
-                    gi[c] = dyr[c] * (Crow[c] if c_const else cs)
-            else:
-                gp = gr[i - 1]
-                ap = a[i - 1]
-                for c in range(lanes):
-                    gi[c] = dyr[c] * (Crow[c] if c_const else cs) + ap[c] * gp[c]
-
-
 @njit(**_JIT)
 def _backward_kernel(
     counters, n_tasks, width, g, dlast, has_dlast, u, delta, bias, softplus, A, Bc, Bg, Cc, Cg, Dv, z, has_z,
@@ -741,40 +727,32 @@ def _backward_kernel(
     n_state = A.shape[1]
     n_chunks = ckpt.shape[1] + 1  # no checkpoint for the first chunk
     rows_max = min(chunk, seqlen)
-    # One allocation cut into blocks of whole rows, each on a 64-byte boundary with a gap (see SCRATCH_GAP).
-    # Per state (recomputed for each state of a chunk): a, hl, gr; per position (summed over the states):
-    # ddtl, dul, yl; per state, carried across the chunks: carry and the dA / dB / dC accumulators.
-    scratch = aligned_empty(u, ((12 * rows_max + 1 + 8 * n_state + 5) * width + 25 * SCRATCH_GAP,))
-    a, at = _rows_of(scratch, 0, rows_max, width)
-    hl, at = _rows_of(scratch, at, rows_max + 1, width)  # row i holds h^L_{i-1}
-    gr, at = _rows_of(scratch, at, rows_max, width)  # dh^R
-    dtl, at = _rows_of(scratch, at, rows_max, width)
-    slope, at = _rows_of(scratch, at, rows_max, width)  # dΔ / d(delta)
-    ul, at = _rows_of(scratch, at, rows_max, width)
-    dtu, at = _rows_of(scratch, at, rows_max, width)
-    dyl, at = _rows_of(scratch, at, rows_max, width)  # the gradient reaching y (before the gate)
-    gz, at = _rows_of(scratch, at, rows_max, width)  # dz / y
-    dul, at = _rows_of(scratch, at, rows_max, width)  # dx·B summed over states, then du
-    ddtl, at = _rows_of(scratch, at, rows_max, width)
-    yl, at = _rows_of(scratch, at, rows_max, width)
-    h0, at = _rows_of(scratch, at, n_state, width)  # h^L at the chunk's start
-    Al, at = _rows_of(scratch, at, n_state, width)
-    bv, at = _rows_of(scratch, at, n_state, width)  # constant B and C of the block, states first
-    cv, at = _rows_of(scratch, at, n_state, width)
-    carry, at = _rows_of(scratch, at, n_state, width)  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
-    dA_acc, at = _rows_of(scratch, at, n_state, width)
-    dB_acc, at = _rows_of(scratch, at, n_state, width)
-    dC_acc, at = _rows_of(scratch, at, n_state, width)
-    r, at = _rows_of(scratch, at, 1, width)  # h^R_{t+1} of the current state
-    e_float, at = _rows_of(scratch, at, 1, width)  # the exponential's scratch
-    acc, at = _rows_of(scratch, at, 1, width)
-    dD_acc, at = _rows_of(scratch, at, 1, width)
-    dbias_acc, at = _rows_of(scratch, at, 1, width)
-    r = r[0]
-    e_float = e_float[0]
-    acc = acc[0]
-    dD_acc = dD_acc[0]
-    dbias_acc = dbias_acc[0]
+    a = aligned_empty(u, (rows_max, n_state, width))
+    x = aligned_empty(u, (rows_max, n_state, width))
+    q = aligned_zeros(u, (rows_max, n_state, width))
+    hl = aligned_empty(u, (rows_max + 1, n_state, width))  # row i holds h^L_{i-1}
+    gr = aligned_empty(u, (rows_max, n_state, width))
+    e_float = aligned_empty(u, (width,))  # the exponential's scratch
+    dtl = aligned_empty(u, (rows_max, width))
+    slope = aligned_empty(u, (rows_max, width))  # dΔ / d(delta)
+    ul = aligned_empty(u, (rows_max, width))
+    dtu = aligned_empty(u, (rows_max, width))
+    dyl = aligned_empty(u, (rows_max, width))  # the gradient reaching y (before the gate)
+    gz = aligned_zeros(u, (rows_max, width))  # dz / y
+    dul = aligned_empty(u, (rows_max, width))  # dx·B summed over states, then du
+    ddtl = aligned_empty(u, (rows_max, width))
+    yl = aligned_empty(u, (rows_max, width))
+    r = aligned_empty(u, (n_state, width))
+    Al = aligned_empty(u, (n_state, width))
+    bv = aligned_zeros(u, (n_state, width))  # B and C of the current position, per lane
+    cv = aligned_zeros(u, (n_state, width))
+    carry = aligned_zeros(u, (n_state, width))  # a_{t+1} dh^L_{t+1}: what reaches h^L_t from the right
+    dA_acc = aligned_zeros(u, (n_state, width))
+    dB_acc = aligned_zeros(u, (n_state, width))
+    dC_acc = aligned_zeros(u, (n_state, width))
+    dD_acc = aligned_zeros(u, (width,))
+    dbias_acc = aligned_zeros(u, (width,))
+    acc = aligned_empty(u, (width,))
     finished_last = False
     task = _fetch_add(counters, 0, 1)
     while task < n_tasks:  # take tasks until none is left (see _TaskPool)
@@ -785,6 +763,11 @@ def _backward_kernel(
         for c in range(width):
             dD_acc[c] = zero
             dbias_acc[c] = zero
+        if lanes < width:  # lanes past this block's own go back to 0 (a wider block may have left values)
+            for buffer in (gz, bv, cv):
+                fill_rows(buffer, buffer.shape[0], width, zero)
+            for i in range(rows_max):
+                fill_rows(q[i], n_state, width, zero)
         D_blk = Dv[d0:d1]
         a_max = block_params(A, Bc, Cc, d0, lanes, Al, bv, cv, acc, True)
         if has_dlast:
@@ -800,122 +783,88 @@ def _backward_kernel(
                 e_float, acc,
             )
             gate_grad_rows(g, g_cl, z, z_cl, has_z, b, d0, lanes, start, rows, dyl, gz, e_float)
-            if ck > 0:  # h^L at the chunk's start (windows never straddle chunks)
-                copy_rows(h0, 0, ckpt[b, ck - 1], d0, lanes)
+            # Recompute the chunk from its checkpoint (windows never straddle chunks).
+            decay_block(dtl, Al, rows, lanes, a, e_float, fast)
+            _inputs_and_local_backward(dtu, a, bv, Bg, b_const, bb, bg, start, rows, window, lanes, x, q, r)
+            if ck > 0:
+                copy_rows(hl[0], 0, ckpt[b, ck - 1], d0, lanes)
             elif has_prev:
-                copy_transposed(h0, prev[b], d0, lanes)
+                copy_transposed(hl[0], prev[b], d0, lanes)
             else:
-                fill_rows(h0, n_state, lanes, zero)
-            for buffer in (ddtl, dul, yl):
-                fill_rows(buffer, rows, lanes, zero)
-            # this chunk's rows of B and C (B / C constant: unused placeholders)
-            Bt = Bg[bb, bg, start:start + rows] if not b_const else Bg[0, 0]
-            Ct = Cg[cb, cg, start:start + rows] if not c_const else Cg[0, 0]
-            for n in range(n_state):
-                # recompute the state from the chunk's checkpoint: a, h^L and dh^R (left to right)
-                _state_sweep(n, rows, lanes, window, dtl, dtu, dyl, Al, Bc, bv, Bt, Cc, cv, Ct, h0, a, hl, gr, fast,
-                             e_float)
-                # right to left: dh^L (carried across chunks), h^R (as r; q_t = a_t h^R_{t+1}) and every
-                # gradient of position t: dx = dh^L + dh^R - dy C;  a da = a dh^L h^L_{t-1} + dh^R q_t
-                # (window 1: dh^R = dy C, q = 0). ddtl gets the dA part, dul the dx B part (the dx B u part of
-                # dΔ is added once per position after the states).
-                Arow = Al[n]
-                Brow = bv[n]
-                Crow = cv[n]
-                cr = carry[n]
-                dAr = dA_acc[n]
-                dBr = dB_acc[n]
-                dCr = dC_acc[n]
-                for i in range(rows - 1, -1, -1):
-                    bs = zero if b_const else Bt[i, n]
-                    cs = zero if c_const else Ct[i, n]
-                    ar = a[i]
-                    hp = hl[i]
-                    hn = hl[i + 1]
-                    dyr = dyl[i]
-                    dtr = dtl[i]
-                    dtur = dtu[i]
-                    ddr = ddtl[i]
-                    dur = dul[i]
-                    yr = yl[i]
+                fill_rows(hl[0], n_state, lanes, zero)
+            for i in range(rows):
+                for n in range(n_state):
+                    for c in range(lanes):
+                        hl[i + 1, n, c] = a[i, n, c] * hl[i, n, c] + x[i, n, c]
+            # dh^R, left to right, reset at each window start: gr_t = dy_t C_t + a_{t-1} gr_{t-1}
+            if window > 1:
+                for i in range(rows):
+                    for n in range(n_state):
+                        cs = zero if c_const else Cg[cb, cg, start + i, n]
+                        if i % window == 0:
+                            for c in range(lanes):
+                                gr[i, n, c] = dyl[i, c] * (cv[n, c] if c_const else cs)
+                        else:
+                            for c in range(lanes):
+                                gr[i, n, c] = (dyl[i, c] * (cv[n, c] if c_const else cs)
+                                               + a[i - 1, n, c] * gr[i - 1, n, c])
+            # dh^L right to left, and every gradient of position t:
+            # dx = dh^L + dh^R - dy C;  a da = a dh^L h^L_{t-1} + dh^R q_t  (window 1: dh^R = dy C, q = 0)
+            for i in range(rows - 1, -1, -1):
+                t = start + i
+                if not b_const:
+                    for n in range(n_state):
+                        bv[n, :lanes] = Bg[bb, bg, t, n]
+                if not c_const:
+                    for n in range(n_state):
+                        cv[n, :lanes] = Cg[cb, cg, t, n]
+                dul[i, :lanes] = zero
+                ddtl[i, :lanes] = zero
+                yl[i, :lanes] = zero
+                for n in range(n_state):
                     dB_sum = zero
                     dC_sum = zero
-                    if window > 1:
-                        if (i + 1) % window == 0 or i == rows - 1:  # a window's last position: h^R_{t+1} = 0
-                            for c in range(lanes):
-                                r[c] = zero
-                        gi = gr[i]
-                        for c in range(lanes):
-                            an = ar[c]
-                            bn = Brow[c] if b_const else bs
-                            cn = Crow[c] if c_const else cs
-                            qn = an * r[c]
-                            r[c] = qn + dtur[c] * bn
-                            dyc = dyr[c]
-                            dh = dyc * cn
-                            gl = dh + cr[c]
-                            agl = an * gl
-                            cr[c] = agl
-                            grn = gi[c]
+                    for c in range(lanes):
+                        dyc = dyl[i, c]
+                        an = a[i, n, c]
+                        dh = dyc * cv[n, c]
+                        gl = dh + carry[n, c]
+                        agl = an * gl
+                        carry[n, c] = agl
+                        if window > 1:
+                            grn = gr[i, n, c]
+                            qn = q[i, n, c]
                             dx = gl + grn - dh
-                            dan = agl * hp[c] + grn * qn
-                            state = hn[c] + qn
-                            ddr[c] += dan * Arow[c]
-                            dur[c] += dx * bn
-                            yr[c] += cn * state
-                            dAr[c] += dan * dtr[c]
-                            dxdtu = dx * dtur[c]
-                            dystate = dyc * state
-                            if b_const:
-                                dBr[c] += dxdtu
-                            else:
-                                dB_sum += dxdtu
-                            if c_const:
-                                dCr[c] += dystate
-                            else:
-                                dC_sum += dystate
-                    else:
-                        for c in range(lanes):
-                            an = ar[c]
-                            bn = Brow[c] if b_const else bs
-                            cn = Crow[c] if c_const else cs
-                            dyc = dyr[c]
-                            gl = dyc * cn + cr[c]
-                            agl = an * gl
-                            cr[c] = agl
-                            dan = agl * hp[c]
-                            state = hn[c]
-                            ddr[c] += dan * Arow[c]
-                            dur[c] += gl * bn
-                            yr[c] += cn * state
-                            dAr[c] += dan * dtr[c]
-                            dxdtu = gl * dtur[c]
-                            dystate = dyc * state
-                            if b_const:
-                                dBr[c] += dxdtu
-                            else:
-                                dB_sum += dxdtu
-                            if c_const:
-                                dCr[c] += dystate
-                            else:
-                                dC_sum += dystate
-                    if not b_const:  # the group's B_t is shared by the block: summed over its lanes
-                        dB_part[blk, bb, bg, start + i, n] += dB_sum
+                            dan = agl * hl[i, n, c] + grn * qn
+                            state = hl[i + 1, n, c] + qn
+                        else:
+                            dx = gl
+                            dan = agl * hl[i, n, c]
+                            state = hl[i + 1, n, c]
+                        dxbn = dx * bv[n, c]
+                        ddtl[i, c] += dxbn * ul[i, c] + dan * Al[n, c]
+                        dul[i, c] += dxbn
+                        yl[i, c] += cv[n, c] * state
+                        dA_acc[n, c] += dan * dtl[i, c]
+                        dxdtu = dx * dtu[i, c]
+                        dystate = dyc * state
+                        dB_acc[n, c] += dxdtu
+                        dC_acc[n, c] += dystate
+                        dB_sum += dxdtu
+                        dC_sum += dystate
+                    if not b_const:  # the group's B_t is shared by the block: sum over its lanes
+                        dB_part[blk, bb, bg, t, n] += dB_sum
                     if not c_const:
-                        dC_part[blk, cb, cg, start + i, n] += dC_sum
+                        dC_part[blk, cb, cg, t, n] += dC_sum
             # the chain rule through x = Δ u B, the D skip, softplus and the gate
             for i in range(rows):
                 for c in range(lanes):
                     dyc = dyl[i, c]
-                    dxb = dul[i, c]
-                    ddtl[i, c] = (ddtl[i, c] + dxb * ul[i, c]) * slope[i, c]
-                    dul[i, c] = dxb * dtl[i, c] + D_blk[c] * dyc
+                    dul[i, c] = dul[i, c] * dtl[i, c] + D_blk[c] * dyc
+                    ddtl[i, c] *= slope[i, c]
                     dbias_acc[c] += ddtl[i, c]
                     dD_acc[c] += dyc * ul[i, c]
-            if has_z:  # dz = g silu'(z) (y + D u)
-                for i in range(rows):
-                    for c in range(lanes):
-                        gz[i, c] *= yl[i, c] + D_blk[c] * ul[i, c]
+                    gz[i, c] *= yl[i, c] + D_blk[c] * ul[i, c]
             store_block(du, b, d0, lanes, start, rows, dul)
             store_block(ddelta, b, d0, lanes, start, rows, ddtl)
             if has_z:
