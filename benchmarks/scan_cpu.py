@@ -325,10 +325,11 @@ def big_section(args, report):
 
 
 def skipped_jobs(given, parser):
-    """--skip values as VARIANT.KIND names: a bare variant skips both kinds; an unknown name is an error."""
+    """--skip values (each one name or a comma list) as VARIANT.KIND names: a bare variant skips both kinds; an
+    unknown name is an error."""
     kinds = {"exp": ("fwd",), **dict.fromkeys(variants(), ("fwd", "fwd_bwd"))}
     jobs = set()
-    for item in given:
+    for item in (part.strip() for value in given for part in value.split(",") if part.strip()):
         name, _, kind = item.partition(".")
         if name not in kinds or (kind and kind not in kinds[name]):
             known = ", ".join(f"{n}.{k}" for n, ks in kinds.items() for k in ks)
@@ -353,7 +354,7 @@ def main():
     parser.add_argument(
         "--skip", action="append", default=[], metavar="VARIANT[.KIND]",
         help="leave out e.g. seq_ref.fwd_bwd (at L = 4096 one call takes over 10 minutes), or a whole variant "
-             "(mambapy); repeatable; skipped rows print '-'",
+             "(mambapy); repeatable or a comma list; skipped rows print '-'",
     )
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -20,6 +20,8 @@ def test_skip_takes_a_variant_or_one_kind_and_names_the_known_ones(bench):
     parser = argparse.ArgumentParser()
     assert bench.skipped_jobs(["torch.fwd", "seq_ref", "exp"], parser) == {"torch.fwd", "seq_ref.fwd",
                                                                           "seq_ref.fwd_bwd", "exp.fwd"}
+    assert bench.skipped_jobs(["torch.fwd,seq_ref", "exp"], parser) == {"torch.fwd", "seq_ref.fwd",
+                                                                       "seq_ref.fwd_bwd", "exp.fwd"}
     for bad in ("nope", "lb.backward", "exp.fwd_bwd"):
         with pytest.raises(SystemExit):
             bench.skipped_jobs([bad], parser)
