@@ -3,7 +3,7 @@
 label needs context from both sides within a few patches, with mean ± std over seeds; then LBVim's windows
 on the segmentation task where LB's effect is largest and on the classification task.
 
-    python benchmarks/evidence.py                  # every study, 3 seeds, resumable (about 2-3 h of 2 cores)
+    python benchmarks/evidence.py                  # every study, 3 seeds, resumable (2.5-3.5 h of one core)
     python benchmarks/evidence.py --tasks capped_bars --train-only &    # one process per task, then
     python benchmarks/evidence.py --tasks marked_bar --train-only; wait; python benchmarks/evidence.py
     python benchmarks/evidence.py --quick          # tiny setting: checks that it runs (about a minute)
@@ -291,7 +291,8 @@ def main(argv=None) -> int:
         trained += 1
         print(f"trained {key}: score {r['score']:.3f} ({r['train_s']:.0f} s)", flush=True)
     planned = plan(tasks, models, seeds, runs)
-    print(f"{len(planned) - trained} finished run(s) loaded from {runs_path}, {trained} trained now", flush=True)
+    print(f"{sum(k in runs for k in planned) - trained} of {len(planned)} planned run(s) loaded from {runs_path}, "
+          f"{trained} trained now", flush=True)
     if args.train_only:
         return 0
 
@@ -323,13 +324,13 @@ def main(argv=None) -> int:
 
     for task, rows in summary.items():
         what = "mIoU" if TASKS[task][0] == "seg" else "accuracy"
-        print(f"\n## {task}: test {what} over {len(seeds)} seed(s), CPU images/s (batch {batch}, median of "
+        print(f"\n## {task}: test {what} over the finished seeds, CPU images/s (batch {batch}, median of "
               f"{rounds} interleaved rounds)\n")
-        print(f"| model | params | {what} (%) mean ± std | train (img/s) | infer (img/s) |")
-        print("|---|---|---|---|---|")
+        print(f"| model | params | seeds | {what} (%) mean ± std | train (img/s) | infer (img/s) |")
+        print("|---|---|---|---|---|---|")
         for name, r in rows.items():
-            print(f"| {name} | {r['params']:,} | {100 * r['score_mean']:.1f} ± {100 * r['score_std']:.1f} | "
-                  f"{r['train_img_s']:.1f} | {r['infer_img_s']:.1f} |")
+            print(f"| {name} | {r['params']:,} | {len(r['seeds'])} | {100 * r['score_mean']:.1f} ± "
+                  f"{100 * r['score_std']:.1f} | {r['train_img_s']:.1f} | {r['infer_img_s']:.1f} |")
     if summary:
         plot(summary, args.figure, f"{machine}; {len(seeds)} seed(s)", key="score",
              ylabel="test mIoU / accuracy (%), mean ± std over seeds", reference=None)

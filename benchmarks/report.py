@@ -142,7 +142,8 @@ def scan_section(results: dict) -> list:
         for key, label in names.items():
             fwd, both = ms.get(f"{key}.fwd"), ms.get(f"{key}.fwd_bwd")
             if fwd is None and both is None:
-                rows.append([label, "not run", "not run", ""])
+                why = "not installed here (`pip install mambapy`)" if key == "mambapy" else "skipped in this run"
+                rows.append([label, why, "–", "–"])
                 continue
             rel = f"{fwd / ms['lb.fwd']:.2f}x" if fwd and ms.get("lb.fwd") else "–"
             rows.append([label, f"{fwd:.2f}" if fwd else "–", f"{both:.2f}" if both else "–", rel])
@@ -195,6 +196,7 @@ def evidence_section(results: dict) -> list:
             "tokens ahead of it kept, which their recurrence has meanwhile mixed with everything else in the row "
             "and the rows before. An LB scan gives every token both sides within its window in every layer; Vim "
             "does too, at twice the scan's cost.", ""]
+    tally, at = {}, len(out)  # other model -> verdict -> tasks, for the summary line put before the tables
     for task, rows in data["summary"].items():
         what = "mIoU" if task != "marked_bar" else "accuracy"
         table_rows = [[m, f"{r['params']:,}", len(r["scores"]), f"{pct(r['score_mean'])} ± {pct(r['score_std'])}",
@@ -204,9 +206,26 @@ def evidence_section(results: dict) -> list:
         out += table(["model", "params", "seeds", f"{what} (%)", "learning curve (%)", "train img/s",
                       "infer img/s"], table_rows)
         s = scored(rows, "score_mean", "score_std", "scores")
-        lines = [f"LB against {other}: {verdict(s['lbvim'], s[other])}" for other in ("uvim", "vim")
-                 if "lbvim" in s and other in s]
-        out += ["", "; ".join(lines) + "." if lines else "", ""]
+        lines = []
+        for other in ("uvim", "vim"):
+            if "lbvim" in s and other in s:
+                said = verdict(s["lbvim"], s[other])
+                lines.append(f"LB against {other}: {said}")
+                tally.setdefault(other, {}).setdefault(said.split()[0], []).append(task)
+        early = [f"{m} {pct(r['curve_mean'][min(r['curve_mean'], key=int)])} %" for m, r in rows.items()
+                 if m in ("lbvim", "uvim", "vim")]
+        out += ["", "; ".join(lines) + "." if lines else "",
+                f"After a quarter of the steps: {', '.join(early)}.", ""]
+    if tally:
+        said = ["; ".join(f"LB against {other}: {word} on {', '.join(tasks)}" for word, tasks in words.items())
+                for other, words in tally.items()]
+        spans = []
+        for task, rows in data["summary"].items():
+            windows = [r["score_mean"] for m, r in rows.items() if m == "lbvim" or m.startswith("lbvim_w")]
+            if len(windows) > 1:
+                spans.append(f"{pct(max(windows) - min(windows))} points on {task}")
+        span = f" LBVim's windows 2 to 16 lie within {', '.join(spans)}." if spans else ""
+        out[at:at] = [f"**In short**: {'. '.join(said)}.{span}", ""]
     if data.get("missing"):
         out += [f"Not run yet: {', '.join(data['missing'])} (the study is resumable: rerun its command).", ""]
     out += [f"Figure: `{data['figure']}`. The paper's dense-prediction claim: ADE20K {PAPER['ade20k']}; COCO "
@@ -231,9 +250,9 @@ def tradeoff_section(results: dict) -> list:
             out += [f"**{task}**" + (" (other vision Mambas)" if name != "tradeoff.json" else ""), ""]
             out += table(["model", "params", "accuracy (%)", "train img/s", "infer img/s"], table_rows)
             s = scored(rows, "acc_mean", "acc_std", "test_accs")
-            pairs = [("lbvim", "uvim"), ("lbvim", "vim")] + [(f"lb_{m}", m) for m in
-                                                             ("vmamba", "localvim", "plainmamba", "adventurer")]
-            pairs += [(f"lb_{m}@0.0005", f"{m}@0.0005") for m in ("vmamba",)]
+            # LBVim against uVim and Vim; each other Mamba's LB version against the original (same lr)
+            pairs = [("lbvim", "uvim"), ("lbvim", "vim"), ("lbvim", "vim@0.001")]
+            pairs += [(m, m[3:]) for m in rows if m.startswith("lb_")]
             lines = [f"{a} against {b}: {verdict(s[a], s[b])}" for a, b in pairs if a in s and b in s]
             out += ["", "; ".join(lines) + "." if lines else "", "", source(res), ""]
     out += [f"The paper's: ImageNet {PAPER['imagenet']}; {PAPER['other_mambas']}.", ""]

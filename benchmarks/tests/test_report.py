@@ -52,6 +52,8 @@ def test_page_from_fixture_files(report, tmp_path):
     assert "| lbvim | 1,000 | 3 | 91.0 ± 1.0 | 10.0 / 20.0 / 30.0 | 50 | 200 |" in page
     assert "LB against uvim: helps (+11.0 points" in page  # 11 points against a margin of about 2
     assert "LB against vim: ties (-0.3 points" in page
+    assert "**In short**: LB against uvim: helps on capped_bars. LB against vim: ties on capped_bars." in page
+    assert "After a quarter of the steps: lbvim 10.0 %, uvim 10.0 %, vim 10.0 %." in page
     assert "Not run yet: digit_scenes/vim/2" in page
     assert "| LBVim-T | 6.42 | 2.73 | 28.9 / 28.5 | 7.5 | not measured: no GPU | – |" in page
     assert "| Vim-T | 7.15 | 3.11 | 17.5 / 16.2 | 4.5 | not measured: no GPU | 76.1 % (Vim paper) |" in page
