@@ -10,8 +10,9 @@ import lbmamba  # noqa: F401  (registers the models)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# a model name of ours; one followed by a file extension (lbvim_tiny.yaml) names a file, one after "--" a flag
-NAME = re.compile(r"(?<!-)\b((?:lb|u)?vim_\w+|mambamil_\w+|abmil\w*)\b(?!\.(?:yaml|pth|safetensors))")
+# a model name of ours; one followed by a file extension (lbvim_tiny.yaml) names a file, one after "--" a flag,
+# one after "--shapes " a benchmark shape (lbvim_t_layer)
+NAME = re.compile(r"(?<!-)(?<!--shapes )\b((?:lb|u)?vim_\w+|mambamil_\w+|abmil\w*)\b(?!\.(?:yaml|pth|safetensors))")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
