@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -62,7 +61,7 @@ from lbmamba.data.segmentation import DIGIT_SCENE_CLASSES, scene_instances
 from lbmamba.engine.metrics import confusion_matrix, segmentation_scores
 from lbmamba.models.dense import build_segmentor
 from machine import describe, interleaved, write_result
-from tradeoff import VIM_FAMILY, pareto, plot, record_run
+from tradeoff import VIM_FAMILY, pareto, plot, record_run, update, warmup_cosine
 
 #: task -> (kind, classes, input channels)
 TASKS = {
@@ -85,7 +84,7 @@ SPLIT_OFFSETS = {"train": 0, "test": 1_000_003}
 
 def make_digit_scenes(n: int, seed: int, split: str):
     """(images (n, 3, 32, 32) float32 in [0, 1], masks (n, 32, 32) int64): digit scenes made in memory."""
-    rng, pools = digit_pools(0)  # the digit split is fixed; the scenes draw from their own seed
+    _, pools = digit_pools(0)  # the digit split is fixed; the scenes draw from their own seed
     rng = np.random.default_rng([seed, 17])
     digits, labels = pools["train" if split == "train" else "val"]
     images = np.zeros((n, 3, SIZE, SIZE), np.float32)
@@ -144,9 +143,7 @@ def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
     model = build_model(name, task, cfg, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.05)
     total = cfg["steps"][task]
-    warm = max(1, int(0.05 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    sched = warmup_cosine(opt, total)
     (xtr, ytr), batch = data["train"], cfg["batch"]
     gen = torch.Generator().manual_seed(seed)
     order, losses, start = torch.randperm(len(ytr), generator=gen), [], time.perf_counter()
@@ -162,12 +159,7 @@ def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
         if at + batch > len(ytr):  # a new pass over the set, in a new order
             order, at = torch.randperm(len(ytr), generator=gen), 0
         idx = order[at:at + batch]
-        loss = loss_of(model, task, xtr[idx], ytr[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(update(opt, sched, loss_of(model, task, xtr[idx], ytr[idx])))
     train_s = time.perf_counter() - start
     return {"task": task, "model": name, "seed": seed, "steps": total,
             "params": sum(p.numel() for p in model.parameters()),

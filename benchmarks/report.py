@@ -94,6 +94,12 @@ def table(header, rows) -> list:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
+def opening(results: dict, title: str, name: str):
+    """A section's heading lines and its result file (None, with the lines saying why, when there is none)."""
+    res = results.get(name)
+    return ([f"## {title}", ""] + ([] if res is not None else [MISSING[name], ""])), res
+
+
 def verdict(a: dict, b: dict) -> str:
     """LB model `a` against `b` (each with scores over seeds): "helps" / "loses" when the mean difference is
     more than twice its standard error (Welch), else "ties"; with the difference in points."""
@@ -111,11 +117,10 @@ def scored(rows: dict, mean_key: str, std_key: str, scores_key: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------- sections
 def models_section(results: dict) -> list:
-    out = ["## Models", ""]
-    res = results.get("models_cpu.json")
+    out, res = opening(results, "Models", "models_cpu.json")
     gpu = results.get("gpu.json")
     if res is None:
-        return out + [MISSING["models_cpu.json"], ""]
+        return out
     rows = []
     for label, r in res["data"]["rows"].items():
         infer = r["infer"]
@@ -135,10 +140,9 @@ def models_section(results: dict) -> list:
 
 
 def scan_section(results: dict) -> list:
-    out = ["## The scan", ""]
-    res = results.get("scan_cpu.json")
+    out, res = opening(results, "The scan", "scan_cpu.json")
     if res is None:
-        return out + [MISSING["scan_cpu.json"], ""]
+        return out
     for entry in res["data"]["shapes"].values():
         ms = entry["median_ms"]
         names = {"lb": "lbmamba cpu, LB (window auto)", "w1": "lbmamba cpu, window 1", "bi": "two window-1 scans "
@@ -162,10 +166,9 @@ def scan_section(results: dict) -> list:
 
 
 def defaults_section(results: dict) -> list:
-    out = ["## Each command's shipped default", ""]
-    res = results.get("defaults.json")
+    out, res = opening(results, "Each command's shipped default", "defaults.json")
     if res is None:
-        return out + [MISSING["defaults.json"], ""]
+        return out
     rows = []
     for r in res["data"]["tasks"].values():
         if "error" in r:
@@ -185,10 +188,9 @@ def defaults_section(results: dict) -> list:
 
 
 def evidence_section(results: dict) -> list:
-    out = ["## Does LB help where context is local?", ""]
-    res = results.get("evidence.json")
+    out, res = opening(results, "Does LB help where context is local?", "evidence.json")
     if res is None:
-        return out + [MISSING["evidence.json"], ""]
+        return out
     data = res["data"]
     out += ["LBVim against uVim (the same model with window 1: a one-way scan with flips) and Vim (two scans per "
             f"layer), width {data['config']['embed_dim']}, depth {data['config']['depth']}, patch 4 on 32 x 32 "
@@ -241,10 +243,9 @@ def evidence_section(results: dict) -> list:
 
 
 def tradeoff_section(results: dict) -> list:
-    out = ["## Does LB help where context is global?", ""]
-    res = results.get("tradeoff.json")
+    out, res = opening(results, "Does LB help where context is global?", "tradeoff.json")
     if res is None:
-        return out + [MISSING["tradeoff.json"], ""]
+        return out
     out += ["Two generated classification tasks where the label depends on a cue up to seven cells away "
             "(`benchmarks/tradeoff.py`); test accuracy, mean ± std over seeds.", ""]
     for name in ("tradeoff.json", "tradeoff_other_mambas.json"):
@@ -275,10 +276,9 @@ def tradeoff_section(results: dict) -> list:
 
 
 def export_section(results: dict) -> list:
-    out = ["## Deployment (ONNX)", ""]
-    res = results.get("export.json")
+    out, res = opening(results, "Deployment (ONNX)", "export.json")
     if res is None:
-        return out + [MISSING["export.json"], ""]
+        return out
     data, rows = res["data"], []
     for r in data.get("models", []):
         latency = [" / ".join(f"{r[f'{job}_ms_b{b}']:.0f}" if f"{job}_ms_b{b}" in r else "–"

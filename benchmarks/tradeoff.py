@@ -243,18 +243,32 @@ def accuracy(model, x, y, batch: int) -> float:
     return correct / len(y)
 
 
-def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
-    model = build_model(name, task, cfg, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=split_lr(name, cfg)[1], weight_decay=0.05)
-    (xtr, ytr), batch = data["train"], cfg["batch"]
-    per_epoch = math.ceil(len(ytr) / batch)
-    total = per_epoch * cfg["epochs"]
+def warmup_cosine(opt, total: int):
+    """The studies' schedule, stepped once per step: a linear warm-up over the first 5 % of `total` steps,
+    then a cosine decay to 0."""
     warm = max(1, int(0.05 * total))
 
     def lr_factor(s: int) -> float:
         return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def update(opt, sched, loss) -> float:
+    """One optimizer and schedule step on `loss`; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
+    model = build_model(name, task, cfg, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=split_lr(name, cfg)[1], weight_decay=0.05)
+    (xtr, ytr), batch = data["train"], cfg["batch"]
+    per_epoch = math.ceil(len(ytr) / batch)
+    sched = warmup_cosine(opt, per_epoch * cfg["epochs"])
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     losses = []
@@ -263,12 +277,7 @@ def train_one(task: str, name: str, seed: int, cfg: dict, data: dict) -> dict:
         order = torch.randperm(len(ytr), generator=gen)
         for i in range(0, len(ytr), batch):
             idx = order[i:i + batch]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(update(opt, sched, F.cross_entropy(model(xtr[idx]), ytr[idx])))
     train_s = time.perf_counter() - start
     return {"task": task, "model": name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
             "val_acc": accuracy(model, *data["val"], batch), "test_acc": accuracy(model, *data["test"], batch),
